@@ -1,0 +1,547 @@
+//! On-disk formats, exactly as `format-spec/FORMAT.md` describes them. Every integer is
+//! little-endian except RocksDB key components, which are big-endian so that keys sort in
+//! numeric order. Offsets and sizes are constants asserted at compile time; the spec quotes them.
+
+use crate::error::{Error, Location, Result};
+
+/// Size of one data block and of the superblock.
+pub const BLOCK_SIZE: u64 = 4096;
+/// log2(BLOCK_SIZE)
+pub const BLOCK_SHIFT: u32 = 12;
+/// Data blocks start at this byte offset of the data file/device (the first MiB is reserved
+/// for the superblock and future headers).
+pub const DATA_START: u64 = 1 << 20;
+
+/// Format version written by this code.
+pub const FORMAT_VERSION: u32 = 1;
+/// "VBLKPOOL"
+pub const SB_MAGIC: [u8; 8] = *b"VBLKPOOL";
+
+/// Incompatible features known to this version (none are defined in version 1).
+pub const INCOMPAT_KNOWN: u64 = 0;
+/// Compatible features known to this version (none are defined in version 1).
+pub const COMPAT_KNOWN: u64 = 0;
+/// Autoclear features known to this version (none are defined in version 1).
+pub const AUTOCLEAR_KNOWN: u64 = 0;
+
+/// Superblock field offsets (bytes from the start of the data file/device).
+pub mod sb {
+    pub const MAGIC: usize = 0; // [u8; 8]
+    pub const VERSION: usize = 8; // u32
+    pub const HEADER_SIZE: usize = 12; // u32, = SIZE
+    pub const INCOMPAT: usize = 16; // u64
+    pub const COMPAT: usize = 24; // u64
+    pub const AUTOCLEAR: usize = 32; // u64
+    pub const UUID: usize = 40; // [u8; 16]
+    pub const BLOCK_SIZE: usize = 56; // u32
+    pub const RESERVED0: usize = 60; // u32, zero
+    pub const DATA_START: usize = 64; // u64
+    pub const TOTAL_BLOCKS: usize = 72; // u64
+    pub const CREATED_NS: usize = 80; // u64, unix time in ns
+    pub const END_OF_FIELDS: usize = 88; // bytes 88..4092 are zero
+    pub const CRC: usize = 4092; // u32, crc32c of bytes 0..4092
+    pub const SIZE: usize = 4096;
+}
+const _: () = assert!(sb::CRC + 4 == sb::SIZE);
+const _: () = assert!(sb::SIZE as u64 == BLOCK_SIZE);
+const _: () = assert!(sb::END_OF_FIELDS <= sb::CRC);
+const _: () = assert!(DATA_START % BLOCK_SIZE == 0 && DATA_START >= sb::SIZE as u64);
+
+fn get_u16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn get_u32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn get_u64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+fn put_u16(b: &mut [u8], o: usize, v: u16) {
+    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// The pool superblock (block 0 of the data file or device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub version: u32,
+    pub incompat: u64,
+    pub compat: u64,
+    pub autoclear: u64,
+    pub uuid: [u8; 16],
+    pub block_size: u32,
+    pub data_start: u64,
+    pub total_blocks: u64,
+    pub created_ns: u64,
+}
+
+/// Why a superblock was refused (turned into an [`Error`] with the path by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SbError {
+    BadMagic,
+    BadChecksum { stored: u32, computed: u32 },
+    TooNew(u32),
+    Incompat(u64),
+    Invalid(&'static str),
+}
+
+impl Superblock {
+    pub fn encode(&self) -> [u8; sb::SIZE] {
+        let mut b = [0u8; sb::SIZE];
+        b[sb::MAGIC..sb::MAGIC + 8].copy_from_slice(&SB_MAGIC);
+        put_u32(&mut b, sb::VERSION, self.version);
+        put_u32(&mut b, sb::HEADER_SIZE, sb::SIZE as u32);
+        put_u64(&mut b, sb::INCOMPAT, self.incompat);
+        put_u64(&mut b, sb::COMPAT, self.compat);
+        put_u64(&mut b, sb::AUTOCLEAR, self.autoclear);
+        b[sb::UUID..sb::UUID + 16].copy_from_slice(&self.uuid);
+        put_u32(&mut b, sb::BLOCK_SIZE, self.block_size);
+        put_u64(&mut b, sb::DATA_START, self.data_start);
+        put_u64(&mut b, sb::TOTAL_BLOCKS, self.total_blocks);
+        put_u64(&mut b, sb::CREATED_NS, self.created_ns);
+        let crc = crc32c::crc32c(&b[..sb::CRC]);
+        put_u32(&mut b, sb::CRC, crc);
+        b
+    }
+
+    /// Decode and validate. Never panics on any input.
+    pub fn decode(b: &[u8]) -> std::result::Result<Superblock, SbError> {
+        if b.len() < sb::SIZE {
+            return Err(SbError::Invalid("short superblock"));
+        }
+        if b[sb::MAGIC..sb::MAGIC + 8] != SB_MAGIC {
+            return Err(SbError::BadMagic);
+        }
+        let stored = get_u32(b, sb::CRC);
+        let computed = crc32c::crc32c(&b[..sb::CRC]);
+        if stored != computed {
+            return Err(SbError::BadChecksum { stored, computed });
+        }
+        let s = Superblock {
+            version: get_u32(b, sb::VERSION),
+            incompat: get_u64(b, sb::INCOMPAT),
+            compat: get_u64(b, sb::COMPAT),
+            autoclear: get_u64(b, sb::AUTOCLEAR),
+            uuid: b[sb::UUID..sb::UUID + 16].try_into().map_err(|_| SbError::Invalid("uuid"))?,
+            block_size: get_u32(b, sb::BLOCK_SIZE),
+            data_start: get_u64(b, sb::DATA_START),
+            total_blocks: get_u64(b, sb::TOTAL_BLOCKS),
+            created_ns: get_u64(b, sb::CREATED_NS),
+        };
+        if s.version > FORMAT_VERSION {
+            return Err(SbError::TooNew(s.version));
+        }
+        if s.version == 0 {
+            return Err(SbError::Invalid("version 0"));
+        }
+        if s.incompat & !INCOMPAT_KNOWN != 0 {
+            return Err(SbError::Incompat(s.incompat & !INCOMPAT_KNOWN));
+        }
+        if get_u32(b, sb::HEADER_SIZE) as usize != sb::SIZE {
+            return Err(SbError::Invalid("header size"));
+        }
+        if s.block_size as u64 != BLOCK_SIZE {
+            return Err(SbError::Invalid("block size is not 4096"));
+        }
+        if s.data_start != DATA_START {
+            return Err(SbError::Invalid("data start is not 1 MiB"));
+        }
+        if s.total_blocks == 0 || s.total_blocks > (u64::MAX - DATA_START) >> BLOCK_SHIFT {
+            return Err(SbError::Invalid("total blocks"));
+        }
+        Ok(s)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RocksDB keys. The first byte is the record type.
+
+/// Key type bytes.
+pub mod key {
+    /// The pool record: `[0x01] "pool"`.
+    pub const POOL: u8 = 0x01;
+    /// A volume record: `[0x02] id:u64be`.
+    pub const VOLUME: u8 = 0x02;
+    /// A name index entry: `[0x03] name bytes`.
+    pub const NAME: u8 = 0x03;
+    /// A block map entry: `[0x04] layer:u64be lba:u64be`.
+    pub const MAP: u8 = 0x04;
+}
+
+pub const POOL_KEY: &[u8] = b"\x01pool";
+
+pub fn volume_key(id: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = key::VOLUME;
+    k[1..9].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn name_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(key::NAME);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub const MAP_KEY_LEN: usize = 17;
+
+pub fn map_key(layer: u64, lba: u64) -> [u8; MAP_KEY_LEN] {
+    let mut k = [0u8; MAP_KEY_LEN];
+    k[0] = key::MAP;
+    k[1..9].copy_from_slice(&layer.to_be_bytes());
+    k[9..17].copy_from_slice(&lba.to_be_bytes());
+    k
+}
+
+/// Split a map key into (layer, lba).
+pub fn parse_map_key(k: &[u8]) -> Option<(u64, u64)> {
+    if k.len() != MAP_KEY_LEN || k[0] != key::MAP {
+        return None;
+    }
+    let layer = u64::from_be_bytes(k[1..9].try_into().ok()?);
+    let lba = u64::from_be_bytes(k[9..17].try_into().ok()?);
+    Some((layer, lba))
+}
+
+/// Every value ends with crc32c(key || value-without-crc), so a value stored under the wrong key
+/// is detected as well as a damaged one.
+fn seal(key: &[u8], mut v: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(key), &v);
+    v.extend_from_slice(&crc.to_le_bytes());
+    v
+}
+
+fn unseal<'a>(key: &[u8], v: &'a [u8]) -> Result<&'a [u8]> {
+    if v.len() < 4 {
+        return Err(corrupt(key, "value shorter than its checksum"));
+    }
+    let (body, c) = v.split_at(v.len() - 4);
+    let stored = get_u32(c, 0);
+    let computed = crc32c::crc32c_append(crc32c::crc32c(key), body);
+    if stored != computed {
+        return Err(corrupt(key, &format!("checksum mismatch (stored {stored:08x}, computed {computed:08x})")));
+    }
+    Ok(body)
+}
+
+fn corrupt(key: &[u8], what: &str) -> Error {
+    Error::Corrupt { location: Location::Record(key.to_vec()), what: what.to_string() }
+}
+
+/// The pool record (`POOL_KEY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRecord {
+    pub uuid: [u8; 16],
+    /// Next id for a volume or layer; ids are never reused.
+    pub next_id: u64,
+    /// Current generation (birth time stamped on new map entries).
+    pub generation: u64,
+}
+
+pub mod pool_rec {
+    pub const UUID: usize = 0; // [u8;16]
+    pub const NEXT_ID: usize = 16; // u64
+    pub const GENERATION: usize = 24; // u64
+    pub const SIZE: usize = 32; // + 4 bytes crc
+}
+
+impl PoolRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; pool_rec::SIZE];
+        v[pool_rec::UUID..pool_rec::UUID + 16].copy_from_slice(&self.uuid);
+        put_u64(&mut v, pool_rec::NEXT_ID, self.next_id);
+        put_u64(&mut v, pool_rec::GENERATION, self.generation);
+        seal(POOL_KEY, v)
+    }
+    pub fn decode(v: &[u8]) -> Result<PoolRecord> {
+        let b = unseal(POOL_KEY, v)?;
+        if b.len() != pool_rec::SIZE {
+            return Err(corrupt(POOL_KEY, "pool record has the wrong length"));
+        }
+        Ok(PoolRecord {
+            uuid: b[0..16].try_into().map_err(|_| corrupt(POOL_KEY, "uuid"))?,
+            next_id: get_u64(b, pool_rec::NEXT_ID),
+            generation: get_u64(b, pool_rec::GENERATION),
+        })
+    }
+}
+
+/// Longest volume name in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A volume record (`volume_key(id)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub id: u64,
+    pub size_bytes: u64,
+    pub created_ns: u64,
+    /// Bit flags, see [`vol_flags`].
+    pub flags: u64,
+    /// Map layer that holds this volume's blocks (= id in version 1).
+    pub layer: u64,
+    /// Origin snapshot layer for clones (0 = none; unused in version 1).
+    pub origin_layer: u64,
+    /// Generation of the origin snapshot (0 = none; unused in version 1).
+    pub origin_gen: u64,
+    pub name: String,
+}
+
+pub mod vol_flags {
+    /// Reserved for snapshots (a read-only layer); never set in version 1.
+    pub const SNAPSHOT: u64 = 1 << 0;
+}
+
+pub mod vol_rec {
+    pub const ID: usize = 0; // u64
+    pub const SIZE_BYTES: usize = 8; // u64
+    pub const CREATED_NS: usize = 16; // u64
+    pub const FLAGS: usize = 24; // u64
+    pub const LAYER: usize = 32; // u64
+    pub const ORIGIN_LAYER: usize = 40; // u64
+    pub const ORIGIN_GEN: usize = 48; // u64
+    pub const NAME_LEN: usize = 56; // u16
+    pub const RESERVED: usize = 58; // u16 zero
+    pub const NAME: usize = 60; // name bytes (UTF-8), then 4 bytes crc
+    pub const FIXED: usize = 60;
+}
+
+impl VolumeRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; vol_rec::FIXED];
+        put_u64(&mut v, vol_rec::ID, self.id);
+        put_u64(&mut v, vol_rec::SIZE_BYTES, self.size_bytes);
+        put_u64(&mut v, vol_rec::CREATED_NS, self.created_ns);
+        put_u64(&mut v, vol_rec::FLAGS, self.flags);
+        put_u64(&mut v, vol_rec::LAYER, self.layer);
+        put_u64(&mut v, vol_rec::ORIGIN_LAYER, self.origin_layer);
+        put_u64(&mut v, vol_rec::ORIGIN_GEN, self.origin_gen);
+        put_u16(&mut v, vol_rec::NAME_LEN, self.name.len() as u16);
+        v.extend_from_slice(self.name.as_bytes());
+        seal(&volume_key(self.id), v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<VolumeRecord> {
+        let b = unseal(key, v)?;
+        if b.len() < vol_rec::FIXED {
+            return Err(corrupt(key, "volume record too short"));
+        }
+        let n = get_u16(b, vol_rec::NAME_LEN) as usize;
+        if b.len() != vol_rec::FIXED + n || n == 0 || n > MAX_NAME_LEN {
+            return Err(corrupt(key, "volume record name length"));
+        }
+        let name = std::str::from_utf8(&b[vol_rec::NAME..])
+            .map_err(|_| corrupt(key, "volume name is not UTF-8"))?
+            .to_string();
+        let r = VolumeRecord {
+            id: get_u64(b, vol_rec::ID),
+            size_bytes: get_u64(b, vol_rec::SIZE_BYTES),
+            created_ns: get_u64(b, vol_rec::CREATED_NS),
+            flags: get_u64(b, vol_rec::FLAGS),
+            layer: get_u64(b, vol_rec::LAYER),
+            origin_layer: get_u64(b, vol_rec::ORIGIN_LAYER),
+            origin_gen: get_u64(b, vol_rec::ORIGIN_GEN),
+            name,
+        };
+        if key != volume_key(r.id) {
+            return Err(corrupt(key, "volume id does not match its key"));
+        }
+        if r.size_bytes % BLOCK_SIZE != 0 {
+            return Err(corrupt(key, "volume size is not a multiple of 4096"));
+        }
+        Ok(r)
+    }
+}
+
+/// Name index value: the volume id.
+pub fn encode_name_value(name: &str, id: u64) -> Vec<u8> {
+    seal(&name_key(name), id.to_le_bytes().to_vec())
+}
+pub fn decode_name_value(key: &[u8], v: &[u8]) -> Result<u64> {
+    let b = unseal(key, v)?;
+    if b.len() != 8 {
+        return Err(corrupt(key, "name index value length"));
+    }
+    Ok(get_u64(b, 0))
+}
+
+/// One block map entry: logical block -> physical block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Physical block number (data byte offset = DATA_START + pba * 4096).
+    pub pba: u64,
+    /// Generation in which this mapping was created (its birth time).
+    pub birth_gen: u64,
+    /// See [`map_flags`].
+    pub flags: u32,
+    /// AES-GCM nonce (zero unless ENCRYPTED).
+    pub nonce: [u8; 12],
+    /// AES-GCM tag (zero unless ENCRYPTED).
+    pub tag: [u8; 16],
+}
+
+pub mod map_flags {
+    /// Reserved: the block is AES-256-GCM encrypted (nonce and tag valid). Never set in v1.
+    pub const ENCRYPTED: u32 = 1 << 0;
+    pub const KNOWN: u32 = 0;
+}
+
+pub mod map_ent {
+    pub const PBA: usize = 0; // u64
+    pub const BIRTH_GEN: usize = 8; // u64
+    pub const FLAGS: usize = 16; // u32
+    pub const NONCE: usize = 20; // [u8;12]
+    pub const TAG: usize = 32; // [u8;16]
+    pub const SIZE: usize = 48; // + 4 bytes crc = 52 bytes stored
+    pub const STORED: usize = SIZE + 4;
+}
+const _: () = assert!(map_ent::TAG + 16 == map_ent::SIZE);
+const _: () = assert!(map_ent::NONCE + 12 == map_ent::TAG);
+const _: () = assert!(vol_rec::NAME == vol_rec::FIXED && vol_rec::RESERVED + 2 == vol_rec::NAME);
+const _: () = assert!(pool_rec::GENERATION + 8 == pool_rec::SIZE);
+
+impl MapEntry {
+    pub fn new(pba: u64, birth_gen: u64) -> MapEntry {
+        MapEntry { pba, birth_gen, flags: 0, nonce: [0; 12], tag: [0; 16] }
+    }
+    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; map_ent::SIZE];
+        put_u64(&mut v, map_ent::PBA, self.pba);
+        put_u64(&mut v, map_ent::BIRTH_GEN, self.birth_gen);
+        put_u32(&mut v, map_ent::FLAGS, self.flags);
+        v[map_ent::NONCE..map_ent::NONCE + 12].copy_from_slice(&self.nonce);
+        v[map_ent::TAG..map_ent::TAG + 16].copy_from_slice(&self.tag);
+        seal(key, v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<MapEntry> {
+        let b = unseal(key, v)?;
+        if b.len() != map_ent::SIZE {
+            return Err(corrupt(key, "map entry length"));
+        }
+        let e = MapEntry {
+            pba: get_u64(b, map_ent::PBA),
+            birth_gen: get_u64(b, map_ent::BIRTH_GEN),
+            flags: get_u32(b, map_ent::FLAGS),
+            nonce: b[map_ent::NONCE..map_ent::NONCE + 12].try_into().map_err(|_| corrupt(key, "nonce"))?,
+            tag: b[map_ent::TAG..map_ent::TAG + 16].try_into().map_err(|_| corrupt(key, "tag"))?,
+        };
+        if e.flags & !map_flags::KNOWN != 0 {
+            return Err(corrupt(key, "unknown map entry flags"));
+        }
+        Ok(e)
+    }
+}
+
+/// Validate a volume name: 1..=128 bytes of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+/// (`@` is reserved for `VOL@SNAP` and `/` for future namespaces.)
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |why| Err(Error::InvalidName { name: name.to_string(), why });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("longer than 128 bytes");
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return bad("must not start with '.' or '-'");
+    }
+    if !name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-')) {
+        return bad("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_sb() -> Superblock {
+        Superblock {
+            version: 1,
+            incompat: 0,
+            compat: 0,
+            autoclear: 0,
+            uuid: [7; 16],
+            block_size: 4096,
+            data_start: DATA_START,
+            total_blocks: 1000,
+            created_ns: 42,
+        }
+    }
+
+    #[test]
+    fn superblock_roundtrip_and_layout() {
+        let s = sample_sb();
+        let b = s.encode();
+        assert_eq!(&b[0..8], b"VBLKPOOL");
+        assert_eq!(get_u64(&b, 72), 1000);
+        assert_eq!(Superblock::decode(&b).unwrap(), s);
+    }
+
+    #[test]
+    fn superblock_rejects_corruption_and_new_versions() {
+        let s = sample_sb();
+        let mut b = s.encode();
+        b[100] ^= 1;
+        assert!(matches!(Superblock::decode(&b), Err(SbError::BadChecksum { .. })));
+        let mut s2 = s.clone();
+        s2.version = 2;
+        assert_eq!(Superblock::decode(&s2.encode()), Err(SbError::TooNew(2)));
+        let mut s3 = s.clone();
+        s3.incompat = 1 << 5;
+        assert_eq!(Superblock::decode(&s3.encode()), Err(SbError::Incompat(1 << 5)));
+        let mut s4 = s;
+        s4.compat = 1 << 9; // unknown compatible features are fine
+        assert!(Superblock::decode(&s4.encode()).is_ok());
+        assert_eq!(Superblock::decode(&[0u8; 4096]), Err(SbError::BadMagic));
+    }
+
+    #[test]
+    fn records_roundtrip_and_bind_to_key() {
+        let k = map_key(3, 99);
+        let e = MapEntry::new(1234, 5);
+        let v = e.encode(&k);
+        assert_eq!(v.len(), map_ent::STORED);
+        assert_eq!(MapEntry::decode(&k, &v).unwrap(), e);
+        // Same value under another key: detected.
+        assert!(MapEntry::decode(&map_key(3, 100), &v).is_err());
+        let r = VolumeRecord {
+            id: 9,
+            size_bytes: 1 << 30,
+            created_ns: 1,
+            flags: 0,
+            layer: 9,
+            origin_layer: 0,
+            origin_gen: 0,
+            name: "vm-1.disk_0".into(),
+        };
+        let v = r.encode();
+        assert_eq!(VolumeRecord::decode(&volume_key(9), &v).unwrap(), r);
+        assert!(VolumeRecord::decode(&volume_key(8), &v).is_err());
+        assert_eq!(parse_map_key(&k), Some((3, 99)));
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("vm-1.disk_0").is_ok());
+        for bad in ["", "a@b", "-x", ".x", "a/b", "é", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000)) {
+            let _ = Superblock::decode(&data);
+            let _ = MapEntry::decode(&map_key(1, 2), &data);
+            let _ = VolumeRecord::decode(&volume_key(1), &data);
+            let _ = PoolRecord::decode(&data);
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! vblk engine: a pool of thin volumes on one data file or block device, with metadata in
+//! RocksDB. See `format-spec/FORMAT.md` for the on-disk format and the commit protocol.
+//!
+//! The engine knows nothing of virtio: the device crate translates virtqueue requests into
+//! [`Request`]s on a per-thread [`Queue`].
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod alloc;
+pub mod error;
+pub mod format;
+mod io;
+mod pool;
+mod volume;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub use error::{Error, Result};
+pub use format::BLOCK_SIZE;
+pub use io::{Completion, IoVec, Queue, ReqKind, Request};
+pub use pool::{
+    create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, Pool, PoolOptions,
+    PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
+};
+
+use pool::{AlignedBuf, Shared};
+use volume::VolumeState;
+
+/// An opened (attached) volume. Dropping it detaches.
+pub struct Volume {
+    shared: Arc<Shared>,
+    vol: Arc<VolumeState>,
+    read_only: bool,
+}
+
+impl Volume {
+    pub(crate) fn new(shared: Arc<Shared>, vol: Arc<VolumeState>, read_only: bool) -> Volume {
+        Volume { shared, vol, read_only }
+    }
+    pub fn name(&self) -> String {
+        self.vol.name()
+    }
+    pub fn id(&self) -> u64 {
+        self.vol.id
+    }
+    pub fn size_bytes(&self) -> u64 {
+        self.vol.size()
+    }
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+    /// A new I/O queue for the calling thread.
+    pub fn open_queue(&self) -> Result<Queue> {
+        Queue::new(self.shared.clone(), self.vol.clone(), self.read_only)
+    }
+    /// Call `f(new_size)` whenever the volume grows.
+    pub fn on_resize(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        if let Ok(mut w) = self.vol.resize_watchers.lock() {
+            w.push(f);
+        }
+    }
+    /// A blocking I/O handle (import, export, tests).
+    pub fn sync_io(&self) -> Result<SyncIo> {
+        Ok(SyncIo { q: self.open_queue()?, buf: AlignedBuf::new(1 << 20), tag: 0 })
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.vol.resize_watchers.lock() {
+            w.clear();
+        }
+        if self.read_only {
+            self.vol.readers.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.vol.writers.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Blocking I/O on a volume through the same data path as the device (one request at a time,
+/// through an aligned bounce buffer of 1 MiB).
+pub struct SyncIo {
+    q: Queue,
+    buf: AlignedBuf,
+    tag: u64,
+}
+
+impl SyncIo {
+    fn run(&mut self, kind: ReqKind, offset: u64, len: u64, with_buf: bool) -> Result<()> {
+        self.tag += 1;
+        let iov = if with_buf { vec![IoVec { ptr: self.buf.as_mut_ptr(), len: len as usize }] } else { vec![] };
+        let req = Request { kind, offset, len, iov, tag: self.tag };
+        // SAFETY: the bounce buffer outlives the request: we wait for its completion below.
+        unsafe { self.q.submit(req) };
+        let mut out = Vec::new();
+        loop {
+            self.q.reap(&mut out);
+            if let Some(c) = out.iter().find(|c| c.tag == self.tag) {
+                return match c.result {
+                    Ok(_) => Ok(()),
+                    Err(e) if e == libc::ENOSPC => Err(Error::NoSpace),
+                    Err(e) if e == libc::EINVAL => {
+                        Err(Error::OutOfRange { offset, len, size: self.q.size_bytes() })
+                    }
+                    Err(e) => Err(Error::DeviceIo(std::io::Error::from_raw_os_error(e))),
+                };
+            }
+            self.q.wait_event(100);
+        }
+    }
+
+    /// Largest single transfer.
+    pub const MAX_IO: usize = 1 << 20;
+
+    /// Read `buf.len()` bytes (a multiple of 4096, at most 1 MiB) at `offset`.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let n = buf.len();
+        if n > Self::MAX_IO {
+            return Err(Error::InvalidSize(format!("sync read of {n} bytes exceeds 1 MiB")));
+        }
+        self.run(ReqKind::Read, offset, n as u64, true)?;
+        buf.copy_from_slice(&self.buf.as_slice()[..n]);
+        Ok(())
+    }
+
+    /// Write `buf` (a multiple of 4096, at most 1 MiB) at `offset`.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        let n = buf.len();
+        if n > Self::MAX_IO {
+            return Err(Error::InvalidSize(format!("sync write of {n} bytes exceeds 1 MiB")));
+        }
+        self.buf.as_mut_slice()[..n].copy_from_slice(buf);
+        self.run(ReqKind::Write, offset, n as u64, true)
+    }
+
+    /// Unmap a range: it reads as zeros and its space is freed.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.run(ReqKind::Discard, offset, len, false)
+    }
+
+    /// Make all completed writes durable.
+    pub fn flush(&mut self) -> Result<()> {
+        self.run(ReqKind::Flush, 0, 0, false)
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.q.size_bytes()
+    }
+}

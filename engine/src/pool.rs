@@ -1,0 +1,1213 @@
+//! The pool: the data file or block device (O_DIRECT), the RocksDB metadata beside it, the
+//! allocator, the volumes and the committer thread.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rocksdb::{BlockBasedOptions, Cache, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+
+use crate::alloc::{Allocator, Reclaim};
+use crate::error::{Error, Location, Result};
+use crate::format::{self, *};
+use crate::io::{Completion, QueueShared};
+use crate::volume::{Committed, PState, ReadRes, VolumeState};
+
+/// Largest volume size accepted (64 PiB).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 56;
+/// Commit when this many uncommitted map changes have piled up in one volume.
+pub(crate) const PENDING_KICK: usize = 16_384;
+
+/// Options for opening a pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Metadata (RocksDB) directory; default `PATH.meta` beside a pool file, required for a
+    /// block device.
+    pub meta_dir: Option<PathBuf>,
+    /// RocksDB block cache, the "metadata cache" (default 64 MiB).
+    pub cache_bytes: usize,
+    /// Commit uncommitted mappings at least this often even without a guest FLUSH.
+    pub commit_interval: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions { meta_dir: None, cache_bytes: 64 << 20, commit_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Options for creating a pool.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Size of a new pool file; for a block device, at most its size (default: whole device).
+    pub size_bytes: Option<u64>,
+    pub meta_dir: Option<PathBuf>,
+    /// Overwrite an existing pool.
+    pub force: bool,
+}
+
+/// Default metadata directory for a pool at `path`.
+pub fn default_meta_dir(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".meta");
+    PathBuf::from(s)
+}
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut u);
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
+    let h = h.concat();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// A 4096-aligned heap buffer for O_DIRECT.
+pub(crate) struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> AlignedBuf {
+        let len = len.max(4096).next_multiple_of(4096);
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of len initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("valid layout");
+        // SAFETY: allocated in new() with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) }
+    }
+}
+
+fn device_size(f: &File, path: &Path) -> Result<u64> {
+    let md = f.metadata().map_err(Error::io("stat", path))?;
+    if md.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        const BLKGETSIZE64: libc::c_ulong = 0x80081272;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+        if r != 0 {
+            return Err(Error::Io { op: "BLKGETSIZE64", path: path.into(), source: std::io::Error::last_os_error() });
+        }
+        Ok(size)
+    } else {
+        Ok(md.len())
+    }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+}
+
+fn open_data(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(Error::io("open (O_DIRECT)", path))
+}
+
+fn lock_exclusive(f: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on a valid fd has no memory effects.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Locked { path: path.into() });
+        }
+        return Err(Error::Io { op: "flock", path: path.into(), source: e });
+    }
+    Ok(())
+}
+
+fn pread_exact(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, off).map_err(Error::io("read", path))
+}
+
+fn pwrite_all(f: &File, path: &Path, buf: &[u8], off: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(buf, off).map_err(Error::io("write", path))
+}
+
+fn db_options(cache_bytes: usize, create: bool) -> Result<Options> {
+    let mut o = Options::default();
+    o.create_if_missing(create);
+    o.set_error_if_exists(create);
+    o.set_keep_log_file_num(2);
+    o.set_max_open_files(512);
+    o.set_write_buffer_size(8 << 20);
+    o.set_max_write_buffer_number(2);
+    o.set_max_total_wal_size(64 << 20);
+    o.set_max_background_jobs(2);
+    let mut t = BlockBasedOptions::default();
+    let cache = Cache::new_lru_cache(cache_bytes).map_err(Error::meta("create cache"))?;
+    t.set_block_cache(&cache);
+    t.set_cache_index_and_filter_blocks(true);
+    t.set_bloom_filter(10.0, false);
+    o.set_block_based_table_factory(&t);
+    Ok(o)
+}
+
+fn sync_write() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+/// Create a new pool on `path` (a regular file, created if missing, or a block device).
+pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
+    let blockdev = is_block_device(path);
+    let meta_dir = match (&opts.meta_dir, blockdev) {
+        (Some(d), _) => d.clone(),
+        (None, false) => default_meta_dir(path),
+        (None, true) => {
+            return Err(Error::InvalidSize("a pool on a block device needs --meta-dir (a directory on another file system)".into()))
+        }
+    };
+    if !blockdev {
+        let exists = path.exists() && std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+        if exists && !opts.force {
+            return Err(Error::AlreadyExists { path: path.into() });
+        }
+        let size = opts.size_bytes.ok_or_else(|| Error::InvalidSize("--size is required for a pool file".into()))?;
+        let f = OpenOptions::new().create(true).truncate(true).write(true).open(path).map_err(Error::io("create", path))?;
+        f.set_len(size).map_err(Error::io("set_len", path))?;
+        f.sync_all().map_err(Error::io("fsync", path))?;
+    }
+    if meta_dir.exists() {
+        if !opts.force {
+            return Err(Error::AlreadyExists { path: meta_dir });
+        }
+        std::fs::remove_dir_all(&meta_dir).map_err(Error::io("remove old metadata", &meta_dir))?;
+    }
+    let f = open_data(path)?;
+    lock_exclusive(&f, path)?;
+    let dev = device_size(&f, path)?;
+    let size = opts.size_bytes.unwrap_or(dev).min(dev);
+    if size < DATA_START + 16 * BLOCK_SIZE {
+        return Err(Error::InvalidSize(format!("pool of {size} bytes is too small (minimum 1 MiB + 64 KiB)")));
+    }
+    let sbk = Superblock {
+        version: FORMAT_VERSION,
+        incompat: 0,
+        compat: 0,
+        autoclear: 0,
+        uuid: random_uuid(),
+        block_size: BLOCK_SIZE as u32,
+        data_start: DATA_START,
+        total_blocks: (size - DATA_START) / BLOCK_SIZE,
+        created_ns: now_ns(),
+    };
+    let db = DB::open(&db_options(8 << 20, true)?, &meta_dir).map_err(Error::meta("create"))?;
+    let rec = PoolRecord { uuid: sbk.uuid, next_id: 1, generation: 1 };
+    let mut b = WriteBatch::default();
+    b.put(POOL_KEY, rec.encode());
+    db.write_opt(b, &sync_write()).map_err(Error::meta("write pool record"))?;
+    drop(db);
+    // The superblock goes last: a crash before this leaves no valid pool, never a half one.
+    let mut buf = AlignedBuf::new(4096);
+    buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
+    pwrite_all(&f, path, buf.as_slice(), 0)?;
+    f.sync_all().map_err(Error::io("fsync", path))?;
+    Ok(sbk)
+}
+
+/// Read and validate the superblock of `path` without opening the pool.
+pub fn read_superblock(path: &Path) -> Result<Superblock> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).map_err(Error::io("open", path))?;
+    read_sb(&f, path)
+}
+
+fn read_sb(f: &File, path: &Path) -> Result<Superblock> {
+    let mut buf = AlignedBuf::new(4096);
+    pread_exact(f, path, buf.as_mut_slice(), 0).map_err(|_| Error::NotAPool { path: path.into() })?;
+    Superblock::decode(buf.as_slice()).map_err(|e| match e {
+        SbError::BadMagic => Error::NotAPool { path: path.into() },
+        SbError::TooNew(v) => Error::VersionTooNew { path: path.into(), found: v, supported: FORMAT_VERSION },
+        SbError::Incompat(u) => Error::IncompatibleFeatures { path: path.into(), unknown: u },
+        SbError::BadChecksum { stored, computed } => Error::Corrupt {
+            location: Location::Superblock,
+            what: format!("checksum mismatch (stored {stored:08x}, computed {computed:08x})"),
+        },
+        SbError::Invalid(w) => Error::Corrupt { location: Location::Superblock, what: w.into() },
+    })
+}
+
+pub(crate) enum CommitMsg {
+    /// A guest FLUSH: complete `tag` on `queue` when the commit is durable.
+    Flush { queue: Arc<QueueShared>, tag: u64 },
+    /// A control operation waits for a commit.
+    Sync(mpsc::Sender<Result<(), String>>),
+    /// Commit soon (a volume has many pending changes).
+    Kick,
+    Shutdown,
+}
+
+pub(crate) struct Shared {
+    pub path: PathBuf,
+    pub meta_dir: PathBuf,
+    pub data: File,
+    pub sb: Superblock,
+    pub db: DB,
+    pub alloc: Mutex<Allocator>,
+    pub reclaim: Mutex<Reclaim>,
+    pub vols: RwLock<BTreeMap<String, Arc<VolumeState>>>,
+    pub record: Mutex<PoolRecord>,
+    pub control: Mutex<()>,
+    pub commit_tx: Mutex<mpsc::Sender<CommitMsg>>,
+    /// Set when an fdatasync or metadata write failed: durability can no longer be promised,
+    /// so every later request fails (see FORMAT.md "Media assumptions").
+    pub failed: AtomicBool,
+    pub open_problems: Vec<String>,
+    pub nospace_logged: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn data_offset(&self, pba: u64) -> u64 {
+        DATA_START + pba * BLOCK_SIZE
+    }
+
+    pub fn enter(&self) -> u64 {
+        lock(&self.reclaim).enter()
+    }
+
+    pub fn exit(&self, epoch: u64) {
+        let mut out = Vec::new();
+        lock(&self.reclaim).exit(epoch, &mut out);
+        self.release(out);
+    }
+
+    fn release(&self, blocks: Vec<u64>) {
+        if !blocks.is_empty() {
+            let mut a = lock(&self.alloc);
+            for b in blocks {
+                a.release(b);
+            }
+        }
+    }
+
+    pub fn send_commit(&self, m: CommitMsg) -> bool {
+        lock(&self.commit_tx).send(m).is_ok()
+    }
+
+    fn committed_get(&self, vol: &VolumeState, lba: u64) -> Result<Option<MapEntry>> {
+        let k = vol.map_key(lba);
+        match self.db.get_pinned(k).map_err(Error::meta("get"))? {
+            None => Ok(None),
+            Some(v) => MapEntry::decode(&k, &v).map(Some),
+        }
+    }
+
+    /// Committed entries of `vol` in [start, end).
+    pub(crate) fn committed_range(&self, vol: &VolumeState, start: u64, end: u64) -> Result<Vec<Committed>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(vol.map_key(end).to_vec());
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(vol.map_key(start));
+        let mut out = Vec::new();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+            let Some((_, lba)) = parse_map_key(k) else { break };
+            out.push(Committed { lba, entry: MapEntry::decode(k, v)? });
+            it.next();
+        }
+        it.status().map_err(Error::meta("iterate"))?;
+        Ok(out)
+    }
+
+    /// Resolve `n` blocks from `lba` for a read.
+    pub(crate) fn resolve_read(&self, vol: &VolumeState, lba: u64, n: u64, out: &mut Vec<ReadRes>) -> Result<()> {
+        out.clear();
+        let mut missing = 0;
+        {
+            let p = vol.lock_pending();
+            for i in 0..n {
+                let r = match p.map.get(&(lba + i)) {
+                    None => {
+                        missing += 1;
+                        None
+                    }
+                    Some(e) => Some(match e.state {
+                        PState::Written => ReadRes::At(e.pba),
+                        PState::Fresh { .. } | PState::Removed => ReadRes::Zero,
+                    }),
+                };
+                // Unresolved blocks are marked with At(u64::MAX) and filled in below.
+                out.push(r.unwrap_or(ReadRes::At(u64::MAX)));
+            }
+        }
+        if missing == 0 {
+            return Ok(());
+        }
+        let mut fill = |l: u64, e: Option<MapEntry>| {
+            let slot = &mut out[(l - lba) as usize];
+            if *slot == ReadRes::At(u64::MAX) {
+                *slot = match e {
+                    Some(e) if e.pba < self.sb.total_blocks => ReadRes::At(e.pba),
+                    _ => ReadRes::Zero,
+                };
+            }
+        };
+        if n == 1 {
+            fill(lba, self.committed_get(vol, lba)?);
+        } else {
+            for c in self.committed_range(vol, lba, lba + n)? {
+                fill(c.lba, Some(c.entry));
+            }
+        }
+        for s in out.iter_mut() {
+            if *s == ReadRes::At(u64::MAX) {
+                *s = ReadRes::Zero;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolve `n` blocks from `lba` for a write: the physical block of each and whether it was
+    /// freshly allocated (its completion must then be reported with `finish_write`).
+    pub(crate) fn resolve_write(&self, vol: &VolumeState, lba: u64, n: u64, out: &mut Vec<(u64, bool)>) -> Result<()> {
+        out.clear();
+        let mut p = vol.lock_pending();
+        let mut hint: Option<u64> = None;
+        let mut kick = false;
+        for i in 0..n {
+            let l = lba + i;
+            let existing = p.map.get(&l).copied();
+            let (pba, fresh) = match existing {
+                Some(e) => match e.state {
+                    PState::Fresh { writers } => {
+                        p.set(l, e.pba, PState::Fresh { writers: writers + 1 });
+                        (e.pba, true)
+                    }
+                    PState::Written => (e.pba, false),
+                    PState::Removed => match self.alloc_block(hint) {
+                        Some(pba) => {
+                            p.set(l, pba, PState::Fresh { writers: 1 });
+                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                            (pba, true)
+                        }
+                        None => {
+                            drop(p);
+                            self.finish_write(vol, lba, out, false);
+                            return Err(self.no_space(vol));
+                        }
+                    },
+                },
+                None => match self.committed_get(vol, l) {
+                    Err(e) => {
+                        drop(p);
+                        self.finish_write(vol, lba, out, false);
+                        return Err(e);
+                    }
+                    Ok(Some(e)) if e.pba < self.sb.total_blocks => (e.pba, false),
+                    Ok(_) => match self.alloc_block(hint) {
+                        Some(pba) => {
+                            p.set(l, pba, PState::Fresh { writers: 1 });
+                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                            (pba, true)
+                        }
+                        None => {
+                            drop(p);
+                            self.finish_write(vol, lba, out, false);
+                            return Err(self.no_space(vol));
+                        }
+                    },
+                },
+            };
+            hint = Some(pba + 1);
+            out.push((pba, fresh));
+        }
+        if p.map.len() >= PENDING_KICK {
+            kick = true;
+        }
+        drop(p);
+        if kick {
+            self.send_commit(CommitMsg::Kick);
+        }
+        Ok(())
+    }
+
+    fn alloc_block(&self, hint: Option<u64>) -> Option<u64> {
+        lock(&self.alloc).alloc_one(hint)
+    }
+
+    fn no_space(&self, vol: &VolumeState) -> Error {
+        if !self.nospace_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!(pool = %self.path.display(), volume = %vol.name(), "pool is full: writes to unallocated blocks fail with an I/O error until space is freed (discard, delete volumes, or grow the pool)");
+        }
+        Error::NoSpace
+    }
+
+    /// Report completion of a write resolved by `resolve_write`.
+    pub(crate) fn finish_write(&self, vol: &VolumeState, lba: u64, blocks: &[(u64, bool)], ok: bool) {
+        if !blocks.iter().any(|b| b.1) {
+            return;
+        }
+        let mut p = vol.lock_pending();
+        for (i, &(pba, fresh)) in blocks.iter().enumerate() {
+            if !fresh {
+                continue;
+            }
+            let l = lba + i as u64;
+            if let Some(e) = p.map.get(&l).copied() {
+                if e.pba != pba {
+                    continue;
+                }
+                if let PState::Fresh { writers } = e.state {
+                    let st = if ok { PState::Written } else { PState::Fresh { writers: writers.saturating_sub(1) } };
+                    p.set(l, pba, st);
+                }
+            }
+        }
+        if ok && self.nospace_logged.load(Ordering::Relaxed) && lock(&self.alloc).free() > 0 {
+            self.nospace_logged.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Unmap [lba, lba+n): the blocks read as zeros and their space returns to the pool after
+    /// the next commit.
+    pub(crate) fn unmap(&self, vol: &VolumeState, lba: u64, n: u64) -> Result<()> {
+        let mut p = vol.lock_pending();
+        let committed = self.committed_range(vol, lba, lba + n)?;
+        let mut freed = 0u64;
+        // Pending entries in range.
+        let pend: Vec<(u64, u64, PState)> = if (n as usize) < p.map.len() {
+            (lba..lba + n).filter_map(|l| p.map.get(&l).map(|e| (l, e.pba, e.state))).collect()
+        } else {
+            p.map.iter().filter(|(l, _)| **l >= lba && **l < lba + n).map(|(l, e)| (*l, e.pba, e.state)).collect()
+        };
+        let mut handled = HashSet::with_capacity(pend.len());
+        for (l, pba, st) in pend {
+            handled.insert(l);
+            if st != PState::Removed {
+                p.frees.push(pba);
+                p.set(l, pba, PState::Removed);
+                freed += 1;
+            }
+        }
+        for c in committed {
+            if handled.contains(&c.lba) {
+                continue;
+            }
+            if c.entry.pba < self.sb.total_blocks {
+                p.frees.push(c.entry.pba);
+                freed += 1;
+            }
+            p.set(c.lba, c.entry.pba, PState::Removed);
+        }
+        vol.mapped_blocks.fetch_sub(freed.min(vol.mapped_blocks.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let kick = p.map.len() >= PENDING_KICK;
+        drop(p);
+        if kick {
+            self.send_commit(CommitMsg::Kick);
+        }
+        Ok(())
+    }
+
+    /// Make everything completed so far durable: fdatasync the data, then commit the pending
+    /// map changes of every volume in one synced RocksDB batch.
+    pub(crate) fn commit(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::DeviceIo(std::io::Error::other("pool failed earlier; restart the daemon")));
+        }
+        let vols: Vec<Arc<VolumeState>> = self.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
+        let mut batch = WriteBatch::default();
+        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, u64)>)> = Vec::new();
+        let mut frees = Vec::new();
+        let gen = lock(&self.record).generation;
+        for v in &vols {
+            let mut p = v.lock_pending();
+            if p.map.is_empty() && p.frees.is_empty() {
+                continue;
+            }
+            let mut seqs = Vec::new();
+            let mut dead_fresh = Vec::new();
+            for (&l, e) in p.map.iter() {
+                match e.state {
+                    PState::Fresh { writers } if writers > 0 => continue,
+                    PState::Fresh { .. } => dead_fresh.push((l, e.pba)),
+                    PState::Written => {
+                        let k = v.map_key(l);
+                        batch.put(k, MapEntry::new(e.pba, gen).encode(&k));
+                        seqs.push((l, e.seq));
+                    }
+                    PState::Removed => {
+                        batch.delete(v.map_key(l));
+                        seqs.push((l, e.seq));
+                    }
+                }
+            }
+            // A fresh block whose writes all failed: drop it like a discard.
+            for (l, pba) in dead_fresh {
+                p.frees.push(pba);
+                p.set(l, pba, PState::Removed);
+                v.mapped_blocks.fetch_sub(1, Ordering::Relaxed);
+                batch.delete(v.map_key(l));
+                let s = p.seq;
+                seqs.push((l, s));
+            }
+            frees.append(&mut p.frees);
+            taken.push((v.clone(), seqs));
+        }
+        // Data first: a mapping must never become durable before the data it points to.
+        // SAFETY: fdatasync on a valid fd has no memory effects.
+        let r = unsafe { libc::fdatasync(self.data.as_raw_fd()) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "fdatasync of the data device failed; the pool stops accepting I/O");
+            return Err(Error::DeviceIo(e));
+        }
+        if !taken.is_empty() {
+            if let Err(e) = self.db.write_opt(batch, &sync_write()) {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "metadata commit failed; the pool stops accepting I/O");
+                // Put the frees back so nothing is reused.
+                return Err(Error::Meta { op: "commit", source: e });
+            }
+        }
+        for (v, seqs) in taken {
+            let mut p = v.lock_pending();
+            for (l, s) in seqs {
+                if p.map.get(&l).map(|e| e.seq) == Some(s) {
+                    p.map.remove(&l);
+                }
+            }
+            if p.map.capacity() > 4 * PENDING_KICK && p.map.len() < PENDING_KICK / 4 {
+                p.map.shrink_to_fit();
+            }
+        }
+        let mut out = Vec::new();
+        lock(&self.reclaim).retire(frees, &mut out);
+        self.release(out);
+        Ok(())
+    }
+}
+
+fn committer(shared: Arc<Shared>, rx: mpsc::Receiver<CommitMsg>, interval: Duration) {
+    loop {
+        let first = match rx.recv_timeout(interval) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut msgs: Vec<CommitMsg> = first.into_iter().collect();
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m);
+        }
+        let shutdown = msgs.iter().any(|m| matches!(m, CommitMsg::Shutdown));
+        let r = shared.commit();
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "commit failed");
+        }
+        let mut by_queue: HashMap<usize, (Arc<QueueShared>, Vec<Completion>)> = HashMap::new();
+        for m in msgs {
+            match m {
+                CommitMsg::Flush { queue, tag } => {
+                    let res = match &r {
+                        Ok(()) => Ok(0),
+                        Err(_) => Err(libc::EIO),
+                    };
+                    let key = Arc::as_ptr(&queue) as usize;
+                    by_queue.entry(key).or_insert_with(|| (queue, Vec::new())).1.push(Completion { tag, result: res });
+                }
+                CommitMsg::Sync(tx) => {
+                    let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
+                CommitMsg::Kick | CommitMsg::Shutdown => {}
+            }
+        }
+        for (_, (q, c)) in by_queue {
+            q.complete(c);
+        }
+        if shutdown {
+            return;
+        }
+    }
+}
+
+/// Information about one volume.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    /// Physical bytes this volume references.
+    pub allocated_bytes: u64,
+    pub created_ns: u64,
+    pub attached_rw: bool,
+    pub attached_ro: u64,
+}
+
+/// Pool-wide usage.
+#[derive(Debug, Clone)]
+pub struct PoolStatus {
+    pub path: PathBuf,
+    pub meta_dir: PathBuf,
+    pub uuid: String,
+    pub version: u32,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    /// Freed but not reusable yet (waiting for a commit or for in-flight requests).
+    pub pending_free_bytes: u64,
+    pub volumes: Vec<VolumeInfo>,
+}
+
+/// Result of `check`.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub records: u64,
+    pub map_entries: u64,
+    pub referenced_blocks: u64,
+    pub allocated_blocks: u64,
+    /// Problems found, each with its location.
+    pub errors: Vec<String>,
+    /// Blocks marked used that nothing references (space leaks).
+    pub leaked_blocks: u64,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty() && self.leaked_blocks == 0
+    }
+}
+
+/// An open pool. Dropping it commits and stops the committer.
+pub struct Pool {
+    pub(crate) shared: Arc<Shared>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl Pool {
+    /// Open the pool at `path`, taking an exclusive lock on it.
+    pub fn open(path: &Path, opts: &PoolOptions) -> Result<Pool> {
+        let data = open_data(path)?;
+        lock_exclusive(&data, path)?;
+        let sbk = read_sb(&data, path)?;
+        let dev = device_size(&data, path)?;
+        if DATA_START + sbk.total_blocks * BLOCK_SIZE > dev {
+            return Err(Error::Corrupt {
+                location: Location::Superblock,
+                what: format!("superblock says {} blocks but the device holds only {} bytes", sbk.total_blocks, dev),
+            });
+        }
+        let meta_dir = opts.meta_dir.clone().unwrap_or_else(|| default_meta_dir(path));
+        if !meta_dir.join("CURRENT").exists() {
+            return Err(Error::Io {
+                op: "open metadata",
+                path: meta_dir,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no RocksDB here"),
+            });
+        }
+        let db = DB::open(&db_options(opts.cache_bytes, false)?, &meta_dir).map_err(Error::meta("open"))?;
+        let rec = match db.get(POOL_KEY).map_err(Error::meta("get pool record"))? {
+            Some(v) => PoolRecord::decode(&v)?,
+            None => {
+                return Err(Error::Corrupt { location: Location::Record(POOL_KEY.to_vec()), what: "pool record missing".into() })
+            }
+        };
+        if rec.uuid != sbk.uuid {
+            return Err(Error::Corrupt {
+                location: Location::Record(POOL_KEY.to_vec()),
+                what: format!(
+                    "metadata {} belongs to pool {}, not to this pool {}",
+                    meta_dir.display(),
+                    uuid_string(&rec.uuid),
+                    uuid_string(&sbk.uuid)
+                ),
+            });
+        }
+        let mut problems = Vec::new();
+        let mut vols = BTreeMap::new();
+        let mut by_layer: HashMap<u64, Arc<VolumeState>> = HashMap::new();
+        for item in db.iterator(IteratorMode::From(&[format::key::VOLUME], Direction::Forward)) {
+            let (k, v) = item.map_err(Error::meta("scan volumes"))?;
+            if k.first() != Some(&format::key::VOLUME) {
+                break;
+            }
+            match VolumeRecord::decode(&k, &v) {
+                Ok(r) => {
+                    let vs = Arc::new(VolumeState::new(r.id, r.layer, r.name.clone(), r.size_bytes, r.created_ns));
+                    by_layer.insert(r.layer, vs.clone());
+                    vols.insert(r.name, vs);
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let mut alloc = Allocator::new(sbk.total_blocks);
+        for item in db.iterator(IteratorMode::From(&[format::key::MAP], Direction::Forward)) {
+            let (k, v) = item.map_err(Error::meta("scan block maps"))?;
+            let Some((layer, lba)) = parse_map_key(&k) else { break };
+            match MapEntry::decode(&k, &v) {
+                Ok(e) => {
+                    if !alloc.mark_used(e.pba) {
+                        problems.push(format!(
+                            "{}: physical block {} is out of range or referenced twice",
+                            Location::Record(k.to_vec()),
+                            e.pba
+                        ));
+                    }
+                    match by_layer.get(&layer) {
+                        Some(v) => {
+                            v.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => problems.push(format!("{}: map entry of unknown layer {layer} (lba {lba})", Location::Record(k.to_vec()))),
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        for p in &problems {
+            tracing::error!("pool open: {p} (run `vblk check`)");
+        }
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            path: path.into(),
+            meta_dir,
+            data,
+            sb: sbk,
+            db,
+            alloc: Mutex::new(alloc),
+            reclaim: Mutex::new(Reclaim::default()),
+            vols: RwLock::new(vols),
+            record: Mutex::new(rec),
+            control: Mutex::new(()),
+            commit_tx: Mutex::new(tx),
+            failed: AtomicBool::new(false),
+            open_problems: problems,
+            nospace_logged: AtomicBool::new(false),
+        });
+        let s2 = shared.clone();
+        let interval = opts.commit_interval;
+        let committer = std::thread::Builder::new()
+            .name("vblk-commit".into())
+            .spawn(move || committer(s2, rx, interval))
+            .map_err(Error::io("spawn committer", path))?;
+        Ok(Pool { shared, committer: Some(committer) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.shared.sb
+    }
+
+    /// Commit everything completed so far and wait until it is durable.
+    pub fn sync(&self) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        if !self.shared.send_commit(CommitMsg::Sync(tx)) {
+            return Err(Error::ShuttingDown);
+        }
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::DeviceIo(std::io::Error::other(e))),
+            Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
+    fn control(&self) -> MutexGuard<'_, ()> {
+        lock(&self.shared.control)
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<VolumeState>> {
+        self.shared
+            .vols
+            .read()
+            .ok()
+            .and_then(|v| v.get(name).cloned())
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+    }
+
+    fn write_record(&self, b: &mut WriteBatch, v: &VolumeState, name: &str) {
+        let r = VolumeRecord {
+            id: v.id,
+            size_bytes: v.size(),
+            created_ns: v.created_ns,
+            flags: 0,
+            layer: v.layer,
+            origin_layer: 0,
+            origin_gen: 0,
+            name: name.to_string(),
+        };
+        b.put(volume_key(v.id), r.encode());
+    }
+
+    fn check_size(size: u64) -> Result<()> {
+        if size == 0 {
+            return Err(Error::InvalidSize("volume size must be greater than zero".into()));
+        }
+        if size % BLOCK_SIZE != 0 {
+            return Err(Error::InvalidSize(format!("{size} is not a multiple of 4096 bytes")));
+        }
+        if size > MAX_VOLUME_SIZE {
+            return Err(Error::InvalidSize(format!("{size} exceeds the maximum volume size of 64 PiB")));
+        }
+        Ok(())
+    }
+
+    /// Create a thin volume. It may be larger than the pool.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        validate_name(name)?;
+        Self::check_size(size_bytes)?;
+        let _c = self.control();
+        if self.get(name).is_ok() {
+            return Err(Error::VolumeExists(name.into()));
+        }
+        let mut rec = lock(&self.shared.record).clone();
+        let id = rec.next_id;
+        rec.next_id += 1;
+        let v = Arc::new(VolumeState::new(id, id, name.into(), size_bytes, now_ns()));
+        let mut b = WriteBatch::default();
+        b.put(POOL_KEY, rec.encode());
+        self.write_record(&mut b, &v, name);
+        b.put(name_key(name), encode_name_value(name, id));
+        self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("create volume"))?;
+        *lock(&self.shared.record) = rec;
+        if let Ok(mut vols) = self.shared.vols.write() {
+            vols.insert(name.into(), v.clone());
+        }
+        Ok(self.info_of(&v))
+    }
+
+    fn info_of(&self, v: &VolumeState) -> VolumeInfo {
+        VolumeInfo {
+            id: v.id,
+            name: v.name(),
+            size_bytes: v.size(),
+            allocated_bytes: v.mapped_blocks.load(Ordering::Relaxed) * BLOCK_SIZE,
+            created_ns: v.created_ns,
+            attached_rw: v.writers.load(Ordering::Relaxed) > 0,
+            attached_ro: v.readers.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let vols: Vec<Arc<VolumeState>> = self.shared.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
+        vols.iter().map(|v| self.info_of(v)).collect()
+    }
+
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let v = self.get(name)?;
+        Ok(self.info_of(&v))
+    }
+
+    /// Resize. Growing works while attached (the guest is told through the resize watchers);
+    /// shrinking needs `allow_shrink`, a detached volume, and frees the cut-off tail.
+    pub fn resize_volume(&self, name: &str, new_size: u64, allow_shrink: bool) -> Result<VolumeInfo> {
+        Self::check_size(new_size)?;
+        let _c = self.control();
+        let v = self.get(name)?;
+        let old = v.size();
+        if new_size < old {
+            if !allow_shrink {
+                return Err(Error::InvalidSize(format!(
+                    "{new_size} is smaller than the current size {old}; shrinking discards data past the new end, pass --shrink to do it"
+                )));
+            }
+            if v.writers.load(Ordering::Acquire) > 0 || v.readers.load(Ordering::Acquire) > 0 {
+                return Err(Error::Busy { name: name.into(), why: "attached; detach it before shrinking" });
+            }
+            v.size_bytes.store(new_size, Ordering::Release);
+            let first = new_size / BLOCK_SIZE;
+            let last = old / BLOCK_SIZE;
+            self.shared.unmap(&v, first, last - first)?;
+        }
+        let mut b = WriteBatch::default();
+        v.size_bytes.store(new_size, Ordering::Release);
+        self.write_record(&mut b, &v, name);
+        self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("resize"))?;
+        drop(_c);
+        if new_size < old {
+            self.sync()?;
+        } else if new_size > old {
+            v.notify_resize(new_size);
+        }
+        Ok(self.info_of(&v))
+    }
+
+    pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<VolumeInfo> {
+        validate_name(new_name)?;
+        let _c = self.control();
+        let v = self.get(name)?;
+        if self.get(new_name).is_ok() {
+            return Err(Error::VolumeExists(new_name.into()));
+        }
+        let mut b = WriteBatch::default();
+        self.write_record(&mut b, &v, new_name);
+        b.delete(name_key(name));
+        b.put(name_key(new_name), encode_name_value(new_name, v.id));
+        self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("rename"))?;
+        if let Ok(mut vols) = self.shared.vols.write() {
+            vols.remove(name);
+            vols.insert(new_name.into(), v.clone());
+        }
+        if let Ok(mut n) = v.name.write() {
+            *n = new_name.into();
+        }
+        Ok(self.info_of(&v))
+    }
+
+    /// Delete a detached volume and free its blocks.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let c = self.control();
+        let v = self.get(name)?;
+        if v.writers.load(Ordering::Acquire) > 0 || v.readers.load(Ordering::Acquire) > 0 {
+            return Err(Error::Busy { name: name.into(), why: "attached; detach it first" });
+        }
+        drop(c);
+        self.sync()?;
+        let _c = self.control();
+        let size_blocks = v.size().div_ceil(BLOCK_SIZE);
+        let mut frees: Vec<u64> = Vec::new();
+        {
+            let mut p = v.lock_pending();
+            for (_, e) in p.map.drain() {
+                if e.state != PState::Removed {
+                    frees.push(e.pba);
+                }
+            }
+            frees.append(&mut p.frees);
+        }
+        let committed = self.shared.committed_range(&v, 0, size_blocks.max(1) + (1 << 40))?;
+        let mut b = WriteBatch::default();
+        for c in committed {
+            frees.push(c.entry.pba);
+        }
+        b.delete_range(v.map_key(0), v.map_key(u64::MAX));
+        b.delete(volume_key(v.id));
+        b.delete(name_key(name));
+        self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("delete volume"))?;
+        v.deleted.store(true, Ordering::Release);
+        if let Ok(mut vols) = self.shared.vols.write() {
+            vols.remove(name);
+        }
+        frees.retain(|&p| p < self.shared.sb.total_blocks);
+        let mut out = Vec::new();
+        lock(&self.shared.reclaim).retire(frees, &mut out);
+        self.shared.release(out);
+        Ok(())
+    }
+
+    /// Open a volume for I/O. At most one read-write opener at a time.
+    pub fn open_volume(&self, name: &str, read_only: bool) -> Result<crate::Volume> {
+        let _c = self.control();
+        let v = self.get(name)?;
+        if read_only {
+            v.readers.fetch_add(1, Ordering::AcqRel);
+        } else if v.writers.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(Error::Busy { name: name.into(), why: "already attached read-write" });
+        }
+        Ok(crate::Volume::new(self.shared.clone(), v, read_only))
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let (used, total) = {
+            let a = lock(&self.shared.alloc);
+            (a.used(), a.total())
+        };
+        let pend = lock(&self.shared.reclaim).pending_blocks()
+            + self
+                .shared
+                .vols
+                .read()
+                .map(|v| v.values().map(|x| x.lock_pending().frees.len() as u64).sum::<u64>())
+                .unwrap_or(0);
+        PoolStatus {
+            path: self.shared.path.clone(),
+            meta_dir: self.shared.meta_dir.clone(),
+            uuid: uuid_string(&self.shared.sb.uuid),
+            version: self.shared.sb.version,
+            total_bytes: total * BLOCK_SIZE,
+            used_bytes: used * BLOCK_SIZE,
+            free_bytes: (total - used) * BLOCK_SIZE,
+            pending_free_bytes: pend * BLOCK_SIZE,
+            volumes: self.list_volumes(),
+        }
+    }
+
+    /// Verify the pool: every record's checksum and fields, map vs allocation (double
+    /// references, out-of-range blocks, leaks). Commits first and holds every volume's pending
+    /// lock and the allocator while it scans, so it pauses I/O for its duration.
+    pub fn check(&self) -> Result<CheckReport> {
+        let _c = self.control();
+        let (tx, rx) = mpsc::channel();
+        if self.shared.send_commit(CommitMsg::Sync(tx)) {
+            let _ = rx.recv();
+        }
+        let s = &self.shared;
+        let vols: Vec<Arc<VolumeState>> = s.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
+        let guards: Vec<_> = vols.iter().map(|v| v.lock_pending()).collect();
+        let alloc = lock(&s.alloc);
+        let reclaim = lock(&s.reclaim);
+        let mut rep = CheckReport::default();
+        let total = s.sb.total_blocks;
+        let mut refd = vec![0u64; total.div_ceil(64) as usize];
+        let mut mark = |pba: u64, what: &dyn Fn() -> String, rep: &mut CheckReport| {
+            if pba >= total {
+                rep.errors.push(format!("{}: physical block {pba} is past the end of the pool ({total} blocks)", what()));
+                return;
+            }
+            let w = &mut refd[(pba / 64) as usize];
+            if *w & (1 << (pba % 64)) != 0 {
+                rep.errors.push(format!("{}: physical block {pba} is referenced twice", what()));
+            }
+            *w |= 1 << (pba % 64);
+            rep.referenced_blocks += 1;
+        };
+        let mut layers: HashMap<u64, (String, u64)> = HashMap::new();
+        let mut names: HashMap<String, u64> = HashMap::new();
+        for item in s.db.iterator(IteratorMode::Start) {
+            let (k, v) = item.map_err(Error::meta("check scan"))?;
+            rep.records += 1;
+            let loc = Location::Record(k.to_vec());
+            match k.first().copied() {
+                Some(format::key::POOL) if &*k == POOL_KEY => {
+                    if let Err(e) = PoolRecord::decode(&v) {
+                        rep.errors.push(e.to_string());
+                    }
+                }
+                Some(format::key::VOLUME) => match VolumeRecord::decode(&k, &v) {
+                    Ok(r) => {
+                        layers.insert(r.layer, (r.name.clone(), r.size_bytes));
+                        names.insert(r.name, r.id);
+                    }
+                    Err(e) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::NAME) => match decode_name_value(&k, &v) {
+                    Ok(id) => {
+                        let n = String::from_utf8_lossy(&k[1..]).to_string();
+                        if names.get(&n) != Some(&id) {
+                            rep.errors.push(format!("{loc}: name index {n:?} -> volume {id} does not match a volume record"));
+                        }
+                    }
+                    Err(e) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::MAP) => {
+                    rep.map_entries += 1;
+                    let Some((layer, lba)) = parse_map_key(&k) else {
+                        rep.errors.push(format!("{loc}: malformed map key"));
+                        continue;
+                    };
+                    match MapEntry::decode(&k, &v) {
+                        Ok(e) => {
+                            match layers.get(&layer) {
+                                None => rep.errors.push(format!("{loc}: map entry of unknown volume layer {layer}")),
+                                Some((n, size)) if lba * BLOCK_SIZE >= *size => rep.errors.push(format!(
+                                    "{loc}: volume {n:?} maps block {lba}, past its size {size}"
+                                )),
+                                _ => {}
+                            }
+                            // An entry the pending state removed no longer references its block.
+                            let removed = vols.iter().zip(guards.iter()).any(|(v, g)| {
+                                v.layer == layer && g.map.get(&lba).map(|p| p.state == PState::Removed || p.pba != e.pba).unwrap_or(false)
+                            });
+                            if !removed {
+                                mark(e.pba, &|| format!("{loc} (volume layer {layer}, block {lba})"), &mut rep);
+                            }
+                        }
+                        Err(e) => rep.errors.push(e.to_string()),
+                    }
+                }
+                _ => rep.errors.push(format!("{loc}: unknown record type")),
+            }
+        }
+        // Name index completeness.
+        for (n, _) in names.iter() {
+            if s.db.get(name_key(n)).ok().flatten().is_none() {
+                rep.errors.push(format!("volume {n:?} has no name index entry"));
+            }
+        }
+        // Pending (uncommitted) references and frees in flight.
+        for (v, g) in vols.iter().zip(guards.iter()) {
+            for (&lba, e) in g.map.iter() {
+                if e.state != PState::Removed {
+                    mark(e.pba, &|| format!("pending map of volume {:?} block {lba}", v.name()), &mut rep);
+                }
+            }
+            for &f in &g.frees {
+                mark(f, &|| format!("pending free of volume {:?}", v.name()), &mut rep);
+            }
+        }
+        let _ = reclaim.pending_blocks();
+        // Compare with the allocator.
+        for pba in 0..total {
+            let r = refd[(pba / 64) as usize] & (1 << (pba % 64)) != 0;
+            let u = alloc.is_used(pba);
+            if u {
+                rep.allocated_blocks += 1;
+            }
+            if r && !u {
+                rep.errors.push(format!("physical block {pba} is referenced but marked free"));
+            }
+            if u && !r {
+                rep.leaked_blocks += 1;
+            }
+        }
+        // Blocks waiting in reclaim are legitimately allocated and unreferenced.
+        rep.leaked_blocks = rep.leaked_blocks.saturating_sub(reclaim.pending_blocks());
+        for p in &s.open_problems {
+            rep.errors.push(format!("at open: {p}"));
+        }
+        Ok(rep)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.send_commit(CommitMsg::Shutdown);
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! In-memory state of one volume: its size, attachment and the block-map changes that are not
+//! yet committed to RocksDB ("pending"). Pending changes are what makes the write path cheap:
+//! a new mapping is recorded in memory when its data write completes and is committed by the
+//! committer thread after an fdatasync of the data, so RocksDB never holds a mapping to data
+//! that is not durable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use crate::format::{map_key, MapEntry, MAP_KEY_LEN};
+
+/// State of an uncommitted map change for one logical block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PState {
+    /// Newly allocated; `writers` writes are in flight and none has completed yet, so the block
+    /// still reads as zeros.
+    Fresh { writers: u32 },
+    /// At least one complete write has landed in `pba`; to be committed.
+    Written,
+    /// The mapping was removed (discard, write-zeroes, shrink); to be committed as a delete.
+    Removed,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PEntry {
+    pub pba: u64,
+    pub state: PState,
+    /// Bumped on every change; the committer drops an entry only if it is unchanged.
+    pub seq: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pending {
+    pub map: HashMap<u64, PEntry>,
+    /// Blocks this volume stopped referencing; reusable after the next commit (and reclaim).
+    pub frees: Vec<u64>,
+    pub seq: u64,
+}
+
+impl Pending {
+    pub fn set(&mut self, lba: u64, pba: u64, state: PState) {
+        self.seq += 1;
+        self.map.insert(lba, PEntry { pba, state, seq: self.seq });
+    }
+}
+
+/// How a block resolved for a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadRes {
+    Zero,
+    At(u64),
+}
+
+/// Shared state of one volume.
+pub struct VolumeState {
+    pub(crate) id: u64,
+    pub(crate) layer: u64,
+    pub(crate) created_ns: u64,
+    pub(crate) name: RwLock<String>,
+    pub(crate) size_bytes: AtomicU64,
+    /// Physical blocks this volume references (committed and pending).
+    pub(crate) mapped_blocks: AtomicU64,
+    pub(crate) pending: Mutex<Pending>,
+    pub(crate) writers: AtomicU64,
+    pub(crate) readers: AtomicU64,
+    pub(crate) deleted: AtomicBool,
+    pub(crate) resize_watchers: Mutex<Vec<Box<dyn Fn(u64) + Send + Sync>>>,
+}
+
+impl VolumeState {
+    pub(crate) fn new(id: u64, layer: u64, name: String, size_bytes: u64, created_ns: u64) -> Self {
+        VolumeState {
+            id,
+            layer,
+            created_ns,
+            name: RwLock::new(name),
+            size_bytes: AtomicU64::new(size_bytes),
+            mapped_blocks: AtomicU64::new(0),
+            pending: Mutex::new(Pending::default()),
+            writers: AtomicU64::new(0),
+            readers: AtomicU64::new(0),
+            deleted: AtomicBool::new(false),
+            resize_watchers: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.name.read().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        // A poisoned lock means a thread panicked while holding it; the pending map is still
+        // structurally valid (every mutation is a single insert), so keep going.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn map_key(&self, lba: u64) -> [u8; MAP_KEY_LEN] {
+        map_key(self.layer, lba)
+    }
+
+    pub(crate) fn notify_resize(&self, size: u64) {
+        if let Ok(w) = self.resize_watchers.lock() {
+            for f in w.iter() {
+                f(size);
+            }
+        }
+    }
+}
+
+/// A committed-map entry read from RocksDB, with its lba.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Committed {
+    pub lba: u64,
+    pub entry: MapEntry,
+}
