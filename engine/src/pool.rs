@@ -224,8 +224,9 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
         }
         std::fs::remove_dir_all(&meta_dir).map_err(Error::io("remove old metadata", &meta_dir))?;
     }
+    let lockf = File::open(path).map_err(Error::io("open", path))?;
+    lock_exclusive(&lockf, path)?;
     let f = open_data(path)?;
-    lock_exclusive(&f, path)?;
     let dev = device_size(&f, path)?;
     let size = opts.size_bytes.unwrap_or(dev).min(dev);
     if size < DATA_START + 16 * BLOCK_SIZE {
@@ -291,6 +292,10 @@ pub(crate) struct Shared {
     pub path: PathBuf,
     pub meta_dir: PathBuf,
     pub data: File,
+    /// Holds the pool's exclusive flock. A separate open file description from `data`, because
+    /// io_uring keeps registered files open until its asynchronous teardown, which would delay
+    /// the unlock after the pool is closed.
+    _lock: File,
     pub sb: Superblock,
     pub db: DB,
     pub alloc: Mutex<Allocator>,
@@ -730,8 +735,9 @@ pub struct Pool {
 impl Pool {
     /// Open the pool at `path`, taking an exclusive lock on it.
     pub fn open(path: &Path, opts: &PoolOptions) -> Result<Pool> {
+        let lockf = File::open(path).map_err(Error::io("open", path))?;
+        lock_exclusive(&lockf, path)?;
         let data = open_data(path)?;
-        lock_exclusive(&data, path)?;
         let sbk = read_sb(&data, path)?;
         let dev = device_size(&data, path)?;
         if DATA_START + sbk.total_blocks * BLOCK_SIZE > dev {
@@ -814,6 +820,7 @@ impl Pool {
             path: path.into(),
             meta_dir,
             data,
+            _lock: lockf,
             sb: sbk,
             db,
             alloc: Mutex::new(alloc),

@@ -1,0 +1,352 @@
+//! Engine integration tests through the public API (the same data path the device uses).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use vblk_engine::*;
+
+const MIB: u64 = 1 << 20;
+
+fn new_pool(dir: &Path, size: u64) -> PathBuf {
+    let p = dir.join("pool.img");
+    create_pool(&p, &CreateOptions { size_bytes: Some(size), ..Default::default() }).unwrap();
+    p
+}
+
+fn open(p: &Path) -> Pool {
+    Pool::open(p, &PoolOptions::default()).unwrap()
+}
+
+fn block(lba: u64, ver: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for (i, c) in b.chunks_mut(16).enumerate() {
+        c[..8].copy_from_slice(&lba.to_le_bytes());
+        c[8..16].copy_from_slice(&(ver ^ (i as u64) << 48).to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn write_read_persist_and_thin() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path(), 64 * MIB);
+    {
+        let pool = open(&p);
+        // Thin: a volume much larger than the pool.
+        pool.create_volume("big", 1 << 40).unwrap();
+        let v = pool.open_volume("big", false).unwrap();
+        let mut io = v.sync_io().unwrap();
+        let mut buf = vec![0xffu8; 8192];
+        io.read_at(1 << 39, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "unwritten range reads as zeros");
+        assert_eq!(pool.status().used_bytes, 0, "reading allocates nothing");
+        io.write_at(1 << 39, &block(7, 1)).unwrap();
+        io.write_at(4096 * 3, &[block(3, 1), block(4, 1)].concat()).unwrap();
+        io.flush().unwrap();
+        assert_eq!(pool.volume_info("big").unwrap().allocated_bytes, 3 * 4096);
+    }
+    let pool = open(&p);
+    let v = pool.open_volume("big", true).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut buf = vec![0u8; 4096];
+    io.read_at(1 << 39, &mut buf).unwrap();
+    assert_eq!(buf, block(7, 1));
+    let mut buf = vec![0u8; 3 * 4096];
+    io.read_at(4096 * 2, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0));
+    assert_eq!(&buf[4096..], &[block(3, 1), block(4, 1)].concat()[..]);
+    // Read-only volumes refuse writes.
+    assert!(io.write_at(0, &block(0, 0)).is_err());
+    let rep = pool.check().unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(rep.referenced_blocks, 3);
+}
+
+#[test]
+fn discard_frees_space_and_reads_zero() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path(), 64 * MIB);
+    let pool = open(&p);
+    pool.create_volume("v", 32 * MIB).unwrap();
+    let v = pool.open_volume("v", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let data = vec![0xabu8; MIB as usize];
+    for i in 0..4 {
+        io.write_at(i * MIB, &data).unwrap();
+    }
+    io.flush().unwrap();
+    assert_eq!(pool.status().used_bytes, 4 * MIB);
+    io.discard(MIB, 2 * MIB).unwrap();
+    io.flush().unwrap();
+    pool.sync().unwrap();
+    let st = pool.status();
+    assert_eq!(st.used_bytes, 2 * MIB, "{st:?}");
+    assert_eq!(pool.volume_info("v").unwrap().allocated_bytes, 2 * MIB);
+    let mut buf = vec![1u8; MIB as usize];
+    io.read_at(2 * MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    io.read_at(3 * MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xab));
+    let rep = pool.check().unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+}
+
+#[test]
+fn full_pool_fails_writes_and_keeps_data() {
+    let d = tempfile::tempdir().unwrap();
+    // 1 MiB header + 64 KiB..: 2 MiB file = 256 data blocks.
+    let p = new_pool(d.path(), 2 * MIB);
+    let pool = open(&p);
+    pool.create_volume("v", 16 * MIB).unwrap();
+    let v = pool.open_volume("v", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let total = pool.status().total_bytes / 4096;
+    let mut written = 0;
+    let mut err = None;
+    for lba in 0..total + 10 {
+        match io.write_at(lba * 4096, &block(lba, 9)) {
+            Ok(()) => written += 1,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(written, total);
+    assert!(matches!(err, Some(Error::NoSpace)), "{err:?}");
+    io.flush().unwrap();
+    // Overwrites of allocated blocks still work on a full pool.
+    io.write_at(0, &block(0, 10)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for lba in 1..total {
+        io.read_at(lba * 4096, &mut buf).unwrap();
+        assert_eq!(buf, block(lba, 9));
+    }
+    io.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, block(0, 10));
+    // Freeing space makes writes work again.
+    io.discard(0, 8 * 4096).unwrap();
+    io.flush().unwrap();
+    io.write_at(total * 4096, &block(total, 1)).unwrap();
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn volume_lifecycle_and_validation() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path(), 64 * MIB);
+    let pool = open(&p);
+    assert!(pool.create_volume("bad@name", MIB).is_err());
+    assert!(pool.create_volume("v", 1000).is_err(), "not a multiple of 4096");
+    assert!(pool.create_volume("v", 0).is_err());
+    pool.create_volume("v", 8 * MIB).unwrap();
+    assert!(matches!(pool.create_volume("v", MIB), Err(Error::VolumeExists(_))));
+    {
+        let v = pool.open_volume("v", false).unwrap();
+        let mut io = v.sync_io().unwrap();
+        for i in 0..8 {
+            io.write_at(i * MIB, &vec![i as u8 + 1; MIB as usize]).unwrap();
+        }
+        // Out of range is refused.
+        assert!(io.write_at(8 * MIB, &[0u8; 4096]).is_err());
+        assert!(matches!(pool.open_volume("v", false), Err(Error::Busy { .. })));
+        assert!(matches!(pool.delete_volume("v"), Err(Error::Busy { .. })));
+        // Grow online.
+        pool.resize_volume("v", 16 * MIB, false).unwrap();
+        assert_eq!(io.size_bytes(), 16 * MIB);
+        io.write_at(12 * MIB, &[7u8; 4096]).unwrap();
+        assert!(matches!(pool.resize_volume("v", 4 * MIB, true), Err(Error::Busy { .. })));
+    }
+    assert!(pool.resize_volume("v", 4 * MIB, false).is_err(), "shrink needs --shrink");
+    pool.resize_volume("v", 4 * MIB, true).unwrap();
+    assert_eq!(pool.status().used_bytes, 4 * MIB, "the tail was freed");
+    pool.rename_volume("v", "w").unwrap();
+    assert!(pool.volume_info("v").is_err());
+    assert_eq!(pool.volume_info("w").unwrap().size_bytes, 4 * MIB);
+    drop(pool);
+    let pool = open(&p);
+    assert_eq!(pool.volume_info("w").unwrap().allocated_bytes, 4 * MIB);
+    pool.delete_volume("w").unwrap();
+    pool.sync().unwrap();
+    assert_eq!(pool.status().used_bytes, 0);
+    assert!(pool.list_volumes().is_empty());
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn pool_refuses_second_opener_bad_versions_and_features() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path(), 16 * MIB);
+    let pool = open(&p);
+    assert!(matches!(Pool::open(&p, &PoolOptions::default()), Err(Error::Locked { .. })));
+    drop(pool);
+    assert!(matches!(create_pool(&p, &CreateOptions { size_bytes: Some(16 * MIB), ..Default::default() }), Err(Error::AlreadyExists { .. })));
+    // Patch the superblock: newer version, then an unknown incompatible feature.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut sb = vec![0u8; 4096];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    let patch = |sb: &mut Vec<u8>, off: usize, val: &[u8]| {
+        sb[off..off + val.len()].copy_from_slice(val);
+        let crc = crc32c_of(&sb[..4092]);
+        sb[4092..].copy_from_slice(&crc.to_le_bytes());
+    };
+    let mut s2 = sb.clone();
+    patch(&mut s2, 8, &2u32.to_le_bytes());
+    f.write_all_at(&s2, 0).unwrap();
+    let e = Pool::open(&p, &PoolOptions::default()).err().unwrap();
+    assert!(matches!(e, Error::VersionTooNew { found: 2, .. }), "{e}");
+    assert!(e.to_string().contains("newer"));
+    let mut s3 = sb.clone();
+    patch(&mut s3, 16, &(1u64 << 40).to_le_bytes());
+    f.write_all_at(&s3, 0).unwrap();
+    assert!(matches!(Pool::open(&p, &PoolOptions::default()), Err(Error::IncompatibleFeatures { .. })));
+    let mut s4 = sb.clone();
+    s4[200] ^= 0xff;
+    f.write_all_at(&s4, 0).unwrap();
+    assert!(matches!(Pool::open(&p, &PoolOptions::default()), Err(Error::Corrupt { .. })));
+    f.write_all_at(&sb, 0).unwrap();
+    assert!(Pool::open(&p, &PoolOptions::default()).is_ok());
+}
+
+fn crc32c_of(b: &[u8]) -> u32 {
+    // Same algorithm as the engine (Castagnoli); computed bitwise so the test is independent.
+    let mut crc = !0u32;
+    for &x in b {
+        crc ^= x as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+// ---- kill -9 durability -------------------------------------------------------------------
+//
+// A child process writes rounds of random blocks (content = (lba, round)) and discards, then
+// flushes and appends the round to a journal (fsync'd). The parent kills it with SIGKILL at a
+// random moment, reopens the pool and checks: every block holds the version of the last
+// journaled round that touched it, or a version from a later (unjournaled) round; never
+// anything else. Then `check` must be clean.
+
+const CRASH_BLOCKS: u64 = 2048;
+
+fn crash_child(dir: &Path, seed: u64) {
+    let p = dir.join("pool.img");
+    let pool = open(&p);
+    let v = pool.open_volume("v", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut journal = std::fs::OpenOptions::new().append(true).create(true).open(dir.join(format!("journal-{seed}"))).unwrap();
+    // Round numbers are unique across children, so a block's content names its round.
+    for round in seed * 1_000_000 + 1.. {
+        use std::io::Write;
+        let mut ops = Vec::new();
+        for _ in 0..rng.random_range(1..40) {
+            let lba = rng.random_range(0..CRASH_BLOCKS);
+            if rng.random_ratio(1, 8) {
+                ops.push(('d', lba, rng.random_range(1..16).min(CRASH_BLOCKS - lba)));
+            } else {
+                ops.push(('w', lba, rng.random_range(1..8).min(CRASH_BLOCKS - lba)));
+            }
+        }
+        // Intent first (a killed process's file writes survive), then the I/O, then "ok".
+        let line: String = ops.iter().map(|(k, l, n)| format!(" {k}{l}:{n}")).collect();
+        writeln!(journal, "{round}{line}").unwrap();
+        for &(k, lba, n) in &ops {
+            if k == 'd' {
+                io.discard(lba * 4096, n * 4096).unwrap();
+            } else {
+                let data: Vec<u8> = (lba..lba + n).flat_map(|l| block(l, round)).collect();
+                io.write_at(lba * 4096, &data).unwrap();
+            }
+        }
+        io.flush().unwrap();
+        writeln!(journal, "ok").unwrap();
+    }
+}
+
+#[test]
+fn crash_child_entry() {
+    if let (Ok(dir), Ok(seed)) = (std::env::var("VBLK_CRASH_DIR"), std::env::var("VBLK_CRASH_SEED")) {
+        crash_child(Path::new(&dir), seed.parse().unwrap());
+    }
+}
+
+#[test]
+fn kill9_keeps_every_flushed_write() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path(), 64 * MIB);
+    open(&p).create_volume("v", CRASH_BLOCKS * 4096).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xc0ffee);
+    // The state the pool must hold: the round number whose content each block has (0 = zeros).
+    let mut expect = vec![0u64; CRASH_BLOCKS as usize];
+    for iter in 1..7u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "crash_child_entry", "--nocapture", "--test-threads=1"])
+            .env("VBLK_CRASH_DIR", d.path())
+            .env("VBLK_CRASH_SEED", iter.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
+        // SAFETY: kill(2) on our child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        // Replay the journal into the expected state.
+        let journal = std::fs::read_to_string(d.path().join(format!("journal-{iter}"))).unwrap_or_default();
+        let mut last_round = iter * 1_000_000;
+        // Per block, what the unflushed round may have left: new content and/or zeros.
+        let mut maybe: std::collections::HashMap<u64, (bool, bool)> = Default::default();
+        let lines: Vec<&str> = journal.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if *line == "ok" {
+                continue;
+            }
+            let flushed = lines.get(i + 1) == Some(&"ok");
+            let mut it = line.split(' ');
+            let round: u64 = it.next().unwrap().parse().unwrap();
+            for op in it {
+                let (kind, rest) = op.split_at(1);
+                let (l, n) = rest.split_once(':').unwrap();
+                let (l, n): (u64, u64) = (l.parse().unwrap(), n.parse().unwrap());
+                for x in l..l + n {
+                    if flushed {
+                        expect[x as usize] = if kind == "w" { round } else { 0 };
+                    } else {
+                        let m = maybe.entry(x).or_default();
+                        if kind == "w" { m.0 = true } else { m.1 = true }
+                    }
+                }
+            }
+            if flushed {
+                last_round = round;
+            }
+        }
+        let pool = open(&p);
+        let v = pool.open_volume("v", true).unwrap();
+        let mut io = v.sync_io().unwrap();
+        let mut buf = vec![0u8; 4096];
+        for lba in 0..CRASH_BLOCKS {
+            io.read_at(lba * 4096, &mut buf).unwrap();
+            let want = expect[lba as usize];
+            let zero = buf.iter().all(|&b| b == 0);
+            let ok_flushed = if want == 0 { zero } else { buf == block(lba, want) };
+            let (may_write, may_zero) = maybe.get(&lba).copied().unwrap_or((false, false));
+            let later = may_write && buf == block(lba, last_round + 1);
+            assert!(
+                ok_flushed || (may_zero && zero) || later,
+                "iteration {iter}: block {lba} lost its flushed version {want} (last flushed round {last_round})"
+            );
+            // What survived of the unflushed round is the state later rounds build on.
+            if !ok_flushed {
+                expect[lba as usize] = if later { last_round + 1 } else { 0 };
+            }
+        }
+        let rep = pool.check().unwrap();
+        assert!(rep.is_clean(), "iteration {iter}: {rep:?}");
+        assert!(last_round > iter * 1_000_000, "the child made progress");
+    }
+}
