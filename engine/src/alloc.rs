@@ -1,5 +1,5 @@
-//! Free-space management: an in-memory bitmap of physical blocks (1 bit per 4 KiB block,
-//! 32 KiB of RAM per GiB... per TiB: 32 MiB), rebuilt from the block maps when the pool opens.
+//! Free-space management: an in-memory bitmap of physical blocks (1 bit per 4 KiB block, so
+//! 32 MiB of RAM per TiB of pool), rebuilt from the block maps when the pool opens.
 //! Freed blocks are not reusable until the metadata that dropped them is durable and every
 //! request that might still touch them has completed ([`Reclaim`]).
 

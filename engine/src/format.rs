@@ -119,6 +119,12 @@ impl Superblock {
         if b[sb::MAGIC..sb::MAGIC + 8] != SB_MAGIC {
             return Err(SbError::BadMagic);
         }
+        // Magic, version and the checksum position are frozen for all versions: the version is
+        // checked before the checksum so that a newer layout is reported as "too new".
+        let version = get_u32(b, sb::VERSION);
+        if version > FORMAT_VERSION {
+            return Err(SbError::TooNew(version));
+        }
         let stored = get_u32(b, sb::CRC);
         let computed = crc32c::crc32c(&b[..sb::CRC]);
         if stored != computed {
@@ -135,9 +141,6 @@ impl Superblock {
             total_blocks: get_u64(b, sb::TOTAL_BLOCKS),
             created_ns: get_u64(b, sb::CREATED_NS),
         };
-        if s.version > FORMAT_VERSION {
-            return Err(SbError::TooNew(s.version));
-        }
         if s.version == 0 {
             return Err(SbError::Invalid("version 0"));
         }
@@ -297,7 +300,12 @@ pub struct VolumeRecord {
 pub mod vol_flags {
     /// Reserved for snapshots (a read-only layer); never set in version 1.
     pub const SNAPSHOT: u64 = 1 << 0;
+    /// Flags valid in version 1.
+    pub const KNOWN: u64 = 0;
 }
+
+/// Largest volume size (64 PiB).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 56;
 
 pub mod vol_rec {
     pub const ID: usize = 0; // u64
@@ -352,8 +360,14 @@ impl VolumeRecord {
         if key != volume_key(r.id) {
             return Err(corrupt(key, "volume id does not match its key"));
         }
-        if r.size_bytes % BLOCK_SIZE != 0 {
-            return Err(corrupt(key, "volume size is not a multiple of 4096"));
+        if r.size_bytes % BLOCK_SIZE != 0 || r.size_bytes == 0 || r.size_bytes > MAX_VOLUME_SIZE {
+            return Err(corrupt(key, "volume size is zero, not a multiple of 4096 or over 64 PiB"));
+        }
+        if r.flags & !vol_flags::KNOWN != 0 {
+            return Err(corrupt(key, "unknown volume flags"));
+        }
+        if r.layer != r.id || r.origin_layer != 0 || r.origin_gen != 0 || get_u16(b, vol_rec::RESERVED) != 0 {
+            return Err(corrupt(key, "fields reserved in format version 1 are set"));
         }
         Ok(r)
     }
@@ -402,6 +416,9 @@ pub mod map_ent {
     pub const STORED: usize = SIZE + 4;
 }
 const _: () = assert!(map_ent::TAG + 16 == map_ent::SIZE);
+const _: () = assert!(map_ent::FLAGS + 4 == map_ent::NONCE && map_ent::BIRTH_GEN + 8 == map_ent::FLAGS);
+const _: () = assert!(1u64 << BLOCK_SHIFT == BLOCK_SIZE);
+const _: () = assert!(MAP_KEY_LEN == 1 + 8 + 8);
 const _: () = assert!(map_ent::NONCE + 12 == map_ent::TAG);
 const _: () = assert!(vol_rec::NAME == vol_rec::FIXED && vol_rec::RESERVED + 2 == vol_rec::NAME);
 const _: () = assert!(pool_rec::GENERATION + 8 == pool_rec::SIZE);

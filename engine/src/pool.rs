@@ -20,8 +20,7 @@ use crate::format::{self, *};
 use crate::io::{Completion, QueueShared};
 use crate::volume::{Committed, PState, ReadRes, VolumeState};
 
-/// Largest volume size accepted (64 PiB).
-pub const MAX_VOLUME_SIZE: u64 = 1 << 56;
+pub use crate::format::MAX_VOLUME_SIZE;
 /// Commit when this many uncommitted map changes have piled up in one volume.
 pub(crate) const PENDING_KICK: usize = 16_384;
 
@@ -64,15 +63,16 @@ pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-fn random_uuid() -> [u8; 16] {
+fn random_uuid() -> Result<[u8; 16]> {
     let mut u = [0u8; 16];
-    if let Ok(mut f) = File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut u);
+    // SAFETY: getrandom writes at most 16 bytes into the valid 16-byte buffer.
+    let n = unsafe { libc::getrandom(u.as_mut_ptr() as *mut libc::c_void, 16, 0) };
+    if n != 16 {
+        return Err(Error::io("getrandom", "/dev/urandom")(std::io::Error::last_os_error()));
     }
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
-    u
+    Ok(u)
 }
 
 pub fn uuid_string(u: &[u8; 16]) -> String {
@@ -208,15 +208,22 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
             return Err(Error::InvalidSize("a pool on a block device needs --meta-dir (a directory on another file system)".into()))
         }
     };
+    // Take the pool lock before touching anything, so that `--force` cannot destroy a pool that
+    // a daemon has open.
+    let lockf = OpenOptions::new().create(!blockdev).truncate(false).read(true).write(true).open(path).map_err(Error::io("open", path))?;
+    lock_exclusive(&lockf, path)?;
+    if !opts.force && read_sb(&lockf, path).is_ok() {
+        return Err(Error::AlreadyExists { path: path.into() });
+    }
     if !blockdev {
-        let exists = path.exists() && std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+        let exists = std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
         if exists && !opts.force {
             return Err(Error::AlreadyExists { path: path.into() });
         }
         let size = opts.size_bytes.ok_or_else(|| Error::InvalidSize("--size is required for a pool file".into()))?;
-        let f = OpenOptions::new().create(true).truncate(true).write(true).open(path).map_err(Error::io("create", path))?;
-        f.set_len(size).map_err(Error::io("set_len", path))?;
-        f.sync_all().map_err(Error::io("fsync", path))?;
+        lockf.set_len(0).map_err(Error::io("truncate", path))?;
+        lockf.set_len(size).map_err(Error::io("set_len", path))?;
+        lockf.sync_all().map_err(Error::io("fsync", path))?;
     }
     if meta_dir.exists() {
         if !opts.force {
@@ -224,8 +231,6 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
         }
         std::fs::remove_dir_all(&meta_dir).map_err(Error::io("remove old metadata", &meta_dir))?;
     }
-    let lockf = File::open(path).map_err(Error::io("open", path))?;
-    lock_exclusive(&lockf, path)?;
     let f = open_data(path)?;
     let dev = device_size(&f, path)?;
     let size = opts.size_bytes.unwrap_or(dev).min(dev);
@@ -237,7 +242,7 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
         incompat: 0,
         compat: 0,
         autoclear: 0,
-        uuid: random_uuid(),
+        uuid: random_uuid()?,
         block_size: BLOCK_SIZE as u32,
         data_start: DATA_START,
         total_blocks: (size - DATA_START) / BLOCK_SIZE,
@@ -337,6 +342,23 @@ impl Shared {
                 a.release(b);
             }
         }
+    }
+
+    fn has_pending(&self) -> bool {
+        self.vols
+            .read()
+            .map(|v| v.values().any(|x| {
+                let p = x.lock_pending();
+                !p.map.is_empty() || !p.frees.is_empty()
+            }))
+            .unwrap_or(true)
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Error::DeviceIo(std::io::Error::other("the pool failed earlier (fdatasync or metadata write error); restart the daemon")));
+        }
+        Ok(())
     }
 
     pub fn send_commit(&self, m: CommitMsg) -> bool {
@@ -577,7 +599,10 @@ impl Shared {
             let mut dead_fresh = Vec::new();
             for (&l, e) in p.map.iter() {
                 match e.state {
-                    PState::Fresh { writers } if writers > 0 => continue,
+                    // A block rewritten after a discard, its write still in flight: the old
+                    // block may be among this commit's frees, so the old mapping must go now.
+                    // The entry stays pending (no seq recorded) until its write completes.
+                    PState::Fresh { writers } if writers > 0 => batch.delete(v.map_key(l)),
                     PState::Fresh { .. } => dead_fresh.push((l, e.pba)),
                     PState::Written => {
                         let k = v.map_key(l);
@@ -615,7 +640,8 @@ impl Shared {
             if let Err(e) = self.db.write_opt(batch, &sync_write()) {
                 self.failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, "metadata commit failed; the pool stops accepting I/O");
-                // Put the frees back so nothing is reused.
+                // The frees of this commit are dropped: they stay marked used until the next
+                // open rebuilds the allocator, so nothing is reused.
                 return Err(Error::Meta { op: "commit", source: e });
             }
         }
@@ -649,6 +675,9 @@ fn committer(shared: Arc<Shared>, rx: mpsc::Receiver<CommitMsg>, interval: Durat
             msgs.push(m);
         }
         let shutdown = msgs.iter().any(|m| matches!(m, CommitMsg::Shutdown));
+        if msgs.is_empty() && !shared.has_pending() {
+            continue;
+        }
         let r = shared.commit();
         if let Err(e) = &r {
             tracing::error!(error = %e, "commit failed");
@@ -738,7 +767,16 @@ impl Pool {
         let lockf = File::open(path).map_err(Error::io("open", path))?;
         lock_exclusive(&lockf, path)?;
         let data = open_data(path)?;
-        let sbk = read_sb(&data, path)?;
+        let mut sbk = read_sb(&data, path)?;
+        if sbk.autoclear & !AUTOCLEAR_KNOWN != 0 {
+            // qcow2 semantics: a writer that does not know an autoclear feature clears its bit,
+            // telling later versions that the data it describes may be stale.
+            sbk.autoclear &= AUTOCLEAR_KNOWN;
+            let mut buf = AlignedBuf::new(4096);
+            buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
+            pwrite_all(&data, path, buf.as_slice(), 0)?;
+            data.sync_all().map_err(Error::io("fsync", path))?;
+        }
         let dev = device_size(&data, path)?;
         if DATA_START + sbk.total_blocks * BLOCK_SIZE > dev {
             return Err(Error::Corrupt {
@@ -792,7 +830,13 @@ impl Pool {
         let mut alloc = Allocator::new(sbk.total_blocks);
         for item in db.iterator(IteratorMode::From(&[format::key::MAP], Direction::Forward)) {
             let (k, v) = item.map_err(Error::meta("scan block maps"))?;
-            let Some((layer, lba)) = parse_map_key(&k) else { break };
+            if k.first() != Some(&format::key::MAP) {
+                break;
+            }
+            let Some((layer, lba)) = parse_map_key(&k) else {
+                problems.push(format!("{}: malformed map key", Location::Record(k.to_vec())));
+                continue;
+            };
             match MapEntry::decode(&k, &v) {
                 Ok(e) => {
                     if !alloc.mark_used(e.pba) {
@@ -907,6 +951,7 @@ impl Pool {
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
         validate_name(name)?;
         Self::check_size(size_bytes)?;
+        self.shared.check_failed()?;
         let _c = self.control();
         if self.get(name).is_ok() {
             return Err(Error::VolumeExists(name.into()));
@@ -953,6 +998,7 @@ impl Pool {
     /// shrinking needs `allow_shrink`, a detached volume, and frees the cut-off tail.
     pub fn resize_volume(&self, name: &str, new_size: u64, allow_shrink: bool) -> Result<VolumeInfo> {
         Self::check_size(new_size)?;
+        self.shared.check_failed()?;
         let _c = self.control();
         let v = self.get(name)?;
         let old = v.size();
@@ -965,19 +1011,20 @@ impl Pool {
             if v.writers.load(Ordering::Acquire) > 0 || v.readers.load(Ordering::Acquire) > 0 {
                 return Err(Error::Busy { name: name.into(), why: "attached; detach it before shrinking" });
             }
+            // The tail's mappings are deleted durably before the smaller size is recorded: a
+            // crash in between leaves the old size with a tail that reads as zeros.
             v.size_bytes.store(new_size, Ordering::Release);
             let first = new_size / BLOCK_SIZE;
             let last = old / BLOCK_SIZE;
             self.shared.unmap(&v, first, last - first)?;
+            self.sync()?;
         }
         let mut b = WriteBatch::default();
         v.size_bytes.store(new_size, Ordering::Release);
         self.write_record(&mut b, &v, name);
         self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("resize"))?;
         drop(_c);
-        if new_size < old {
-            self.sync()?;
-        } else if new_size > old {
+        if new_size > old {
             v.notify_resize(new_size);
         }
         Ok(self.info_of(&v))
@@ -985,6 +1032,7 @@ impl Pool {
 
     pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<VolumeInfo> {
         validate_name(new_name)?;
+        self.shared.check_failed()?;
         let _c = self.control();
         let v = self.get(name)?;
         if self.get(new_name).is_ok() {
@@ -1014,8 +1062,14 @@ impl Pool {
         }
         drop(c);
         self.sync()?;
+        self.shared.check_failed()?;
         let _c = self.control();
-        let size_blocks = v.size().div_ceil(BLOCK_SIZE);
+        if v.writers.load(Ordering::Acquire) > 0 || v.readers.load(Ordering::Acquire) > 0 {
+            return Err(Error::Busy { name: name.into(), why: "attached; detach it first" });
+        }
+        if v.deleted.load(Ordering::Acquire) {
+            return Err(Error::NoSuchVolume(name.into()));
+        }
         let mut frees: Vec<u64> = Vec::new();
         {
             let mut p = v.lock_pending();
@@ -1026,7 +1080,7 @@ impl Pool {
             }
             frees.append(&mut p.frees);
         }
-        let committed = self.shared.committed_range(&v, 0, size_blocks.max(1) + (1 << 40))?;
+        let committed = self.shared.committed_range(&v, 0, u64::MAX)?;
         let mut b = WriteBatch::default();
         for c in committed {
             frees.push(c.entry.pba);
@@ -1186,7 +1240,6 @@ impl Pool {
                 mark(f, &|| format!("pending free of volume {:?}", v.name()), &mut rep);
             }
         }
-        let _ = reclaim.pending_blocks();
         // Compare with the allocator.
         for pba in 0..total {
             let r = refd[(pba / 64) as usize] & (1 << (pba % 64)) != 0;

@@ -1,0 +1,170 @@
+//! Engine API vs raw io_uring, 4 KiB random I/O at QD32 on the same pool file.
+//!
+//! `cargo bench -p vblk-benches --bench engine_qd32` (env: VBLK_BENCH_SECS per run, default 5;
+//! VBLK_BENCH_REPEATS, default 3; VBLK_BENCH_DIR for the pool file, default the target dir;
+//! VBLK_BENCH_GIB working-set size, default 1).
+//! Rows are interleaved A B C ... A B C ...; medians and min-max are printed.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+use vblk_benches::{run_for, stats, Rng};
+use vblk_engine::*;
+
+const QD: usize = 32;
+const BS: usize = 4096;
+
+struct Aligned(Vec<u8>, usize);
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let v = vec![0u8; len + 4096];
+        let off = v.as_ptr().align_offset(4096);
+        Aligned(v, off)
+    }
+    fn ptr(&mut self, i: usize) -> *mut u8 {
+        self.0[self.1 + i * BS..].as_mut_ptr()
+    }
+}
+
+/// Raw io_uring O_DIRECT at QD32 over `blocks` blocks starting at 1 MiB (the pool's data area).
+fn raw(path: &PathBuf, blocks: u64, write: bool, dur: Duration) -> f64 {
+    let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+    let mut ring = IoUring::new(64).unwrap();
+    let mut buf = Aligned::new(QD * BS);
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let submit_one = |ring: &mut IoUring, slot: usize, rng: &mut Rng, buf: &mut Aligned| {
+        let off = (1 << 20) + (rng.next() % blocks) * BS as u64;
+        let p = buf.ptr(slot);
+        let e = if write {
+            opcode::Write::new(types::Fd(f.as_raw_fd()), p, BS as u32).offset(off).build()
+        } else {
+            opcode::Read::new(types::Fd(f.as_raw_fd()), p, BS as u32).offset(off).build()
+        };
+        // SAFETY: the buffer slot stays alive and unused until its completion is reaped.
+        unsafe { ring.submission().push(&e.user_data(slot as u64)).unwrap() };
+    };
+    for s in 0..QD {
+        submit_one(&mut ring, s, &mut rng, &mut buf);
+    }
+    run_for(dur, || {
+        ring.submit_and_wait(1).unwrap();
+        let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (slot, res) in &done {
+            assert_eq!(*res, BS as i32);
+            submit_one(&mut ring, *slot as usize, &mut rng, &mut buf);
+        }
+        done.len() as u64
+    })
+}
+
+/// The engine's Queue at QD32. `span` is the lba range used; `fresh` picks never-written
+/// blocks sequentially-random (allocating writes).
+fn engine(q: &mut Queue, span: u64, kind: ReqKind, dur: Duration, fresh_base: Option<&mut u64>) -> f64 {
+    let mut buf = Aligned::new(QD * BS);
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut fresh = fresh_base;
+    let mut next_off = |rng: &mut Rng| match fresh.as_deref_mut() {
+        Some(n) => {
+            let o = *n * BS as u64;
+            *n += 1;
+            o
+        }
+        None => (rng.next() % span) * BS as u64,
+    };
+    for s in 0..QD {
+        let off = next_off(&mut rng);
+        // SAFETY: buf outlives all requests: we drain before returning.
+        unsafe {
+            q.submit(Request { kind, offset: off, len: BS as u64, iov: vec![IoVec { ptr: buf.ptr(s), len: BS }], tag: s as u64 })
+        };
+    }
+    let mut out = Vec::with_capacity(QD);
+    let efd = q.event_fd();
+    let r = run_for(dur, || {
+        let mut p = libc::pollfd { fd: efd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 1000) };
+        out.clear();
+        q.reap(&mut out);
+        for c in &out {
+            assert!(c.result.is_ok(), "{c:?}");
+            let off = next_off(&mut rng);
+            let s = c.tag as usize;
+            // SAFETY: as above.
+            unsafe {
+                q.submit(Request { kind, offset: off, len: BS as u64, iov: vec![IoVec { ptr: buf.ptr(s), len: BS }], tag: c.tag })
+            };
+        }
+        out.len() as u64
+    });
+    q.drain(&mut out);
+    r
+}
+
+fn main() {
+    let secs: u64 = std::env::var("VBLK_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let repeats: usize = std::env::var("VBLK_BENCH_REPEATS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let gib: u64 = std::env::var("VBLK_BENCH_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let dur = Duration::from_secs(secs);
+    let dir = std::env::var("VBLK_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let path = dir.join("vblk-bench-engine.pool");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(default_meta_dir(&path));
+    let span = gib << 18; // blocks
+    create_pool(&path, &CreateOptions { size_bytes: Some((gib * 3 + 1) << 30), ..Default::default() }).unwrap();
+    let pool = Pool::open(&path, &PoolOptions::default()).unwrap();
+    pool.create_volume("full", gib << 30).unwrap();
+    pool.create_volume("fresh", gib << 30).unwrap();
+    let full = pool.open_volume("full", false).unwrap();
+    {
+        eprintln!("filling {gib} GiB ...");
+        let mut io = full.sync_io().unwrap();
+        let chunk = vec![0xa5u8; 1 << 20];
+        for i in 0..(gib << 10) {
+            io.write_at(i << 20, &chunk).unwrap();
+        }
+        io.flush().unwrap();
+    }
+    // The "full" volume's blocks were allocated in order, so raw offsets over the same span hit
+    // the same physical area.
+    let mut q = full.open_queue().unwrap();
+    let fresh_vol = pool.open_volume("fresh", false).unwrap();
+    let mut fq = fresh_vol.open_queue().unwrap();
+    let mut fresh_next = 0u64;
+    let names = ["raw randread", "vblk randread", "raw randwrite", "vblk overwrite", "vblk allocating write"];
+    let mut res: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for rep in 0..repeats {
+        res[0].push(raw(&path, span, false, dur));
+        res[1].push(engine(&mut q, span, ReqKind::Read, dur, None));
+        res[2].push(raw(&path, span, true, dur));
+        res[3].push(engine(&mut q, span, ReqKind::Write, dur, None));
+        if fresh_next + 400_000 > span {
+            fresh_next = 0;
+            let mut io = fresh_vol.sync_io().unwrap();
+            io.discard(0, gib << 30).unwrap();
+            io.flush().unwrap();
+        }
+        res[4].push(engine(&mut fq, span, ReqKind::Write, dur, Some(&mut fresh_next)));
+        eprintln!("repeat {} done", rep + 1);
+    }
+    println!("\n| 4 KiB QD32, {secs} s x {repeats} | IOPS median | min-max | vs raw |");
+    println!("|---|---|---|---|");
+    for (i, n) in names.iter().enumerate() {
+        let (m, lo, hi) = stats(&res[i]);
+        let base = if i == 1 { stats(&res[0]).0 } else if i >= 3 { stats(&res[2]).0 } else { m };
+        println!("| {n} | {m:.0} | {lo:.0}-{hi:.0} | {:.2}x |", m / base);
+    }
+    drop(q);
+    drop(fq);
+    drop(full);
+    drop(fresh_vol);
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(default_meta_dir(&path));
+}
