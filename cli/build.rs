@@ -1,5 +1,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/vblk.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/vblk.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        // `--json` output prints the API messages as they are.
+        .type_attribute(".vblk.v1", "#[derive(serde::Serialize)]")
+        .compile_protos(&["proto/vblk.proto"], &["proto"])?;
     Ok(())
 }

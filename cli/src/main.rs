@@ -1,1 +1,120 @@
-fn main(){}
+//! `vblk`: the daemon (`vblk daemon`) and the operator CLI that talks to it.
+
+mod attach;
+mod cli_args;
+mod client;
+mod output;
+mod server;
+mod transfer;
+mod units;
+
+/// Generated from `proto/vblk.proto`.
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("vblk.v1");
+}
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use cli_args::{CheckArgs, Cli, Command, PoolCmd, PoolCreateArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vblk: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (sock, json) = (cli.api_socket, cli.json);
+    match cli.command {
+        Command::Pool(PoolCmd::Create(a)) => pool_create(a, json),
+        Command::Check(CheckArgs { pool: Some(p), meta_dir }) => check_offline(&p, meta_dir, json),
+        Command::Daemon(a) => {
+            init_logging(&a.log_level)?;
+            let api = a.socket.clone().unwrap_or(sock);
+            runtime()?.block_on(server::run(a, api))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        cmd => runtime()?.block_on(async move {
+            match cmd {
+                Command::Pool(c) => client::pool(&sock, c, json).await,
+                Command::Vol(c) => client::vol(&sock, c, json).await,
+                Command::Attach(a) => client::attach(&sock, a, json).await,
+                Command::Detach(a) => client::detach(&sock, a, json).await,
+                Command::Devices => client::devices(&sock, json).await,
+                Command::Check(_) => client::check(&sock, json).await,
+                Command::Import(a) => client::import(&sock, a, json).await,
+                Command::Export(a) => client::export(&sock, a, json).await,
+                Command::Daemon(_) => unreachable!(),
+            }
+        }),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v).with_context(|| format!("RUST_LOG={v:?}"))?,
+        _ => EnvFilter::try_new(level).with_context(|| format!("--log-level {level:?}"))?,
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}
+
+fn pool_create(a: PoolCreateArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let opts = vblk_engine::CreateOptions {
+        size_bytes: a.size,
+        meta_dir: a.meta_dir.clone(),
+        force: a.force,
+        preallocate: a.preallocate.into(),
+    };
+    let sb = vblk_engine::create_pool(&a.path, &opts).map_err(|e| anyhow::anyhow!(server::error_chain(&e)))?;
+    let meta = a.meta_dir.unwrap_or_else(|| vblk_engine::default_meta_dir(&a.path));
+    let total = sb.total_blocks * vblk_engine::BLOCK_SIZE;
+    let uuid = vblk_engine::uuid_string(&sb.uuid);
+    if json {
+        output::json(&serde_json::json!({
+            "path": a.path,
+            "meta_dir": meta,
+            "uuid": uuid,
+            "format_version": sb.version,
+            "total_bytes": total,
+        }))?;
+    } else {
+        println!(
+            "created pool {}: {} of data space, uuid {uuid}, metadata in {}",
+            a.path.display(),
+            units::format_size(total),
+            meta.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_offline(path: &std::path::Path, meta_dir: Option<std::path::PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let opts = vblk_engine::PoolOptions { meta_dir, ..Default::default() };
+    let pool = vblk_engine::Pool::open(path, &opts).map_err(|e| {
+        let hint = if matches!(e, vblk_engine::Error::Locked { .. }) { "; run `vblk check` without --pool to check through the daemon" } else { "" };
+        anyhow::anyhow!("{}{hint}", server::error_chain(&e))
+    })?;
+    let rep = pool.check().map_err(|e| anyhow::anyhow!(server::error_chain(&e)))?;
+    drop(pool);
+    client::print_check(&server::check_msg(&rep), json)
+}

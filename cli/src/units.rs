@@ -43,10 +43,11 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
         let frac: u128 = frac_part.parse().map_err(|_| too_big())?;
         let denom = 10u128.pow(frac_part.len() as u32);
         let scaled = frac << shift;
-        if scaled % denom != 0 {
+        let (whole, rest) = (scaled / denom, scaled % denom);
+        if rest != 0 {
             return Err(format!("invalid size {input:?}: not a whole number of bytes"));
         }
-        bytes += scaled / denom;
+        bytes += whole;
     }
     u64::try_from(bytes).map_err(|_| too_big())
 }

@@ -20,7 +20,7 @@ pub use error::{Error, Result};
 pub use format::BLOCK_SIZE;
 pub use io::{Completion, IoVec, Queue, ReqKind, Request};
 pub use pool::{
-    create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, Pool, PoolOptions,
+    create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, Pool, PoolOptions, Preallocate,
     PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
 };
 

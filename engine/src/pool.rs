@@ -50,6 +50,21 @@ pub struct CreateOptions {
     pub meta_dir: Option<PathBuf>,
     /// Overwrite an existing pool.
     pub force: bool,
+    /// How to allocate a new pool file on the host file system.
+    pub preallocate: Preallocate,
+}
+
+/// Host-side allocation of a pool file (like `qemu-img create -o preallocation=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Preallocate {
+    /// Sparse file: the host file system allocates on first write (slower first writes; the
+    /// host may run out of space later).
+    Off,
+    /// `fallocate`: space reserved up front, first writes only convert extents (default).
+    #[default]
+    Falloc,
+    /// Write zeros over the whole file (slow to create; fastest first writes).
+    Full,
 }
 
 /// Default metadata directory for a pool at `path`.
@@ -223,6 +238,26 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
         let size = opts.size_bytes.ok_or_else(|| Error::InvalidSize("--size is required for a pool file".into()))?;
         lockf.set_len(0).map_err(Error::io("truncate", path))?;
         lockf.set_len(size).map_err(Error::io("set_len", path))?;
+        match opts.preallocate {
+            Preallocate::Off => {}
+            Preallocate::Falloc => {
+                // SAFETY: fallocate on a valid fd has no memory effects.
+                let r = unsafe { libc::fallocate(lockf.as_raw_fd(), 0, 0, size as libc::off_t) };
+                if r != 0 {
+                    return Err(Error::io("fallocate (try --preallocate off)", path)(std::io::Error::last_os_error()));
+                }
+            }
+            Preallocate::Full => {
+                use std::os::unix::fs::FileExt;
+                let zeros = vec![0u8; 1 << 20];
+                let mut off = 0;
+                while off < size {
+                    let n = (size - off).min(zeros.len() as u64) as usize;
+                    lockf.write_all_at(&zeros[..n], off).map_err(Error::io("preallocate", path))?;
+                    off += n as u64;
+                }
+            }
+        }
         lockf.sync_all().map_err(Error::io("fsync", path))?;
     }
     if meta_dir.exists() {

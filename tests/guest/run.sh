@@ -12,6 +12,7 @@
 #     -x ARGS     extra kernel command line words (e.g. "vblk.mib=16")
 #
 # The first SOCKET is /dev/vda in the guest, the second /dev/vdb, ...
+# SCENARIO "shell" gives an interactive busybox shell on this terminal.
 # Prints the serial console; exit 0 on VBLK-RESULT: PASS, 1 on FAIL,
 # 2 when the guest gave no result (boot failure, timeout, QEMU error).
 set -uo pipefail
@@ -56,6 +57,20 @@ for s in "$@"; do
            -device "vhost-user-blk-pci,chardev=vblk$i,num-queues=$QUEUES")
     i=$((i + 1))
 done
+
+if [ "$SCENARIO" = shell ]; then
+    # interactive: the terminal is the guest console (Ctrl-A X quits QEMU)
+    I=()
+    for ((i = 0; i < ${#ARGS[@]}; i++)); do
+        case "${ARGS[$i]}" in
+            -monitor) i=$((i + 1)) ;;
+            stdio) I+=(mon:stdio) ;;
+            *) I+=("${ARGS[$i]}") ;;
+        esac
+    done
+    ARGS=("${I[@]}")
+    exec qemu-system-x86_64 "${ARGS[@]}"
+fi
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT

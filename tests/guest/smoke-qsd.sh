@@ -55,14 +55,15 @@ check() {
     local ok=1
     case "$expect:$rc" in pass:0|fail:1) ;; *) ok=0 ;; esac
     if [ -n "$want" ] && ! grep -q -- "$want" "$W/console"; then ok=0; fi
-    local boot
+    local boot desc
+    desc=$*; desc=${desc//$W\//}
     boot=$(awk '/VBLK-BOOT/ {print $2}' "$W/console")
     if [ $ok = 1 ]; then
         PASSED=$((PASSED + 1))
-        printf 'ok    %-50s %5.1f s (init at %s s)\n' "$* -> $expect" "$(elapsed "$t0" "$t1")" "$boot"
+        printf 'ok    %-50s %5.1f s (init at %s s)\n' "$desc -> $expect" "$(elapsed "$t0" "$t1")" "$boot"
     else
         FAILED=$((FAILED + 1))
-        printf 'FAIL  %-50s rc=%s\n' "$* -> expected $expect${want:+ with '$want'}" "$rc"
+        printf 'FAIL  %-50s rc=%s\n' "$desc -> expected $expect${want:+ with '$want'}" "$rc"
         sed 's/^/      | /' "$W/console"
     fi
 }

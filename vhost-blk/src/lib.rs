@@ -1,1 +1,101 @@
+//! vhost-user-blk device for vblk volumes.
+//!
+//! [`start`] binds a unix socket and serves a vblk [`Volume`](vblk_engine::Volume) to one
+//! vhost-user frontend (QEMU, cloud-hypervisor, libblkio, ...) at a time, accepting the next
+//! connection after a disconnect. The data path follows the design notes: one worker thread per
+//! virtqueue (vhost-user-backend's `&self` [`VhostUserBackend`](vhost_user_backend::VhostUserBackend)
+//! with per-queue locks), each with its own engine queue (io_uring) whose completion eventfd sits
+//! in the worker's epoll loop; requests go to the engine straight from guest memory and the
+//! worker never blocks on I/O.
+//!
+//! Modules: [`config`] (features and configuration space), [`request`] (the pure request
+//! parser, [`parse_request`]), `backend` (the vhost-user backend) and `device` (socket,
+//! connection loop, [`Device`]).
+//!
+//! Known gaps: no VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (vhost-user-backend 0.24 does not
+//! support it), so requests in flight when the backend process dies are lost to the guest; no
+//! config-change notification on volume growth (vhost 0.18's `Backend` cannot send
+//! CONFIG_CHANGE_MSG); no dirty-page logging (VHOST_F_LOG_ALL) for live migration.
 
+pub mod config;
+mod backend;
+mod device;
+pub mod request;
+
+use std::path::PathBuf;
+
+pub use device::Device;
+pub use request::{parse_descriptors, parse_request, BlkOp, ParsedRequest, RequestError, RequestLimits};
+
+/// How to serve a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Unix socket path to listen on.
+    pub socket: PathBuf,
+    /// Number of virtqueues (1..=16), one worker thread each.
+    pub num_queues: u16,
+    /// Maximum virtqueue size (a power of two; default 256). Also the per-queue bound on
+    /// requests in flight.
+    pub queue_size: u16,
+}
+
+impl DeviceConfig {
+    /// Default queue size.
+    pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+    /// One queue of the default size on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> DeviceConfig {
+        DeviceConfig { socket: socket.into(), num_queues: 1, queue_size: Self::DEFAULT_QUEUE_SIZE }
+    }
+}
+
+/// Request counters of a device (since [`start`], across connections).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Requests completed (any type, success or failure).
+    pub requests: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub get_ids: u64,
+    /// Bytes of successful reads / writes.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Requests completed with a status other than OK (refused or failed).
+    pub errors: u64,
+    /// Frontend connections accepted.
+    pub connections: u64,
+}
+
+/// Errors starting or stopping a device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid device configuration: {0}")]
+    InvalidConfig(String),
+    #[error("socket {}: {source}", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket {} is in use: another process is listening on it", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("{} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error(transparent)]
+    Engine(#[from] vblk_engine::Error),
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error("the device's listener thread panicked")]
+    ThreadPanicked,
+}
+
+/// Start serving `volume` on `cfg.socket` (see the crate docs). The socket is bound (a stale
+/// socket file is replaced, mode 0600) before this returns, so a frontend may connect at once.
+pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig) -> Result<Device, Error> {
+    device::start(volume, cfg)
+}

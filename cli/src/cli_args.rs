@@ -1,0 +1,455 @@
+//! Command-line syntax (clap). Everything here is parsing and help text; `main.rs` dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::size_arg;
+
+pub const DEFAULT_API_SOCKET: &str = "/run/vblk/vblk.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vblk",
+    version,
+    about = "Thin-provisioned block volumes served to VMs over vhost-user-blk",
+    long_about = "Thin-provisioned block volumes served to VMs over vhost-user-blk.\n\n\
+                  `vblk pool create` formats a pool (offline). `vblk daemon` opens the pool and serves \
+                  a control API on a unix socket; every other command talks to that daemon through \
+                  --api-socket.",
+    after_help = "Examples:\n  \
+                  vblk pool create /var/lib/vblk/pool.img --size 100G\n  \
+                  vblk daemon --pool /var/lib/vblk/pool.img &\n  \
+                  vblk vol create vm1 20G\n  \
+                  vblk import debian.qcow2 vm1\n  \
+                  vblk attach vm1 --socket /run/vblk/vm1.sock --queues 2\n  \
+                  vblk vol list"
+)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "VBLK_API_SOCKET", default_value = DEFAULT_API_SOCKET, value_name = "PATH")]
+    pub api_socket: PathBuf,
+
+    /// Print machine-readable JSON instead of tables (list, info, status, check, attach, ...).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a pool (offline) or show the running pool's usage.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+
+    /// Open a pool and serve the control API and vhost-user-blk devices.
+    #[command(
+        long_about = "Open a pool and serve the control API and vhost-user-blk devices.\n\n\
+                      Takes an exclusive lock on the pool: a second daemon on the same pool fails. \
+                      The API socket is created with mode 0600; a stale socket left by a dead daemon \
+                      is replaced. SIGTERM or SIGINT detaches every device, commits the pool, removes \
+                      the API socket and exits 0. Logs go to stderr; RUST_LOG (e.g. \
+                      RUST_LOG=vblk=debug) overrides --log-level.",
+        after_help = "Examples:\n  \
+                      vblk daemon --pool /var/lib/vblk/pool.img\n  \
+                      vblk daemon --pool /dev/nvme1n1 --meta-dir /var/lib/vblk/nvme1.meta --cache 256M\n  \
+                      vblk daemon --pool pool.img --socket /tmp/vblk.sock --attach vm1:/tmp/vm1.sock:2\n  \
+                      VBLK_API_SOCKET=/tmp/vblk.sock vblk vol list"
+    )]
+    Daemon(DaemonArgs),
+
+    /// Create, list, inspect, resize, rename and delete volumes.
+    #[command(subcommand, visible_alias = "volume")]
+    Vol(VolCmd),
+
+    /// Expose a volume to a VM as a vhost-user-blk socket.
+    #[command(
+        long_about = "Expose a volume to a VM as a vhost-user-blk socket.\n\n\
+                      The daemon creates the socket and waits for a vhost-user front end such as QEMU \
+                      to connect. A volume has at most one read-write attachment; a read-only \
+                      attachment shows the guest a read-only disk.",
+        after_help = "Examples:\n  \
+                      vblk attach vm1 --socket /run/vblk/vm1.sock --queues 4\n\n\
+                      Then, in QEMU (guest RAM must be shared):\n  \
+                      -object memory-backend-memfd,id=mem,size=4G,share=on -numa node,memdev=mem \\\n  \
+                      -chardev socket,id=c0,path=/run/vblk/vm1.sock \\\n  \
+                      -device vhost-user-blk-pci,chardev=c0,num-queues=4"
+    )]
+    Attach(AttachArgs),
+
+    /// Stop a vhost-user-blk device (by volume or socket) and remove its socket.
+    #[command(after_help = "Examples:\n  vblk detach vm1\n  vblk detach --socket /run/vblk/vm1.sock")]
+    Detach(DetachArgs),
+
+    /// List the vhost-user-blk devices the daemon serves, with their request counters.
+    #[command(visible_alias = "dev", after_help = "Examples:\n  vblk devices\n  vblk devices --json")]
+    Devices,
+
+    /// Verify the pool's metadata: checksums, block map vs allocation, leaks.
+    #[command(
+        long_about = "Verify the pool's metadata: record checksums and fields, block map vs \
+                      allocation (blocks referenced twice, out of range, leaked).\n\n\
+                      By default asks the running daemon (I/O pauses while it scans). With --pool, \
+                      opens the pool directly, which fails while a daemon holds it. Prints each \
+                      problem; exits 1 if the pool is not clean.",
+        after_help = "Examples:\n  vblk check\n  vblk check --pool /var/lib/vblk/pool.img --json"
+    )]
+    Check(CheckArgs),
+
+    /// Copy a disk image (raw, or qcow2 etc. through qemu-img) into a volume.
+    #[command(
+        long_about = "Copy a disk image into a volume.\n\n\
+                      The daemon reads FILE itself (the path is resolved here and must be readable on \
+                      the daemon's host). Raw images are copied sparsely: holes and all-zero 4 KiB \
+                      blocks are not written and take no space. qcow2, vmdk, vhdx and vdi images are \
+                      detected by their magic and converted with `qemu-img convert -O raw` into a \
+                      temporary sparse file in --tmp-dir first; that needs qemu-img on the daemon's \
+                      PATH (`apt install qemu-utils`).\n\n\
+                      If VOL does not exist it is created, with the image's size rounded up to 4096 \
+                      bytes unless --create-size says otherwise. If it exists it must be at least as \
+                      large as the image and not attached; its first image-size bytes are replaced \
+                      (zero ranges discarded), the rest is left as it was. The volume is flushed at \
+                      the end.",
+        after_help = "Examples:\n  \
+                      vblk import disk.raw vm1\n  \
+                      vblk import debian-12.qcow2 vm2 --create-size 20G\n  \
+                      vblk import disk.img vm3 --format raw"
+    )]
+    Import(ImportArgs),
+
+    /// Copy a volume into a new sparse raw file.
+    #[command(
+        long_about = "Copy a volume into a new raw file, sparsely: all-zero 4 KiB blocks become holes.\n\n\
+                      The daemon writes FILE itself (mode 0600; the path is resolved here). Refuses to \
+                      overwrite an existing file unless --force, and refuses a volume attached \
+                      read-write (its contents would change during the copy).",
+        after_help = "Examples:\n  vblk export vm1 /var/backups/vm1.raw\n  qemu-img convert -O qcow2 /var/backups/vm1.raw vm1.qcow2"
+    )]
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Format a pool on a file or block device (offline; no daemon needed).
+    #[command(
+        long_about = "Format a pool on a file or block device (offline; no daemon needed).\n\n\
+                      A pool file is created with --size. On a block device the pool spans \
+                      the device (or --size of it) and --meta-dir is required. The metadata (a RocksDB \
+                      directory) goes to --meta-dir, by default PATH.meta beside a pool file. A pool \
+                      file's space is reserved with fallocate unless --preallocate says otherwise.",
+        after_help = "Examples:\n  \
+                      vblk pool create /var/lib/vblk/pool.img --size 100G\n  \
+                      vblk pool create /srv/test.img --size 1T --preallocate off\n  \
+                      vblk pool create /dev/nvme1n1 --meta-dir /var/lib/vblk/nvme1.meta\n\n\
+                      Sizes take a binary unit: K, M, G, T, P (1K = 1024), optionally followed by iB or B; \
+                      a bare number is bytes."
+    )]
+    Create(PoolCreateArgs),
+
+    /// Show the pool's physical usage and each volume's allocation.
+    #[command(
+        long_about = "Show the pool's physical usage (total, used, free, freed but not yet reusable) \
+                      and the bytes each volume has allocated.",
+        after_help = "Examples:\n  vblk pool status\n  vblk pool status --json"
+    )]
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct PoolCreateArgs {
+    /// Pool file (created if missing) or block device.
+    pub path: PathBuf,
+    /// Size of the pool (required for a file; default for a device: all of it).
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub size: Option<u64>,
+    /// Metadata directory [default: PATH.meta].
+    #[arg(long, value_name = "DIR")]
+    pub meta_dir: Option<PathBuf>,
+    /// Overwrite an existing pool and its metadata (destroys every volume in it).
+    #[arg(long)]
+    pub force: bool,
+    /// Host allocation of a pool file: off (sparse), falloc (reserve with fallocate), full
+    /// (write zeros; slow to create, fastest first writes).
+    #[arg(long, value_enum, default_value_t = Preallocate::Falloc, value_name = "MODE")]
+    pub preallocate: Preallocate,
+}
+
+/// `--preallocate` of `pool create` (see `vblk_engine::Preallocate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preallocate {
+    Off,
+    Falloc,
+    Full,
+}
+
+impl From<Preallocate> for vblk_engine::Preallocate {
+    fn from(p: Preallocate) -> Self {
+        match p {
+            Preallocate::Off => vblk_engine::Preallocate::Off,
+            Preallocate::Falloc => vblk_engine::Preallocate::Falloc,
+            Preallocate::Full => vblk_engine::Preallocate::Full,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Pool file or block device.
+    #[arg(long, value_name = "PATH")]
+    pub pool: PathBuf,
+    /// API socket to serve [default: --api-socket, i.e. $VBLK_API_SOCKET or /run/vblk/vblk.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Metadata directory [default: POOL.meta].
+    #[arg(long, value_name = "DIR")]
+    pub meta_dir: Option<PathBuf>,
+    /// Metadata cache (RocksDB block cache), with a unit.
+    #[arg(long, value_parser = size_arg, default_value = "64M", value_name = "SIZE")]
+    pub cache: u64,
+    /// Attach VOL at startup: VOL:SOCKET[:QUEUES] (repeatable).
+    #[arg(long, value_name = "VOL:SOCKET[:QUEUES]", value_parser = parse_attach_spec)]
+    pub attach: Vec<AttachSpec>,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+}
+
+/// One `--attach` of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachSpec {
+    pub volume: String,
+    pub socket: PathBuf,
+    pub queues: u16,
+}
+
+/// `VOL:SOCKET[:QUEUES]`. Volume names cannot contain ':'; a trailing `:N` is the queue count.
+pub fn parse_attach_spec(s: &str) -> Result<AttachSpec, String> {
+    let (vol, rest) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected VOL:SOCKET[:QUEUES]"))?;
+    let (socket, queues) = match rest.rsplit_once(':') {
+        Some((sock, q)) if !q.is_empty() && q.bytes().all(|b| b.is_ascii_digit()) => {
+            let n: u16 = q.parse().map_err(|_| format!("{s:?}: bad queue count {q:?}"))?;
+            (sock, n)
+        }
+        _ => (rest, 1),
+    };
+    if vol.is_empty() || socket.is_empty() {
+        return Err(format!("{s:?}: expected VOL:SOCKET[:QUEUES]"));
+    }
+    if queues == 0 {
+        return Err(format!("{s:?}: the queue count must be at least 1"));
+    }
+    Ok(AttachSpec { volume: vol.into(), socket: socket.into(), queues })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolCmd {
+    /// Create a thin volume (allocates nothing until written; may exceed the pool).
+    #[command(after_help = "Names: letters, digits, '.', '_' and '-', at most 128 bytes, not starting with '.' or '-'.\n\
+                            Sizes take a unit: K, M, G, T, P (binary), a bare number is bytes; a multiple of 4096.\n\n\
+                            Examples:\n  vblk vol create vm1 20G\n  vblk vol create scratch 1T")]
+    Create {
+        /// Volume name.
+        name: String,
+        /// Virtual size, e.g. 20G.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    /// List volumes: size, allocated bytes, attachment.
+    #[command(visible_alias = "ls", after_help = "Examples:\n  vblk vol list\n  vblk vol list --json")]
+    List,
+    /// Show one volume's details.
+    #[command(after_help = "Examples:\n  vblk vol info vm1\n  vblk vol info vm1 --json")]
+    Info {
+        /// Volume name.
+        name: String,
+    },
+    /// Change a volume's size (growing works while attached; the guest sees the new size).
+    #[command(
+        long_about = "Change a volume's size. Growing works while the volume is attached: the device \
+                      reports the new capacity (no config-change interrupt is sent yet, so the guest \
+                      sees it when it next reads the disk's configuration). Shrinking discards the data past the new end, needs \
+                      --shrink and a detached volume.",
+        after_help = "SIZE is absolute (30G), or relative: +10G grows by, -10G shrinks by.\n\
+                      Units: K, M, G, T, P (binary); a bare number is bytes; the result must be a multiple of 4096.\n\n\
+                      Examples:\n  vblk vol resize vm1 30G\n  vblk vol resize vm1 +10G\n  vblk vol resize vm1 10G --shrink"
+    )]
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size: absolute (30G), +SIZE to grow by, -SIZE to shrink by.
+        #[arg(value_parser = parse_resize, allow_hyphen_values = true)]
+        size: ResizeTo,
+        /// Allow shrinking (destroys data past the new end).
+        #[arg(long)]
+        shrink: bool,
+    },
+    /// Rename a volume (its data and attachments stay).
+    #[command(after_help = "Examples:\n  vblk vol rename vm1 vm1-old")]
+    Rename {
+        /// Current name.
+        old: String,
+        /// New name.
+        new: String,
+    },
+    /// Delete a detached volume and free its space (does not ask).
+    #[command(visible_alias = "rm", after_help = "Attached volumes are refused: detach them first.\n\nExamples:\n  vblk vol delete vm1")]
+    Delete {
+        /// Volume name.
+        name: String,
+    },
+}
+
+/// Target of `vol resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeTo {
+    Absolute(u64),
+    GrowBy(u64),
+    ShrinkBy(u64),
+}
+
+pub fn parse_resize(s: &str) -> Result<ResizeTo, String> {
+    let s = s.trim();
+    if let Some(r) = s.strip_prefix('+') {
+        Ok(ResizeTo::GrowBy(size_arg(r)?))
+    } else if let Some(r) = s.strip_prefix('-') {
+        Ok(ResizeTo::ShrinkBy(size_arg(r)?))
+    } else {
+        Ok(ResizeTo::Absolute(size_arg(s)?))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Volume name.
+    pub volume: String,
+    /// vhost-user socket to create (the front end connects to it).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Number of virtqueues (one worker thread each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16), value_name = "N")]
+    pub queues: u16,
+    /// Largest virtqueue size offered to the front end (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size, value_name = "N")]
+    pub queue_size: u16,
+    /// Show the guest a read-only disk.
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|_| format!("{s:?} is not a number between 2 and 32768"))?;
+    if n < 2 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two between 2 and 32768"));
+    }
+    Ok(n)
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["volume", "socket"])))]
+pub struct DetachArgs {
+    /// Volume name.
+    pub volume: Option<String>,
+    /// Or: the device's socket path.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Check this pool directly instead of asking the daemon (fails while a daemon holds it).
+    #[arg(long, value_name = "PATH")]
+    pub pool: Option<PathBuf>,
+    /// Metadata directory, with --pool [default: POOL.meta].
+    #[arg(long, value_name = "DIR", requires = "pool")]
+    pub meta_dir: Option<PathBuf>,
+}
+
+/// `--create-size` of import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateSize {
+    Auto,
+    Bytes(u64),
+}
+
+fn parse_create_size(s: &str) -> Result<CreateSize, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        Ok(CreateSize::Auto)
+    } else {
+        size_arg(s).map(CreateSize::Bytes)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Source image (raw file or block device, or qcow2/vmdk/vhdx/vdi with qemu-img).
+    pub file: PathBuf,
+    /// Target volume (created if missing).
+    pub volume: String,
+    /// Size of the volume if it is created: "auto" (the image size rounded up to 4096) or a size.
+    #[arg(long, default_value = "auto", value_parser = parse_create_size, value_name = "auto|SIZE")]
+    pub create_size: CreateSize,
+    /// Image format: auto (detect qcow2/vmdk/vhdx/vdi, else raw), raw, or any qemu-img format.
+    #[arg(long, default_value = "auto", value_name = "FORMAT")]
+    pub format: String,
+    /// Directory for the temporary raw file of a qemu-img conversion [default: $TMPDIR or /var/tmp].
+    #[arg(long, value_name = "DIR")]
+    pub tmp_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Source volume.
+    pub volume: String,
+    /// Raw file to create.
+    pub file: PathBuf,
+    /// Overwrite FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn attach_spec() {
+        assert_eq!(
+            parse_attach_spec("vm1:/run/vm1.sock:4"),
+            Ok(AttachSpec { volume: "vm1".into(), socket: "/run/vm1.sock".into(), queues: 4 })
+        );
+        assert_eq!(
+            parse_attach_spec("vm1:/run/a:b.sock"),
+            Ok(AttachSpec { volume: "vm1".into(), socket: "/run/a:b.sock".into(), queues: 1 })
+        );
+        assert!(parse_attach_spec("vm1").is_err());
+        assert!(parse_attach_spec("vm1:/s:0").is_err());
+        assert!(parse_attach_spec(":/s").is_err());
+    }
+
+    #[test]
+    fn resize_forms() {
+        assert_eq!(parse_resize("30G"), Ok(ResizeTo::Absolute(30 << 30)));
+        assert_eq!(parse_resize("+1G"), Ok(ResizeTo::GrowBy(1 << 30)));
+        assert_eq!(parse_resize("-4K"), Ok(ResizeTo::ShrinkBy(4096)));
+        assert!(parse_resize("+x").is_err());
+    }
+
+    #[test]
+    fn global_options_anywhere() {
+        let c = Cli::try_parse_from(["vblk", "vol", "list", "--json", "--api-socket", "/tmp/x.sock"]).unwrap();
+        assert!(c.json);
+        assert_eq!(c.api_socket, PathBuf::from("/tmp/x.sock"));
+        let c = Cli::try_parse_from(["vblk", "daemon", "--pool", "p", "--socket", "/tmp/d.sock", "--attach=v:/s:2"]).unwrap();
+        let Command::Daemon(d) = c.command else { panic!() };
+        assert_eq!(d.socket, Some(PathBuf::from("/tmp/d.sock")));
+        assert_eq!(d.attach[0].queues, 2);
+    }
+}

@@ -1,0 +1,294 @@
+//! What the CLI prints: aligned tables and key/value blocks for people, JSON for programs.
+
+use serde::Serialize;
+
+use crate::proto;
+use crate::units::{format_size, percent};
+
+/// Print `v` as pretty JSON on stdout.
+pub fn json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Column alignment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// An aligned table: a header line, then rows; columns separated by two spaces; no trailing blanks.
+pub fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|(h, _)| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            let pad = widths[i].saturating_sub(c.chars().count());
+            let last = i + 1 == n;
+            match headers[i].1 {
+                Align::Left => {
+                    s.push_str(c);
+                    if !last {
+                        s.push_str(&" ".repeat(pad));
+                    }
+                }
+                Align::Right => {
+                    s.push_str(&" ".repeat(pad));
+                    s.push_str(c);
+                }
+            }
+            if !last {
+                s.push_str("  ");
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(headers.iter().map(|(h, _)| *h).collect());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// Key/value lines with the values aligned (`qemu-img info` style).
+pub fn kv(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<w$} {v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// "2026-11-26 18:04:05 UTC" from nanoseconds since the epoch.
+pub fn format_time(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn attachment_short(v: &proto::Volume) -> String {
+    match &v.attachment {
+        Some(a) => format!("{} {}", if a.read_only { "ro" } else { "rw" }, a.socket),
+        None if v.attached_rw => "rw (in use)".into(),
+        None if v.attached_ro > 0 => "ro (in use)".into(),
+        None => "-".into(),
+    }
+}
+
+pub fn volumes_table(vols: &[proto::Volume]) -> String {
+    if vols.is_empty() {
+        return "no volumes".into();
+    }
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                format_size(v.size_bytes),
+                format_size(v.allocated_bytes),
+                percent(v.allocated_bytes, v.size_bytes),
+                attachment_short(v),
+            ]
+        })
+        .collect();
+    table(
+        &[("NAME", Align::Left), ("SIZE", Align::Right), ("ALLOCATED", Align::Right), ("USE", Align::Right), ("ATTACHED", Align::Left)],
+        &rows,
+    )
+}
+
+fn bytes_exact(n: u64) -> String {
+    format!("{} ({n} bytes)", format_size(n))
+}
+
+fn bytes_exact_and(n: u64, extra: &str) -> String {
+    format!("{} ({n} bytes, {extra})", format_size(n))
+}
+
+pub fn volume_details(v: &proto::Volume) -> String {
+    let mut p = vec![
+        ("name", v.name.clone()),
+        ("id", v.id.to_string()),
+        ("virtual size", bytes_exact(v.size_bytes)),
+        ("allocated", bytes_exact_and(v.allocated_bytes, &format!("{} of the virtual size", percent(v.allocated_bytes, v.size_bytes)))),
+        ("created", format_time(v.created_ns)),
+    ];
+    let state = match &v.attachment {
+        Some(a) => format!(
+            "{} at {} ({} queue{}, {})",
+            if a.read_only { "read-only" } else { "read-write" },
+            a.socket,
+            a.num_queues,
+            if a.num_queues == 1 { "" } else { "s" },
+            if a.connected { "front end connected" } else { "waiting for a front end" }
+        ),
+        None if v.attached_rw => "open read-write (import or another user)".into(),
+        None if v.attached_ro > 0 => format!("open read-only by {} user(s)", v.attached_ro),
+        None => "no".into(),
+    };
+    p.push(("attached", state));
+    kv(&p)
+}
+
+pub fn pool_status(s: &proto::PoolStatusResponse) -> String {
+    let provisioned: u64 = s.volumes.iter().map(|v| v.size_bytes).sum();
+    let mut out = kv(&[
+        ("pool", s.path.clone()),
+        ("metadata", s.meta_dir.clone()),
+        ("uuid", s.uuid.clone()),
+        ("format version", s.format_version.to_string()),
+        ("total", bytes_exact(s.total_bytes)),
+        ("used", bytes_exact_and(s.used_bytes, &percent(s.used_bytes, s.total_bytes))),
+        ("free", bytes_exact(s.free_bytes)),
+        ("pending free", bytes_exact(s.pending_free_bytes)),
+        (
+            "volumes",
+            format!("{} ({} provisioned, {} of the pool)", s.volumes.len(), format_size(provisioned), percent(provisioned, s.total_bytes)),
+        ),
+    ]);
+    if !s.volumes.is_empty() {
+        let rows: Vec<Vec<String>> = s
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    format_size(v.size_bytes),
+                    format_size(v.allocated_bytes),
+                    percent(v.allocated_bytes, s.total_bytes),
+                ]
+            })
+            .collect();
+        out.push_str("\n\n");
+        out.push_str(&table(
+            &[("VOLUME", Align::Left), ("SIZE", Align::Right), ("ALLOCATED", Align::Right), ("OF POOL", Align::Right)],
+            &rows,
+        ));
+    }
+    out
+}
+
+pub fn check_report(c: &proto::CheckResponse) -> String {
+    let mut out = String::new();
+    for e in &c.errors {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    if c.leaked_blocks > 0 {
+        out.push_str(&format!(
+            "leak: {} blocks ({}) are marked used but referenced by nothing\n",
+            c.leaked_blocks,
+            format_size(c.leaked_blocks * 4096)
+        ));
+    }
+    out.push_str(&kv(&[
+        ("records", c.records.to_string()),
+        ("map entries", c.map_entries.to_string()),
+        ("referenced blocks", c.referenced_blocks.to_string()),
+        ("allocated blocks", c.allocated_blocks.to_string()),
+        ("leaked blocks", c.leaked_blocks.to_string()),
+    ]));
+    out.push('\n');
+    if c.clean {
+        out.push_str("pool is clean");
+    } else {
+        out.push_str(&format!("pool is NOT clean: {} error(s), {} leaked block(s)", c.errors.len(), c.leaked_blocks));
+    }
+    out
+}
+
+pub fn devices_table(devs: &[proto::Attachment]) -> String {
+    if devs.is_empty() {
+        return "no devices".into();
+    }
+    let rows: Vec<Vec<String>> = devs
+        .iter()
+        .map(|a| {
+            let s = a.stats.unwrap_or_default();
+            vec![
+                a.volume.clone(),
+                if a.read_only { "ro".into() } else { "rw".into() },
+                a.num_queues.to_string(),
+                if a.connected { "yes".into() } else { "no".into() },
+                s.reads.to_string(),
+                s.writes.to_string(),
+                format_size(s.bytes_read),
+                format_size(s.bytes_written),
+                s.errors.to_string(),
+                a.socket.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("VOLUME", Align::Left),
+            ("MODE", Align::Left),
+            ("QUEUES", Align::Right),
+            ("CONNECTED", Align::Left),
+            ("READS", Align::Right),
+            ("WRITES", Align::Right),
+            ("READ", Align::Right),
+            ("WRITTEN", Align::Right),
+            ("ERRORS", Align::Right),
+            ("SOCKET", Align::Left),
+        ],
+        &rows,
+    )
+}
+
+pub fn attachment(a: &proto::Attachment) -> String {
+    format!(
+        "attached {} {} at {} ({} queue{}, queue size {})",
+        a.volume,
+        if a.read_only { "read-only" } else { "read-write" },
+        a.socket,
+        a.num_queues,
+        if a.num_queues == 1 { "" } else { "s" },
+        a.queue_size
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            &[("NAME", Align::Left), ("SIZE", Align::Right), ("X", Align::Left)],
+            &[vec!["a".into(), "10.0 GiB".into(), "-".into()], vec!["long-name".into(), "4.0 KiB".into(), "rw".into()]],
+        );
+        assert_eq!(t, "NAME           SIZE  X\na          10.0 GiB  -\nlong-name   4.0 KiB  rw");
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(951_782_400_000_000_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_time(1_795_716_245_000_000_000), "2026-11-26 18:04:05 UTC");
+    }
+
+    #[test]
+    fn key_values() {
+        assert_eq!(kv(&[("a", "1".into()), ("long", "2".into())]), "a:    1\nlong: 2");
+    }
+}

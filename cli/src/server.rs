@@ -1,0 +1,619 @@
+//! `vblk daemon`: the pool, the attached devices, and the gRPC service over a unix socket.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Code, Request, Response, Status};
+use tracing::{error, info, warn};
+use vblk_engine::{Pool, PoolOptions, VolumeInfo};
+
+use crate::attach;
+use crate::cli_args::{AttachSpec, DaemonArgs};
+use crate::proto;
+use crate::proto::vblk_server::{Vblk, VblkServer};
+use crate::transfer;
+
+/// `Display` of an error and of each of its sources, joined by ": ".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// The gRPC code for an engine error.
+pub fn code_of(e: &vblk_engine::Error) -> Code {
+    use vblk_engine::Error as E;
+    match e {
+        e if e.is_not_found() => Code::NotFound,
+        E::VolumeExists(_) | E::AlreadyExists { .. } => Code::AlreadyExists,
+        e if e.is_invalid_input() => Code::InvalidArgument,
+        E::Busy { .. } | E::ReadOnly | E::Locked { .. } => Code::FailedPrecondition,
+        E::NoSpace => Code::ResourceExhausted,
+        E::ShuttingDown => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+/// An engine error as a gRPC status whose message is the whole cause chain.
+pub fn engine_status(e: vblk_engine::Error) -> Status {
+    Status::new(code_of(&e), error_chain(&e))
+}
+
+/// Run blocking engine work off the async workers.
+async fn blocking<T, F>(f: F) -> Result<T, Status>
+where
+    F: FnOnce() -> Result<T, Status> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker task failed: {e}")))?
+}
+
+/// One vhost-user-blk device served by this daemon.
+struct Attached {
+    volume_id: u64,
+    socket: PathBuf,
+    num_queues: u16,
+    queue_size: u16,
+    read_only: bool,
+    device: attach::Device,
+}
+
+/// Everything the daemon owns. The pool is dropped (and so committed) with the last reference.
+pub struct DaemonState {
+    pool: Pool,
+    /// Attached devices by volume id (ids survive renames).
+    devices: Mutex<BTreeMap<u64, Attached>>,
+    /// Set on SIGTERM/SIGINT: running imports and exports stop.
+    shutting_down: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DaemonState {
+    pub fn new(pool: Pool) -> DaemonState {
+        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false) }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    fn attachment_of(&self, a: &Attached, name: &str) -> proto::Attachment {
+        proto::Attachment {
+            volume: name.to_string(),
+            volume_id: a.volume_id,
+            socket: a.socket.display().to_string(),
+            num_queues: a.num_queues.into(),
+            queue_size: a.queue_size.into(),
+            read_only: a.read_only,
+            connected: a.device.connected(),
+            stats: Some(a.device.stats()),
+        }
+    }
+
+    /// The API view of a volume, with this daemon's attachment if any.
+    pub fn volume_msg(&self, v: VolumeInfo) -> proto::Volume {
+        let attachment = lock(&self.devices).get(&v.id).map(|a| self.attachment_of(a, &v.name));
+        proto::Volume {
+            id: v.id,
+            name: v.name,
+            size_bytes: v.size_bytes,
+            allocated_bytes: v.allocated_bytes,
+            created_ns: v.created_ns,
+            attached_rw: v.attached_rw,
+            attached_ro: v.attached_ro,
+            attachment,
+        }
+    }
+
+    /// Attach `volume` at `socket` (blocking).
+    pub fn attach(&self, volume: &str, socket: &Path, num_queues: u16, queue_size: u16, read_only: bool) -> Result<proto::Attachment, Status> {
+        if !socket.is_absolute() {
+            return Err(Status::invalid_argument(format!("socket path {} must be absolute", socket.display())));
+        }
+        if self.is_shutting_down() {
+            return Err(Status::unavailable("the daemon is shutting down"));
+        }
+        let mut devs = lock(&self.devices);
+        let info = self.pool.volume_info(volume).map_err(engine_status)?;
+        if let Some(a) = devs.get(&info.id) {
+            return Err(Status::already_exists(format!("volume {volume:?} is already attached at {}", a.socket.display())));
+        }
+        if devs.values().any(|a| a.socket == socket) {
+            return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
+        }
+        let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
+        let device = attach::start(vol, socket, num_queues, queue_size)?;
+        info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
+        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, device };
+        let msg = self.attachment_of(&a, &info.name);
+        devs.insert(info.id, a);
+        Ok(msg)
+    }
+
+    /// Detach by volume name or socket path (blocking).
+    pub fn detach(&self, volume: &str, socket: &str) -> Result<proto::Attachment, Status> {
+        let a = {
+            let mut devs = lock(&self.devices);
+            let id = if !volume.is_empty() {
+                let info = self.pool.volume_info(volume).map_err(engine_status)?;
+                if !devs.contains_key(&info.id) {
+                    return Err(Status::failed_precondition(format!("volume {volume:?} is not attached")));
+                }
+                info.id
+            } else if !socket.is_empty() {
+                let p = Path::new(socket);
+                devs.iter()
+                    .find(|(_, a)| a.socket == p)
+                    .map(|(id, _)| *id)
+                    .ok_or_else(|| Status::not_found(format!("no device is attached at {socket}")))?
+            } else {
+                return Err(Status::invalid_argument("name a volume or a socket to detach"));
+            };
+            devs.remove(&id).ok_or_else(|| Status::internal("device vanished"))?
+        };
+        let name = self.name_of(a.volume_id);
+        let mut msg = self.attachment_of(&a, &name);
+        msg.connected = false;
+        let socket = a.socket.clone();
+        a.device.stop().map_err(|e| Status::internal(format!("stopping the device at {}: {e}", socket.display())))?;
+        remove_socket_if_present(&socket);
+        info!(volume = %name, socket = %socket.display(), "detached");
+        Ok(msg)
+    }
+
+    fn name_of(&self, id: u64) -> String {
+        self.pool.list_volumes().into_iter().find(|v| v.id == id).map(|v| v.name).unwrap_or_default()
+    }
+
+    pub fn attachments(&self) -> Vec<proto::Attachment> {
+        let names: BTreeMap<u64, String> = self.pool.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
+        let devs = lock(&self.devices);
+        devs.values().map(|a| self.attachment_of(a, names.get(&a.volume_id).map(String::as_str).unwrap_or(""))).collect()
+    }
+
+    /// Stop every device (shutdown).
+    fn detach_all(&self) {
+        let devs = std::mem::take(&mut *lock(&self.devices));
+        for (_, a) in devs {
+            let socket = a.socket.clone();
+            match a.device.stop() {
+                Ok(()) => info!(socket = %socket.display(), "device stopped"),
+                Err(e) => error!(socket = %socket.display(), "stopping device: {e}"),
+            }
+            remove_socket_if_present(&socket);
+        }
+    }
+}
+
+fn remove_socket_if_present(p: &Path) {
+    if let Ok(m) = std::fs::symlink_metadata(p) {
+        if m.file_type().is_socket() {
+            if let Err(e) = std::fs::remove_file(p) {
+                warn!("removing {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// Make `path` free for a new listening socket: nothing there, or a socket nobody listens on
+/// (left by a dead process), which is removed. A live socket or any other file is refused.
+pub fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
+    let m = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    };
+    if !m.file_type().is_socket() {
+        bail!("{} exists and is not a socket; refusing to replace it", path.display());
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => bail!("{} is in use: another process is listening on it", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            info!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("probing socket {}", path.display())),
+    }
+}
+
+/// Bind a unix listener with mode 0600 (no window with wider permissions).
+fn bind_private(path: &Path) -> anyhow::Result<UnixListener> {
+    // SAFETY: umask only changes this process's file-creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o177) };
+    let r = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = r.with_context(|| format!("binding the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(l)
+}
+
+/// The gRPC service.
+pub struct Service {
+    st: Arc<DaemonState>,
+}
+
+type ProgressStream = ReceiverStream<Result<proto::TransferProgress, Status>>;
+
+#[tonic::async_trait]
+impl Vblk for Service {
+    async fn create_volume(&self, req: Request<proto::CreateVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || {
+            let v = st.pool.create_volume(&r.name, r.size_bytes).map_err(engine_status)?;
+            info!(volume = %r.name, size = r.size_bytes, "volume created");
+            Ok(st.volume_msg(v))
+        })
+        .await?;
+        Ok(Response::new(v))
+    }
+
+    async fn list_volumes(&self, _req: Request<proto::ListVolumesRequest>) -> Result<Response<proto::ListVolumesResponse>, Status> {
+        let st = self.st.clone();
+        let volumes = blocking(move || Ok(st.pool.list_volumes().into_iter().map(|v| st.volume_msg(v)).collect())).await?;
+        Ok(Response::new(proto::ListVolumesResponse { volumes }))
+    }
+
+    async fn get_volume(&self, req: Request<proto::GetVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || Ok(st.volume_msg(st.pool.volume_info(&r.name).map_err(engine_status)?))).await?;
+        Ok(Response::new(v))
+    }
+
+    async fn resize_volume(&self, req: Request<proto::ResizeVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+        use proto::resize_volume_request::Size;
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || {
+            let cur = st.pool.volume_info(&r.name).map_err(engine_status)?.size_bytes;
+            let new = match r.size {
+                Some(Size::SizeBytes(n)) => n,
+                Some(Size::GrowByBytes(n)) => cur
+                    .checked_add(n)
+                    .ok_or_else(|| Status::invalid_argument(format!("{cur} + {n} bytes overflows")))?,
+                Some(Size::ShrinkByBytes(n)) => cur.checked_sub(n).filter(|&s| s > 0).ok_or_else(|| {
+                    Status::invalid_argument(format!("cannot shrink a {cur}-byte volume by {n} bytes"))
+                })?,
+                None => return Err(Status::invalid_argument("no size given")),
+            };
+            let v = st.pool.resize_volume(&r.name, new, r.allow_shrink).map_err(engine_status)?;
+            info!(volume = %r.name, from = cur, to = new, "volume resized");
+            Ok(st.volume_msg(v))
+        })
+        .await?;
+        Ok(Response::new(v))
+    }
+
+    async fn rename_volume(&self, req: Request<proto::RenameVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || {
+            let v = st.pool.rename_volume(&r.name, &r.new_name).map_err(engine_status)?;
+            info!(volume = %r.name, new_name = %r.new_name, "volume renamed");
+            Ok(st.volume_msg(v))
+        })
+        .await?;
+        Ok(Response::new(v))
+    }
+
+    async fn delete_volume(&self, req: Request<proto::DeleteVolumeRequest>) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        blocking(move || {
+            st.pool.delete_volume(&r.name).map_err(engine_status)?;
+            info!(volume = %r.name, "volume deleted");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(proto::DeleteVolumeResponse {}))
+    }
+
+    async fn pool_status(&self, _req: Request<proto::PoolStatusRequest>) -> Result<Response<proto::PoolStatusResponse>, Status> {
+        let st = self.st.clone();
+        let s = blocking(move || {
+            let s = st.pool.status();
+            Ok(proto::PoolStatusResponse {
+                path: s.path.display().to_string(),
+                meta_dir: s.meta_dir.display().to_string(),
+                uuid: s.uuid,
+                format_version: s.version,
+                total_bytes: s.total_bytes,
+                used_bytes: s.used_bytes,
+                free_bytes: s.free_bytes,
+                pending_free_bytes: s.pending_free_bytes,
+                volumes: s.volumes.into_iter().map(|v| st.volume_msg(v)).collect(),
+            })
+        })
+        .await?;
+        Ok(Response::new(s))
+    }
+
+    async fn check(&self, _req: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
+        let st = self.st.clone();
+        let rep = blocking(move || st.pool.check().map_err(engine_status)).await?;
+        if !rep.is_clean() {
+            warn!(errors = rep.errors.len(), leaked_blocks = rep.leaked_blocks, "check found problems");
+        }
+        Ok(Response::new(check_msg(&rep)))
+    }
+
+    async fn attach(&self, req: Request<proto::AttachRequest>) -> Result<Response<proto::Attachment>, Status> {
+        let r = req.into_inner();
+        let queues = u16::try_from(r.num_queues).map_err(|_| Status::invalid_argument("too many queues"))?;
+        let qsize = u16::try_from(r.queue_size).map_err(|_| Status::invalid_argument("queue size too large"))?;
+        let st = self.st.clone();
+        let a = blocking(move || st.attach(&r.volume, Path::new(&r.socket), queues.max(1), if qsize == 0 { attach::DEFAULT_QUEUE_SIZE } else { qsize }, r.read_only)).await?;
+        Ok(Response::new(a))
+    }
+
+    async fn detach(&self, req: Request<proto::DetachRequest>) -> Result<Response<proto::Attachment>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let a = blocking(move || st.detach(&r.volume, &r.socket)).await?;
+        Ok(Response::new(a))
+    }
+
+    async fn list_attachments(&self, _req: Request<proto::ListAttachmentsRequest>) -> Result<Response<proto::ListAttachmentsResponse>, Status> {
+        let st = self.st.clone();
+        let attachments = blocking(move || Ok(st.attachments())).await?;
+        Ok(Response::new(proto::ListAttachmentsResponse { attachments }))
+    }
+
+    type ImportStream = ProgressStream;
+
+    async fn import(&self, req: Request<proto::ImportRequest>) -> Result<Response<Self::ImportStream>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.transfer(move |st, p| transfer::import(st, &r, p))))
+    }
+
+    type ExportStream = ProgressStream;
+
+    async fn export(&self, req: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.transfer(move |st, p| transfer::export(st, &r, p))))
+    }
+}
+
+impl Service {
+    /// Run a copy on a blocking thread, streaming its progress and then its result.
+    fn transfer<F>(&self, f: F) -> ProgressStream
+    where
+        F: FnOnce(&DaemonState, &mut transfer::Progress) -> Result<proto::TransferProgress, Status> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(16);
+        let st = self.st.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut p = transfer::Progress::new(tx.clone(), st.clone());
+            let last = f(&st, &mut p);
+            if let Err(e) = &last {
+                warn!("transfer failed: {}", e.message());
+            }
+            let _ = tx.blocking_send(last);
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+pub fn check_msg(rep: &vblk_engine::CheckReport) -> proto::CheckResponse {
+    proto::CheckResponse {
+        clean: rep.is_clean(),
+        records: rep.records,
+        map_entries: rep.map_entries,
+        referenced_blocks: rep.referenced_blocks,
+        allocated_blocks: rep.allocated_blocks,
+        leaked_blocks: rep.leaked_blocks,
+        errors: rep.errors.clone(),
+    }
+}
+
+/// `vblk daemon`: returns when a signal asked it to stop and everything is shut down.
+pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
+    // Installed first: a SIGTERM during startup is then acted on as soon as the API serves.
+    let signals = Signals::install()?;
+    // Absolute paths, so that status shows where the pool really is.
+    let pool_path = std::path::absolute(&args.pool).with_context(|| format!("resolving {}", args.pool.display()))?;
+    let meta_dir = match &args.meta_dir {
+        Some(d) => Some(std::path::absolute(d).with_context(|| format!("resolving {}", d.display()))?),
+        None => None,
+    };
+    let opts = PoolOptions { meta_dir, cache_bytes: usize::try_from(args.cache).unwrap_or(usize::MAX), ..Default::default() };
+    let shown = pool_path.clone();
+    // The pool lock decides first whether another daemon is alive.
+    let pool = tokio::task::spawn_blocking(move || Pool::open(&pool_path, &opts))
+        .await
+        .context("opening the pool")?
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    info!(pool = %shown.display(), uuid = %vblk_engine::uuid_string(&pool.superblock().uuid), "pool opened");
+    let st = Arc::new(DaemonState::new(pool));
+
+    let listener = match prepare_api_socket(&api_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            shutdown_state(st).await;
+            return Err(e);
+        }
+    };
+    for spec in &args.attach {
+        if let Err(e) = attach_at_startup(&st, spec).await {
+            st.detach_all();
+            remove_socket_if_present(&api_socket);
+            shutdown_state(st).await;
+            return Err(e);
+        }
+    }
+
+    info!(socket = %api_socket.display(), "serving the API");
+    let svc = VblkServer::new(Service { st: st.clone() });
+    let stop_st = st.clone();
+    let signal = async move {
+        signals.wait().await;
+        stop_st.shutting_down.store(true, Ordering::Release);
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+        .await;
+    if let Err(e) = &served {
+        error!("API server: {e}");
+    }
+    st.shutting_down.store(true, Ordering::Release);
+    st.detach_all();
+    remove_socket_if_present(&api_socket);
+    shutdown_state(st).await;
+    info!("stopped");
+    served.context("serving the API")
+}
+
+fn prepare_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clear_stale_socket(path).context("the API socket")?;
+    bind_private(path)
+}
+
+async fn attach_at_startup(st: &Arc<DaemonState>, spec: &AttachSpec) -> anyhow::Result<()> {
+    let socket = std::path::absolute(&spec.socket).with_context(|| format!("resolving {}", spec.socket.display()))?;
+    let st2 = st.clone();
+    let vol = spec.volume.clone();
+    let q = spec.queues;
+    blocking(move || st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, false))
+        .await
+        .map_err(|s| anyhow::anyhow!("--attach {}: {}", spec.volume, s.message()))?;
+    Ok(())
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        let which = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        info!("{which}: shutting down");
+    }
+}
+
+/// Wait for every user of the state (transfers finishing after cancellation) to let go, then
+/// drop it: the pool commits and releases its lock.
+async fn shutdown_state(st: Arc<DaemonState>) {
+    st.shutting_down.store(true, Ordering::Release);
+    let start = Instant::now();
+    let mut st = st;
+    loop {
+        match Arc::try_unwrap(st) {
+            Ok(inner) => {
+                let _ = tokio::task::spawn_blocking(move || drop(inner)).await;
+                return;
+            }
+            Err(back) => st = back,
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            warn!("requests still running after 30 s; exiting without waiting for them");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vblk_engine::Error as E;
+
+    #[test]
+    fn engine_errors_map_to_grpc_codes() {
+        let cases: Vec<(E, Code)> = vec![
+            (E::NoSuchVolume("a".into()), Code::NotFound),
+            (E::VolumeExists("a".into()), Code::AlreadyExists),
+            (E::AlreadyExists { path: "/x".into() }, Code::AlreadyExists),
+            (E::InvalidName { name: "-a".into(), why: "bad" }, Code::InvalidArgument),
+            (E::InvalidSize("1".into()), Code::InvalidArgument),
+            (E::OutOfRange { offset: 0, len: 1, size: 0 }, Code::InvalidArgument),
+            (E::Misaligned { offset: 1, len: 1 }, Code::InvalidArgument),
+            (E::Busy { name: "a".into(), why: "attached" }, Code::FailedPrecondition),
+            (E::ReadOnly, Code::FailedPrecondition),
+            (E::NoSpace, Code::ResourceExhausted),
+            (E::ShuttingDown, Code::Unavailable),
+            (E::QueueFull, Code::Internal),
+            (E::DeviceIo(std::io::Error::other("boom")), Code::Internal),
+            (E::Corrupt { location: vblk_engine::error::Location::Superblock, what: "x".into() }, Code::Internal),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let s = engine_status(e);
+            assert_eq!(s.code(), code, "{text}");
+            assert!(s.message().starts_with(&text), "{:?} vs {text}", s.message());
+        }
+    }
+
+    #[test]
+    fn status_message_carries_the_source() {
+        let e = E::Io {
+            op: "open",
+            path: "/p".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let s = engine_status(e);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().starts_with("open /p: "), "{}", s.message());
+        assert!(s.message().contains("No such file"), "{}", s.message());
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        clear_stale_socket(&p).unwrap();
+        {
+            let _l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+            let e = clear_stale_socket(&p).unwrap_err();
+            assert!(format!("{e:#}").contains("in use"), "{e:#}");
+        }
+        // The listener is gone; the file stays behind.
+        assert!(p.exists());
+        clear_stale_socket(&p).unwrap();
+        assert!(!p.exists());
+        std::fs::write(&p, b"x").unwrap();
+        let e = clear_stale_socket(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("not a socket"), "{e:#}");
+    }
+}

@@ -1,0 +1,817 @@
+//! Guest side of the end-to-end tests: boots a small Linux guest under QEMU
+//! with one `vhost-user-blk-pci` device per [`DiskSpec`] and runs one test
+//! scenario inside it (see `tests/guest/init` and `tests/guest/README.md`).
+//!
+//! The guest is a Debian cloud kernel plus a busybox initramfs, built (once,
+//! cached) by `tests/guest/build.sh`. The guest reports on its serial console
+//! with marker lines that [`GuestOutput::parse`] understands:
+//!
+//! ```text
+//! VBLK-BOOT <uptime when /init started>
+//! VBLK-INFO <key> <value>
+//! VBLK-SUM <name> <sha256>
+//! VBLK-RESULT: PASS <scenario>
+//! VBLK-RESULT: FAIL <scenario> <reason>
+//! ```
+//!
+//! Environment:
+//! - `VBLK_GUEST_DIR`: artifact cache (default `<target dir>/guest`).
+//! - `VBLK_QEMU`: QEMU binary (default `qemu-system-x86_64` from `PATH`).
+//! - `VBLK_GUEST_JOBS`: how many guests may run at once across all test
+//!   processes (default: number of CPUs). The wait for a slot is not counted
+//!   in [`GuestRun::timeout`].
+//! - `VBLK_GUEST_VERBOSE=1`: copy the guest console to stderr while it runs.
+
+use anyhow::{bail, Context, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Kernel and initramfs of the test guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestArtifacts {
+    /// `vmlinuz`
+    pub kernel: PathBuf,
+    /// `initramfs.cpio.gz`
+    pub initrd: PathBuf,
+    /// The cache directory both live in.
+    pub dir: PathBuf,
+}
+
+/// One vhost-user-blk disk of the guest. The first disk is `/dev/vda`, the
+/// second `/dev/vdb`, and so on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The backend's vhost-user unix socket (it must already listen).
+    pub socket: PathBuf,
+    /// `num-queues` of the `vhost-user-blk-pci` device.
+    pub num_queues: u32,
+    /// Add `reconnect=1` to the socket chardev, so QEMU reconnects after the
+    /// backend restarts.
+    pub reconnect: bool,
+}
+
+impl DiskSpec {
+    /// One queue, no reconnect.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        DiskSpec { socket: socket.into(), num_queues: 1, reconnect: false }
+    }
+}
+
+/// What to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestRun {
+    /// Disks in order: `/dev/vda`, `/dev/vdb`, ...
+    pub disks: Vec<DiskSpec>,
+    /// `write-pattern`, `verify-pattern`, `mkfs-fsck`, `discard`, `read-two`
+    /// or `info` (see tests/guest/README.md).
+    pub scenario: String,
+    /// `vblk.arg=`: the seed for the pattern scenarios (`[A-Za-z0-9._-]`, at
+    /// most 64 characters), the MiB count for `read-two`.
+    pub arg: Option<String>,
+    /// Wall-clock limit for QEMU (boot + scenario); QEMU is killed after it.
+    pub timeout: Duration,
+    /// Guest RAM in MiB (shared memfd memory, as vhost-user needs).
+    pub mem_mib: u32,
+}
+
+impl GuestRun {
+    /// A run with defaults: no argument, 300 s timeout, 512 MiB RAM.
+    pub fn new(scenario: &str, disks: Vec<DiskSpec>) -> Self {
+        GuestRun { disks, scenario: scenario.to_string(), arg: None, timeout: Duration::from_secs(300), mem_mib: 512 }
+    }
+
+    /// Sets [`GuestRun::arg`].
+    pub fn with_arg(mut self, arg: impl Into<String>) -> Self {
+        self.arg = Some(arg.into());
+        self
+    }
+}
+
+impl Default for GuestRun {
+    fn default() -> Self {
+        GuestRun::new("info", Vec::new())
+    }
+}
+
+/// The `VBLK-RESULT` line of a guest run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestResult {
+    pub passed: bool,
+    /// The scenario named on the result line.
+    pub scenario: String,
+    /// Why it failed (empty for PASS).
+    pub reason: String,
+}
+
+/// What a guest run printed, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestOutput {
+    /// The whole serial console.
+    pub console: String,
+    /// True if the guest printed `VBLK-RESULT: PASS <scenario>` for the
+    /// scenario that was asked for and no `VBLK-RESULT: FAIL`.
+    pub passed: bool,
+    /// `VBLK-SUM <name> <sum>` lines as (name, sum), in order.
+    pub sums: Vec<(String, String)>,
+    /// `VBLK-INFO <key> <value>` lines as (key, value), in order.
+    pub info: Vec<(String, String)>,
+    /// The (last) `VBLK-RESULT` line, if any.
+    pub result: Option<GuestResult>,
+    /// Guest uptime in seconds when /init started (`VBLK-BOOT`).
+    pub boot_secs: Option<f64>,
+    /// Wall-clock time QEMU ran (zero when only parsed).
+    pub elapsed: Duration,
+    /// What QEMU wrote to stderr.
+    pub qemu_stderr: String,
+}
+
+impl GuestOutput {
+    /// Parses a console transcript for a run of `scenario`. Markers are
+    /// found anywhere in a line (a kernel message may precede them).
+    pub fn parse(console: &str, scenario: &str) -> GuestOutput {
+        let mut sums = Vec::new();
+        let mut info = Vec::new();
+        let mut result: Option<GuestResult> = None;
+        let mut any_fail = false;
+        let mut boot_secs = None;
+        for raw in console.lines() {
+            let line = raw.trim_end_matches('\r');
+            if let Some(rest) = after(line, "VBLK-RESULT: ") {
+                let mut it = rest.splitn(3, ' ');
+                let verdict = it.next().unwrap_or("");
+                let scen = it.next().unwrap_or("").trim().to_string();
+                let reason = it.next().unwrap_or("").trim().to_string();
+                let passed = match verdict {
+                    "PASS" => true,
+                    "FAIL" => false,
+                    _ => continue,
+                };
+                any_fail |= !passed;
+                result = Some(GuestResult { passed, scenario: scen, reason });
+            } else if let Some(rest) = after(line, "VBLK-SUM ") {
+                let mut it = rest.split_whitespace();
+                if let (Some(name), Some(sum)) = (it.next(), it.next()) {
+                    sums.push((name.to_string(), sum.to_string()));
+                }
+            } else if let Some(rest) = after(line, "VBLK-INFO ") {
+                let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+                if !k.is_empty() {
+                    info.push((k.to_string(), v.trim().to_string()));
+                }
+            } else if let Some(rest) = after(line, "VBLK-BOOT ") {
+                boot_secs = rest.trim().parse().ok();
+            }
+        }
+        let passed = !any_fail && result.as_ref().is_some_and(|r| r.passed && r.scenario == scenario);
+        GuestOutput {
+            console: console.to_string(),
+            passed,
+            sums,
+            info,
+            result,
+            boot_secs,
+            elapsed: Duration::ZERO,
+            qemu_stderr: String::new(),
+        }
+    }
+
+    /// The last `VBLK-SUM` with this name.
+    pub fn sum(&self, name: &str) -> Option<&str> {
+        self.sums.iter().rev().find(|(n, _)| n == name).map(|(_, s)| s.as_str())
+    }
+
+    /// The last `VBLK-INFO` with this key.
+    pub fn info(&self, key: &str) -> Option<&str> {
+        self.info.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The failure reason, if the guest reported FAIL.
+    pub fn fail_reason(&self) -> Option<&str> {
+        self.result.as_ref().filter(|r| !r.passed).map(|r| r.reason.as_str())
+    }
+
+    /// The last `lines` lines of the console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail_lines(&self.console, lines)
+    }
+
+    /// Ok if the run passed, else an error with the reason and console tail.
+    pub fn ensure_passed(&self) -> Result<()> {
+        if self.passed {
+            return Ok(());
+        }
+        let why = match &self.result {
+            Some(r) if !r.passed => format!("guest scenario {} FAILED: {}", r.scenario, r.reason),
+            Some(r) => format!("guest reported PASS for {:?}, not the scenario asked for", r.scenario),
+            None => "guest printed no VBLK-RESULT".to_string(),
+        };
+        bail!("{why}\n--- console tail ---\n{}", self.console_tail(40))
+    }
+}
+
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|i| &line[i + marker.len()..])
+}
+
+fn tail_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// artifacts
+
+/// The workspace root (parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// `tests/guest` in the source tree.
+pub fn guest_src_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest")
+}
+
+/// The artifact cache directory: `$VBLK_GUEST_DIR`, else
+/// `$CARGO_TARGET_DIR/guest`, else `<workspace>/target/guest`.
+pub fn guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VBLK_GUEST_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| root.join(d)) // join keeps an absolute path as is
+        .unwrap_or_else(|| root.join("target"));
+    target.join("guest")
+}
+
+/// An exclusive `flock` on a file, released when dropped (the fd closes).
+struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Blocks until the lock is held, or with `wait == false` returns
+    /// `Ok(None)` when another holder has it.
+    fn acquire(path: &Path, wait: bool) -> Result<Option<FileLock>> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        let op = libc::LOCK_EX | if wait { 0 } else { libc::LOCK_NB };
+        loop {
+            // SAFETY: flock() only takes a file descriptor, which `file` owns
+            // and keeps open for the duration of the call; no memory is shared.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+            if rc == 0 {
+                return Ok(Some(FileLock { _file: file }));
+            }
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
+                _ => return Err(err).with_context(|| format!("flock {}", path.display())),
+            }
+        }
+    }
+}
+
+static ARTIFACTS: Mutex<Option<GuestArtifacts>> = Mutex::new(None);
+
+/// Builds the guest kernel + initramfs if needed (`tests/guest/build.sh`,
+/// which downloads the Debian cloud kernel package on first use) and returns
+/// their paths. Safe to call from parallel tests and processes: the build is
+/// serialized by a lock file in the cache directory.
+pub fn guest_artifacts() -> Result<GuestArtifacts> {
+    let mut cached = ARTIFACTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = cached.as_ref() {
+        return Ok(a.clone());
+    }
+    let dir = guest_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let script = guest_src_dir().join("build.sh");
+    let out = {
+        let _lock = FileLock::acquire(&dir.join(".build.lock"), true)?;
+        Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?
+    };
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({}):\n{}{}",
+            script.display(),
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = GuestArtifacts { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.cpio.gz"), dir };
+    for p in [&a.kernel, &a.initrd] {
+        if !p.is_file() {
+            bail!("build.sh succeeded but {} is missing", p.display());
+        }
+    }
+    *cached = Some(a.clone());
+    Ok(a)
+}
+
+// ---------------------------------------------------------------------------
+// QEMU command line
+
+/// `-accel kvm -cpu host` only where KVM really works: `/dev/kvm` exists,
+/// it is not a PVM device (`/sys/module/kvm_pvm`), and kvm_intel or kvm_amd
+/// is loaded. Otherwise TCG: `-accel tcg,thread=multi -cpu max`.
+pub fn accel_args() -> Vec<String> {
+    let e = |p: &str| Path::new(p).exists();
+    let kvm = e("/dev/kvm") && !e("/sys/module/kvm_pvm") && (e("/sys/module/kvm_intel") || e("/sys/module/kvm_amd"));
+    let v: &[&str] = if kvm { &["-accel", "kvm", "-cpu", "host"] } else { &["-accel", "tcg,thread=multi", "-cpu", "max"] };
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The QEMU binary: `$VBLK_QEMU` or `qemu-system-x86_64`.
+pub fn qemu_binary() -> String {
+    std::env::var("VBLK_QEMU").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "qemu-system-x86_64".to_string())
+}
+
+/// Guest vCPUs for a run: enough for every queue to get its own blk-mq
+/// hardware context (virtio-blk uses at most one queue per CPU), 2..=4.
+pub fn guest_cpus(run: &GuestRun) -> u32 {
+    run.disks.iter().map(|d| d.num_queues).max().unwrap_or(1).clamp(2, 4)
+}
+
+/// The kernel command line for a run.
+pub fn kernel_cmdline(run: &GuestRun) -> String {
+    let mut s = format!("console=ttyS0 quiet panic=-1 vblk.scenario={}", run.scenario);
+    if let Some(a) = &run.arg {
+        s.push_str(" vblk.arg=");
+        s.push_str(a);
+    }
+    s
+}
+
+/// The full QEMU argv, `argv[0]` (the binary, see [`qemu_binary`]) included.
+/// The serial console goes to stdout (`-serial stdio`), QEMU exits when the
+/// guest powers off, panics or reboots.
+pub fn qemu_args(run: &GuestRun, art: &GuestArtifacts) -> Vec<String> {
+    let mut v: Vec<String> = vec![qemu_binary()];
+    let mut push = |xs: &[&str]| v.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]);
+    v.extend(accel_args());
+    let mem = run.mem_mib;
+    v.extend([
+        "-smp".to_string(),
+        guest_cpus(run).to_string(),
+        "-m".to_string(),
+        format!("{mem}M"),
+        "-object".to_string(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-numa".to_string(),
+        "node,memdev=mem".to_string(),
+        "-kernel".to_string(),
+        art.kernel.display().to_string(),
+        "-initrd".to_string(),
+        art.initrd.display().to_string(),
+        "-append".to_string(),
+        kernel_cmdline(run),
+    ]);
+    for (i, d) in run.disks.iter().enumerate() {
+        let reconnect = if d.reconnect { ",reconnect=1" } else { "" };
+        v.push("-chardev".to_string());
+        // QEMU option values escape a comma by doubling it
+        v.push(format!("socket,id=vblk{i},path={}{reconnect}", d.socket.display().to_string().replace(',', ",,")));
+        v.push("-device".to_string());
+        v.push(format!("vhost-user-blk-pci,chardev=vblk{i},num-queues={}", d.num_queues.max(1)));
+    }
+    v
+}
+
+/// `argv` as one line for a POSIX shell (for READMEs, demos and logs).
+pub fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@%".contains(c)) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn validate(run: &GuestRun) -> Result<()> {
+    let word_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != '"');
+    if !word_ok(&run.scenario) {
+        bail!("bad scenario name {:?}", run.scenario);
+    }
+    if let Some(a) = &run.arg {
+        if !word_ok(a) {
+            bail!("vblk.arg must be one word of printable ASCII: {a:?}");
+        }
+    }
+    if run.disks.is_empty() {
+        bail!("GuestRun has no disks");
+    }
+    if run.disks.len() > 8 {
+        bail!("at most 8 disks");
+    }
+    if run.mem_mib < 128 {
+        bail!("mem_mib {} is too small (>= 128, 512 recommended)", run.mem_mib);
+    }
+    for d in &run.disks {
+        if !d.reconnect && !d.socket.exists() {
+            bail!("vhost-user socket {} does not exist (is the backend running?)", d.socket.display());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// running
+
+/// How many guests may run at once (`VBLK_GUEST_JOBS`, default CPU count).
+fn guest_jobs() -> usize {
+    std::env::var("VBLK_GUEST_JOBS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// Takes one of the `guest_jobs()` slots (lock files in the cache dir).
+fn guest_slot(dir: &Path) -> Result<FileLock> {
+    let n = guest_jobs();
+    loop {
+        for i in 0..n {
+            if let Some(l) = FileLock::acquire(&dir.join(format!(".slot-{i}.lock")), false)? {
+                return Ok(l);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills QEMU if the caller bails out or panics while it runs.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn pump(mut from: impl Read + Send + 'static, to: Arc<Mutex<Vec<u8>>>, echo: bool) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if echo {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
+                    }
+                    to.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// Boots the guest, runs `run.scenario` and returns what it printed.
+///
+/// Returns `Ok` with `passed == false` when the guest reported FAIL (use
+/// [`GuestOutput::ensure_passed`] to turn that into an error). Returns an
+/// error, with the console tail and QEMU's stderr, when QEMU cannot start,
+/// the timeout expires (QEMU is killed), or the guest printed no result.
+pub fn run_guest(run: &GuestRun) -> Result<GuestOutput> {
+    validate(run)?;
+    let art = guest_artifacts()?;
+    let _slot = guest_slot(&art.dir)?;
+    let argv = qemu_args(run, &art);
+    let echo = std::env::var("VBLK_GUEST_VERBOSE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let start = Instant::now();
+    let mut child = KillOnDrop(
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} (apt-get install qemu-system-x86)", argv[0]))?,
+    );
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        pump(child.0.stdout.take().expect("stdout is piped"), console.clone(), echo),
+        pump(child.0.stderr.take().expect("stderr is piped"), stderr.clone(), echo),
+    ];
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+
+    let status: ExitStatus = loop {
+        if let Some(st) = child.0.try_wait().context("waiting for qemu")? {
+            break st;
+        }
+        if start.elapsed() >= run.timeout {
+            let _ = child.0.kill();
+            let _ = child.0.wait();
+            for r in readers {
+                let _ = r.join();
+            }
+            bail!(
+                "guest scenario {} timed out after {:?}; qemu killed\ncommand: {}\n--- qemu stderr ---\n{}\n--- console tail ---\n{}",
+                run.scenario,
+                run.timeout,
+                shell_words(&argv),
+                text(&stderr).trim_end(),
+                tail_lines(&text(&console), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let elapsed = start.elapsed();
+    let mut out = GuestOutput::parse(&text(&console), &run.scenario);
+    out.elapsed = elapsed;
+    out.qemu_stderr = text(&stderr);
+    if out.result.is_none() {
+        bail!(
+            "guest scenario {} printed no VBLK-RESULT (qemu {status} after {elapsed:.1?})\ncommand: {}\n--- qemu stderr ---\n{}\n--- console tail ---\n{}",
+            run.scenario,
+            shell_words(&argv),
+            out.qemu_stderr.trim_end(),
+            out.console_tail(40)
+        );
+    }
+    Ok(out)
+}
+
+/// [`run_guest`], then [`GuestOutput::ensure_passed`].
+pub fn run_guest_pass(run: &GuestRun) -> Result<GuestOutput> {
+    let out = run_guest(run)?;
+    out.ensure_passed()?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// the data pattern of write-pattern / verify-pattern
+
+/// Bytes per pattern unit (one 512-byte sector).
+pub const PATTERN_SECTOR: usize = 512;
+
+/// True if `seed` is accepted by the pattern scenarios.
+pub fn valid_seed(seed: &str) -> bool {
+    !seed.is_empty() && seed.len() <= 64 && seed.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The pattern the guest writes with `write-pattern` (seed `seed`) for
+/// sectors `first_sector..first_sector + sectors` of the disk: each 512-byte
+/// sector N is `VBLK-PATTERN seed=<seed> sector=<N as %010d>` padded with
+/// `.` to 511 bytes, then `\n`. Lets host-side code check what a guest wrote
+/// or prepare data a guest will verify.
+///
+/// # Panics
+/// If `seed` is not [`valid_seed`].
+pub fn pattern(seed: &str, first_sector: u64, sectors: u64) -> Vec<u8> {
+    assert!(valid_seed(seed), "invalid pattern seed {seed:?}");
+    let mut v = Vec::with_capacity(sectors as usize * PATTERN_SECTOR);
+    for s in first_sector..first_sector + sectors {
+        let start = v.len();
+        write!(v, "VBLK-PATTERN seed={seed} sector={s:010}").expect("write to Vec");
+        v.resize(start + PATTERN_SECTOR - 1, b'.');
+        v.push(b'\n');
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A real console of `write-pattern` against qemu-storage-daemon.
+    const PASS_CONSOLE: &str = "VBLK-BOOT 1.80\r\n\
+VBLK-INFO disks 1\r\n\
+VBLK-INFO ready 2.08\r\n\
+VBLK-INFO timing gen=2.12-3.91 write=3.91-4.18 readback=4.18-6.12\r\n\
+VBLK-SUM vda 5d4a2c0f4a0b343aeb054f9f7aee9d78d45a81f24d0e2c903ca96e458bb2fcf6\r\n\
+VBLK-RESULT: PASS write-pattern\r\n\
+[    6.418360] reboot: Power down\r\n";
+
+    const FAIL_CONSOLE: &str = "VBLK-BOOT 1.73\n\
+VBLK-INFO disks 1\n\
+VBLK-RESULT: FAIL verify-pattern pattern seed=s2: mismatch at MiB 0 (byte 19, sector 0): found 'VBLK-PATTERN seed=s1 sector=0000000000....'\n\
+[    6.117123] reboot: Power down\n";
+
+    #[test]
+    fn parses_pass() {
+        let o = GuestOutput::parse(PASS_CONSOLE, "write-pattern");
+        assert!(o.passed);
+        assert_eq!(
+            o.result,
+            Some(GuestResult { passed: true, scenario: "write-pattern".into(), reason: String::new() })
+        );
+        assert_eq!(
+            o.sums,
+            vec![("vda".to_string(), "5d4a2c0f4a0b343aeb054f9f7aee9d78d45a81f24d0e2c903ca96e458bb2fcf6".to_string())]
+        );
+        assert_eq!(o.sum("vda"), Some("5d4a2c0f4a0b343aeb054f9f7aee9d78d45a81f24d0e2c903ca96e458bb2fcf6"));
+        assert_eq!(o.sum("vdb"), None);
+        assert_eq!(o.info("disks"), Some("1"));
+        assert_eq!(o.info("timing"), Some("gen=2.12-3.91 write=3.91-4.18 readback=4.18-6.12"));
+        assert_eq!(o.info.len(), 3);
+        assert_eq!(o.boot_secs, Some(1.80));
+        assert_eq!(o.fail_reason(), None);
+        assert!(o.ensure_passed().is_ok());
+    }
+
+    #[test]
+    fn pass_for_another_scenario_is_not_a_pass() {
+        let o = GuestOutput::parse(PASS_CONSOLE, "verify-pattern");
+        assert!(!o.passed);
+        assert!(o.result.is_some());
+        assert!(o.ensure_passed().is_err());
+    }
+
+    #[test]
+    fn parses_fail_with_reason() {
+        let o = GuestOutput::parse(FAIL_CONSOLE, "verify-pattern");
+        assert!(!o.passed);
+        let r = o.result.clone().unwrap();
+        assert!(!r.passed);
+        assert_eq!(r.scenario, "verify-pattern");
+        assert_eq!(
+            r.reason,
+            "pattern seed=s2: mismatch at MiB 0 (byte 19, sector 0): found 'VBLK-PATTERN seed=s1 sector=0000000000....'"
+        );
+        assert_eq!(o.fail_reason(), Some(r.reason.as_str()));
+        let err = o.ensure_passed().unwrap_err().to_string();
+        assert!(err.contains("FAILED: pattern seed=s2: mismatch at MiB 0"), "{err}");
+        assert!(err.contains("reboot: Power down"), "{err}");
+    }
+
+    #[test]
+    fn no_result_line() {
+        let o = GuestOutput::parse("[    0.1] Kernel panic - not syncing: VFS\nVBLK-BOOT x\n", "info");
+        assert!(!o.passed);
+        assert_eq!(o.result, None);
+        assert_eq!(o.boot_secs, None);
+        assert!(o.ensure_passed().unwrap_err().to_string().contains("no VBLK-RESULT"));
+    }
+
+    #[test]
+    fn markers_after_kernel_noise_and_fail_wins() {
+        let c = "[  3.1] virtio_blk virtio0: [vda] 524288 512-byte logical blocks VBLK-SUM vdb abc\n\
+                 VBLK-INFO vda.write_cache write back\n\
+                 VBLK-RESULT: FAIL read-two no /dev/vdb\n\
+                 VBLK-RESULT: PASS read-two\n\
+                 VBLK-RESULT: MAYBE read-two\n";
+        let o = GuestOutput::parse(c, "read-two");
+        assert_eq!(o.sum("vdb"), Some("abc"));
+        assert_eq!(o.info("vda.write_cache"), Some("write back"));
+        // a FAIL anywhere fails the run even if a PASS follows
+        assert!(!o.passed);
+        assert_eq!(o.result.as_ref().map(|r| r.passed), Some(true));
+    }
+
+    fn fake_art() -> GuestArtifacts {
+        GuestArtifacts { kernel: "/k/vmlinuz".into(), initrd: "/k/initrd.gz".into(), dir: "/k".into() }
+    }
+
+    #[test]
+    fn qemu_command_line() {
+        let mut run = GuestRun::new(
+            "read-two",
+            vec![
+                DiskSpec { socket: "/s/a.sock".into(), num_queues: 4, reconnect: true },
+                DiskSpec::new("/s/b,c.sock"),
+            ],
+        )
+        .with_arg("8");
+        run.mem_mib = 256;
+        let a = qemu_args(&run, &fake_art());
+        assert_eq!(a[0], qemu_binary());
+        let has = |pair: [&str; 2]| a.windows(2).any(|w| w[0] == pair[0] && w[1] == pair[1]);
+        assert!(has(["-kernel", "/k/vmlinuz"]));
+        assert!(has(["-initrd", "/k/initrd.gz"]));
+        assert!(has(["-append", "console=ttyS0 quiet panic=-1 vblk.scenario=read-two vblk.arg=8"]));
+        assert!(has(["-m", "256M"]));
+        assert!(has(["-smp", "4"]));
+        assert!(has(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"]));
+        assert!(has(["-numa", "node,memdev=mem"]));
+        assert!(has(["-chardev", "socket,id=vblk0,path=/s/a.sock,reconnect=1"]));
+        assert!(has(["-device", "vhost-user-blk-pci,chardev=vblk0,num-queues=4"]));
+        assert!(has(["-chardev", "socket,id=vblk1,path=/s/b,,c.sock"]));
+        assert!(has(["-device", "vhost-user-blk-pci,chardev=vblk1,num-queues=1"]));
+        assert!(a.iter().any(|x| x == "-no-reboot"));
+        assert!(a.iter().any(|x| x == "-accel"));
+        // vda's device comes before vdb's
+        let pos = |s: &str| a.iter().position(|x| x.contains(s)).unwrap();
+        assert!(pos("chardev=vblk0") < pos("chardev=vblk1"));
+        let line = shell_words(&a);
+        assert!(line.contains("-append 'console=ttyS0 quiet panic=-1 vblk.scenario=read-two vblk.arg=8'"), "{line}");
+    }
+
+    #[test]
+    fn cpus_and_accel() {
+        let mut run = GuestRun::new("info", vec![DiskSpec::new("/x")]);
+        assert_eq!(guest_cpus(&run), 2);
+        run.disks[0].num_queues = 3;
+        assert_eq!(guest_cpus(&run), 3);
+        run.disks[0].num_queues = 16;
+        assert_eq!(guest_cpus(&run), 4);
+        let acc = accel_args();
+        assert_eq!(acc.len(), 4);
+        assert_eq!(acc[0], "-accel");
+        assert!(acc[1] == "kvm" || acc[1] == "tcg,thread=multi", "{acc:?}");
+        if Path::new("/sys/module/kvm_pvm").exists() || !Path::new("/dev/kvm").exists() {
+            assert_eq!(acc, ["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let mut run = GuestRun::new("info", vec![DiskSpec { socket: "/x".into(), num_queues: 1, reconnect: true }]);
+        assert!(validate(&run).is_ok());
+        run.arg = Some("two words".into());
+        assert!(validate(&run).is_err());
+        run.arg = None;
+        run.scenario = String::new();
+        assert!(validate(&run).is_err());
+        run.scenario = "info".into();
+        run.disks[0].reconnect = false;
+        run.disks[0].socket = "/nonexistent/vblk.sock".into();
+        assert!(validate(&run).unwrap_err().to_string().contains("does not exist"));
+        run.disks.clear();
+        assert!(validate(&run).is_err());
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut table = [0u32; 256];
+        for (i, t) in table.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+            *t = c;
+        }
+        !data.iter().fold(!0u32, |c, &b| table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+    }
+
+    #[test]
+    fn pattern_matches_the_guest_generator() {
+        let p = pattern("s1", 0, 2);
+        assert_eq!(p.len(), 1024);
+        let head = b"VBLK-PATTERN seed=s1 sector=0000000000.";
+        assert_eq!(&p[..head.len()], head);
+        assert_eq!(p[511], b'\n');
+        assert!(p[38..511].iter().all(|&b| b == b'.'));
+        assert_eq!(&p[512..512 + 38], b"VBLK-PATTERN seed=s1 sector=0000000001");
+        // CRC32s of the guest's (busybox awk) output for seed s1, computed on
+        // the host: MiB 37 and the whole 64 MiB
+        assert_eq!(crc32(&pattern("s1", 37 * 2048, 2048)), 0xcf15_9554);
+        assert_eq!(crc32(&pattern("s1", 0, 64 * 2048)), 0x9771_b2b0);
+        // ranges compose, and seeds change every sector
+        assert_eq!(pattern("ab", 0, 16)[8 * 512..], pattern("ab", 8, 8)[..]);
+        let (a, b) = (pattern("a", 0, 64), pattern("b", 0, 64));
+        assert!(a.chunks(512).zip(b.chunks(512)).all(|(x, y)| x != y));
+    }
+
+    #[test]
+    fn seeds() {
+        assert!(valid_seed("s1"));
+        assert!(valid_seed("a.b_c-D9"));
+        assert!(!valid_seed(""));
+        assert!(!valid_seed("a b"));
+        assert!(!valid_seed("a/b"));
+        assert!(!valid_seed(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn guest_dir_default_is_under_target() {
+        if std::env::var_os("VBLK_GUEST_DIR").is_none() && std::env::var_os("CARGO_TARGET_DIR").is_none() {
+            assert_eq!(guest_dir(), workspace_root().join("target").join("guest"));
+        }
+        assert!(guest_src_dir().join("build.sh").is_file());
+        assert!(guest_src_dir().join("init").is_file());
+    }
+}

@@ -1,0 +1,785 @@
+//! The vhost-user backend: one worker thread per virtqueue, each with its own engine
+//! [`Queue`](vblk_engine::Queue) whose completion eventfd is a listener in that worker's epoll
+//! loop. Guest requests are parsed, submitted straight from guest memory, and completed from
+//! the eventfd handler; the worker never blocks on I/O (only the stop/reset/disconnect paths
+//! drain).
+
+use std::alloc::Layout;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vblk_engine::{Completion, IoVec, ReqKind, Request, Volume};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::config::{self, BlkConfig};
+use crate::request::{self, BlkOp, GuestSeg, RequestLimits, STATUS_IOERR, STATUS_OK};
+use crate::DeviceStats;
+
+/// Guest memory as vhost-user-backend maps it (no dirty-page bitmap: see the crate docs).
+pub(crate) type GuestMem = GuestMemoryMmap<()>;
+pub(crate) type Gm = GuestMemoryAtomic<GuestMem>;
+pub(crate) type Vring = VringRwLock<Gm>;
+type MemGuard = GuestMemoryLoadGuard<GuestMem>;
+
+/// Buffers must be aligned to this (address and length) for the engine's O_DIRECT I/O;
+/// anything else goes through a bounce buffer.
+const DIO_ALIGN: usize = 512;
+/// Alignment of bounce buffers.
+const BOUNCE_ALIGN: usize = 4096;
+
+/// Device state that outlives connections.
+pub(crate) struct DevShared {
+    pub name: String,
+    pub read_only: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// Volume size in bytes (updated when the volume grows).
+    pub size_bytes: AtomicU64,
+    pub stats: StatsCounters,
+    pub connected: AtomicBool,
+    /// The volume: taken (dropped, which detaches it) by `Device::stop`.
+    pub volume: Mutex<Option<Volume>>,
+}
+
+#[derive(Default)]
+pub(crate) struct StatsCounters {
+    requests: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    get_ids: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl StatsCounters {
+    pub fn snapshot(&self) -> DeviceStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        DeviceStats {
+            requests: g(&self.requests),
+            reads: g(&self.reads),
+            writes: g(&self.writes),
+            flushes: g(&self.flushes),
+            discards: g(&self.discards),
+            write_zeroes: g(&self.write_zeroes),
+            get_ids: g(&self.get_ids),
+            bytes_read: g(&self.bytes_read),
+            bytes_written: g(&self.bytes_written),
+            errors: g(&self.errors),
+            connections: g(&self.connections),
+        }
+    }
+
+    fn record(&self, kind: Kind, bytes: u64, ok: bool) {
+        let add = |a: &AtomicU64, v: u64| {
+            a.fetch_add(v, Ordering::Relaxed);
+        };
+        add(&self.requests, 1);
+        if !ok {
+            add(&self.errors, 1);
+        }
+        match kind {
+            Kind::Read => {
+                add(&self.reads, 1);
+                if ok {
+                    add(&self.bytes_read, bytes);
+                }
+            }
+            Kind::Write => {
+                add(&self.writes, 1);
+                if ok {
+                    add(&self.bytes_written, bytes);
+                }
+            }
+            Kind::Flush => add(&self.flushes, 1),
+            Kind::Discard => add(&self.discards, 1),
+            Kind::WriteZeroes => add(&self.write_zeroes, 1),
+            Kind::GetId => add(&self.get_ids, 1),
+            Kind::Invalid => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    GetId,
+    Invalid,
+}
+
+/// An engine queue that may move between threads.
+struct EngineQueue(vblk_engine::Queue);
+
+// SAFETY: `vblk_engine::Queue` is !Send only because it stores raw iovec pointers of in-flight
+// requests. Those point into guest memory (kept mapped by the in-flight chain's memory guard)
+// or into bounce buffers owned by the chain, not into thread-local data; its io_uring is set
+// up without SINGLE_ISSUER / DEFER_TASKRUN, so it may be entered from any thread. Every access
+// goes through the `Mutex<QueueWorker>` that owns it, so it is never used concurrently.
+unsafe impl Send for EngineQueue {}
+
+/// A 4096-aligned heap buffer for requests whose guest buffers are not O_DIRECT-aligned.
+struct AlignedBuf {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Option<AlignedBuf> {
+        let layout = Layout::from_size_align(len.max(1), BOUNCE_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        NonNull::new(p).map(|ptr| AlignedBuf { ptr, layout })
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is a live, initialised (zeroed) allocation of layout.size() bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+// SAFETY: AlignedBuf uniquely owns its heap allocation (like a Box<[u8]>).
+unsafe impl Send for AlignedBuf {}
+
+/// A bounce buffer and the guest segments it stands for.
+struct Bounce {
+    buf: AlignedBuf,
+    len: usize,
+    segs: Vec<GuestSeg>,
+}
+
+/// A descriptor chain being served.
+struct Chain {
+    head: u16,
+    status_addr: Option<GuestAddress>,
+    used_len: u32,
+    kind: Kind,
+    bytes: u64,
+    /// Engine requests not yet completed.
+    parts: u32,
+    /// First engine error.
+    err: Option<i32>,
+    /// Writethrough mode: issue a flush once the data parts succeeded.
+    flush_after: bool,
+    /// Read bounce buffer to copy back on completion (write bounces only need to live).
+    bounce: Option<Bounce>,
+    /// Keeps the guest memory this chain's buffers point into mapped until it completes.
+    mem: MemGuard,
+}
+
+/// Per-virtqueue state, owned by that queue's worker thread (and by the control thread during
+/// stop/reset).
+struct QueueWorker {
+    index: u16,
+    engine: EngineQueue,
+    /// The vring, captured from the first event (the stop hook does not get it).
+    vring: Option<Vring>,
+    slots: Vec<Option<Chain>>,
+    free: Vec<usize>,
+    inflight: usize,
+    /// Chains in flight at most (the queue size).
+    limit: usize,
+    /// Stopped taking new chains because `limit` was reached; resumed on completions.
+    throttled: bool,
+    comps: Vec<Completion>,
+}
+
+impl QueueWorker {
+    fn alloc(&mut self, c: Chain) -> usize {
+        self.inflight += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(c);
+                i
+            }
+            None => {
+                self.slots.push(Some(c));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn release(&mut self, slot: usize) -> Option<Chain> {
+        let c = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        self.inflight -= 1;
+        Some(c)
+    }
+}
+
+/// What to do with chains completed while draining.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DrainMode {
+    /// Put them on the used ring and notify (stop, disconnect).
+    Post,
+    /// Forget them (device reset: the rings are being reinitialised).
+    Discard,
+}
+
+/// The vhost-user backend of one connection.
+pub(crate) struct BlkBackend {
+    dev: Arc<DevShared>,
+    mem: Gm,
+    queues: Vec<Mutex<QueueWorker>>,
+    acked_features: AtomicU64,
+    event_idx: AtomicBool,
+    writeback: AtomicBool,
+    /// Exit eventfds handed to vhost-user-backend (see `exit_event`), closed on drop.
+    exit_fds: Mutex<Vec<RawFd>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in another holder cannot leave the queue state inconsistent enough to matter
+    // more than stopping the device would: keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BlkBackend {
+    /// A backend for one connection, with one engine queue per virtqueue.
+    pub fn new(dev: Arc<DevShared>, mem: Gm) -> Result<BlkBackend, vblk_engine::Error> {
+        let mut queues = Vec::new();
+        {
+            let vol = lock(&dev.volume);
+            let Some(vol) = vol.as_ref() else {
+                return Err(vblk_engine::Error::NoSuchVolume(dev.name.clone()));
+            };
+            for i in 0..dev.num_queues {
+                queues.push(Mutex::new(QueueWorker {
+                    index: i,
+                    engine: EngineQueue(vol.open_queue()?),
+                    vring: None,
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    inflight: 0,
+                    limit: usize::from(dev.queue_size),
+                    throttled: false,
+                    comps: Vec::new(),
+                }));
+            }
+        }
+        Ok(BlkBackend {
+            dev,
+            mem,
+            queues,
+            acked_features: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            writeback: AtomicBool::new(true),
+            exit_fds: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Event id of queue `i`'s engine completion eventfd in its worker's epoll loop (ids up to
+    /// num_queues are reserved by vhost-user-backend).
+    pub fn completion_event_id(&self) -> u64 {
+        u64::from(self.dev.num_queues) + 1
+    }
+
+    /// The engine completion eventfd of queue `i`.
+    pub fn completion_fd(&self, i: usize) -> Option<RawFd> {
+        self.queues.get(i).map(|q| lock(q).engine.0.event_fd())
+    }
+
+    pub fn config(&self) -> BlkConfig {
+        BlkConfig::new(
+            self.dev.size_bytes.load(Ordering::Acquire),
+            self.dev.num_queues,
+            self.dev.queue_size,
+            self.writeback.load(Ordering::Relaxed),
+        )
+    }
+
+    /// After the connection ended (workers gone): finish every in-flight request, completing it
+    /// on its used ring (best effort: the ring memory is still mapped, and a frontend that
+    /// reconnects reads the used index back).
+    pub fn disconnect(&self) {
+        for q in &self.queues {
+            self.drain(&mut lock(q), DrainMode::Post);
+        }
+    }
+
+    fn limits(&self, q: &QueueWorker) -> RequestLimits {
+        RequestLimits::new(q.engine.0.size_bytes(), self.dev.read_only, self.dev.queue_size)
+    }
+
+    /// Take available chains (kick), until the ring is empty or `limit` chains are in flight.
+    fn process_avail(&self, q: &mut QueueWorker, vring: &Vring) {
+        q.throttled = false;
+        let mem = self.mem.memory();
+        let limits = self.limits(q);
+        let mut vr = vring.get_mut();
+        if !vr.get_queue().ready() {
+            return;
+        }
+        let mut added = false;
+        loop {
+            if let Err(e) = vr.disable_notification() {
+                tracing::warn!(queue = q.index, error = %e, "disable_notification failed");
+            }
+            loop {
+                if q.inflight >= q.limit {
+                    q.throttled = true;
+                    break;
+                }
+                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else { break };
+                let parsed = request::parse_request(chain, &limits);
+                added |= self.start(q, &mut vr, &mem, parsed);
+            }
+            if q.throttled {
+                // Notifications stay disabled: completions resume the queue.
+                break;
+            }
+            match vr.enable_notification() {
+                Ok(true) => continue, // more chains arrived meanwhile
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(queue = q.index, error = %e, "enable_notification failed");
+                    break;
+                }
+            }
+        }
+        if added {
+            self.notify(q.index, &mut vr);
+        }
+    }
+
+    /// Start serving a parsed chain; returns true if it completed at once (used ring updated).
+    fn start(
+        &self,
+        q: &mut QueueWorker,
+        vr: &mut VringState<Gm>,
+        mem: &MemGuard,
+        p: request::ParsedRequest,
+    ) -> bool {
+        let mut chain = Chain {
+            head: p.head,
+            status_addr: p.status_addr,
+            used_len: p.writable_len,
+            kind: Kind::Invalid,
+            bytes: 0,
+            parts: 0,
+            err: None,
+            flush_after: false,
+            bounce: None,
+            mem: mem.clone(),
+        };
+        let op = match p.op {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::debug!(queue = q.index, head = p.head, req_type = ?p.req_type, error = %e, "request refused");
+                self.finish(q.index, vr, chain, e.status());
+                return true;
+            }
+        };
+        let writethrough = !self.writeback.load(Ordering::Relaxed);
+        let mut reqs: Vec<Request> = Vec::new();
+        match op {
+            BlkOp::Read { offset, buf } => {
+                chain.kind = Kind::Read;
+                chain.bytes = buf.len;
+                if buf.len > 0 {
+                    let iov = if needs_bounce(&buf.iov) {
+                        let Some(mut b) = AlignedBuf::new(buf.len as usize) else {
+                            self.finish(q.index, vr, chain, STATUS_IOERR);
+                            return true;
+                        };
+                        let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
+                        chain.bounce = Some(Bounce { buf: b, len: buf.len as usize, segs: buf.segs });
+                        iov
+                    } else {
+                        buf.iov
+                    };
+                    reqs.push(Request { kind: ReqKind::Read, offset, len: buf.len, iov, tag: 0 });
+                }
+            }
+            BlkOp::Write { offset, buf } => {
+                chain.kind = Kind::Write;
+                chain.bytes = buf.len;
+                chain.flush_after = writethrough;
+                if buf.len > 0 {
+                    let iov = if needs_bounce(&buf.iov) {
+                        let Some(mut b) = AlignedBuf::new(buf.len as usize) else {
+                            self.finish(q.index, vr, chain, STATUS_IOERR);
+                            return true;
+                        };
+                        let n = buf.len as usize;
+                        if request::read_stream(&**mem, &buf.segs, 0, &mut b.as_mut_slice()[..n]).is_err() {
+                            self.finish(q.index, vr, chain, STATUS_IOERR);
+                            return true;
+                        }
+                        let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: n }];
+                        // Kept alive until completion (the engine reads from it).
+                        chain.bounce = Some(Bounce { buf: b, len: 0, segs: Vec::new() });
+                        iov
+                    } else {
+                        buf.iov
+                    };
+                    reqs.push(Request { kind: ReqKind::Write, offset, len: buf.len, iov, tag: 0 });
+                }
+            }
+            BlkOp::Flush => {
+                chain.kind = Kind::Flush;
+                reqs.push(Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: Vec::new(), tag: 0 });
+            }
+            BlkOp::GetId { segs } => {
+                chain.kind = Kind::GetId;
+                let id = request::device_id(&self.dev.name);
+                let status = match request::write_stream(&**mem, &segs, &id) {
+                    Ok(_) => STATUS_OK,
+                    Err(_) => STATUS_IOERR,
+                };
+                self.finish(q.index, vr, chain, status);
+                return true;
+            }
+            BlkOp::Discard(ranges) | BlkOp::WriteZeroes(ranges) if ranges.is_empty() => {
+                // Nothing to do (zero-length or sub-block discard).
+                self.finish(q.index, vr, chain, STATUS_OK);
+                return true;
+            }
+            BlkOp::Discard(ranges) => {
+                chain.kind = Kind::Discard;
+                for r in ranges {
+                    reqs.push(Request { kind: ReqKind::Discard, offset: r.offset, len: r.len, iov: Vec::new(), tag: 0 });
+                }
+            }
+            BlkOp::WriteZeroes(ranges) => {
+                chain.kind = Kind::WriteZeroes;
+                chain.flush_after = writethrough;
+                for r in ranges {
+                    reqs.push(Request {
+                        kind: ReqKind::WriteZeroes,
+                        offset: r.offset,
+                        len: r.len,
+                        iov: Vec::new(),
+                        tag: 0,
+                    });
+                }
+            }
+        }
+        if reqs.is_empty() {
+            // A zero-length read or write.
+            self.finish(q.index, vr, chain, STATUS_OK);
+            return true;
+        }
+        chain.parts = reqs.len() as u32;
+        let slot = q.alloc(chain);
+        for mut r in reqs {
+            r.tag = slot as u64;
+            // SAFETY: every iovec points either into guest memory resolved against `mem`, which
+            // the chain (in q.slots[slot]) keeps mapped, or into the chain's bounce buffer; the
+            // chain is released only after all its parts' completions have been reaped.
+            unsafe { q.engine.0.submit(r) };
+        }
+        false
+    }
+
+    /// Engine completions are ready (eventfd): complete finished chains, then take more
+    /// chains if the queue was throttled.
+    fn process_completions(&self, q: &mut QueueWorker, vring: &Vring) {
+        let mut comps = std::mem::take(&mut q.comps);
+        q.engine.0.reap(&mut comps);
+        if !comps.is_empty() {
+            let mut vr = vring.get_mut();
+            let mut added = false;
+            for c in comps.drain(..) {
+                added |= self.on_completion(q, Some(&mut vr), c);
+            }
+            if added {
+                self.notify(q.index, &mut vr);
+            }
+        }
+        q.comps = comps;
+        if q.throttled && q.inflight < q.limit {
+            self.process_avail(q, vring);
+        }
+    }
+
+    /// Account one engine completion; returns true if its chain was put on the used ring.
+    fn on_completion(&self, q: &mut QueueWorker, vr: Option<&mut VringState<Gm>>, c: Completion) -> bool {
+        let slot = c.tag as usize;
+        let Some(Some(chain)) = q.slots.get_mut(slot) else {
+            tracing::warn!(queue = q.index, tag = c.tag, "completion for no request");
+            return false;
+        };
+        if let Err(errno) = c.result {
+            chain.err.get_or_insert(errno);
+        }
+        chain.parts = chain.parts.saturating_sub(1);
+        if chain.parts > 0 {
+            return false;
+        }
+        if chain.flush_after && chain.err.is_none() {
+            // Writethrough: the data is written; make it durable before completing.
+            chain.flush_after = false;
+            chain.parts = 1;
+            let r = Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: Vec::new(), tag: c.tag };
+            // SAFETY: a flush carries no buffers.
+            unsafe { q.engine.0.submit(r) };
+            return false;
+        }
+        let Some(chain) = q.release(slot) else { return false };
+        let mut status = STATUS_OK;
+        if let Some(errno) = chain.err {
+            tracing::debug!(queue = q.index, head = chain.head, errno, kind = ?chain.kind, "request failed");
+            status = STATUS_IOERR;
+        } else if let Some(b) = &chain.bounce {
+            if b.len > 0 && request::write_stream(&*chain.mem, &b.segs, &b.buf.as_slice()[..b.len]).is_err() {
+                status = STATUS_IOERR;
+            }
+        }
+        match vr {
+            Some(vr) => {
+                self.finish(q.index, vr, chain, status);
+                true
+            }
+            None => {
+                self.dev.stats.record(chain.kind, chain.bytes, status == STATUS_OK);
+                false
+            }
+        }
+    }
+
+    /// Write the status byte and put the chain on the used ring.
+    fn finish(&self, queue: u16, vr: &mut VringState<Gm>, chain: Chain, status: u8) {
+        self.dev.stats.record(chain.kind, chain.bytes, status == STATUS_OK);
+        let used_len = match chain.status_addr {
+            Some(a) => match vm_memory::Bytes::write_obj(&*chain.mem, status, a) {
+                Ok(()) => chain.used_len,
+                Err(e) => {
+                    tracing::debug!(queue, head = chain.head, error = %e, "cannot write the status byte");
+                    0
+                }
+            },
+            None => 0,
+        };
+        if let Err(e) = vr.add_used(chain.head, used_len) {
+            tracing::warn!(queue, head = chain.head, error = %e, "cannot add to the used ring");
+        }
+    }
+
+    fn notify(&self, queue: u16, vr: &mut VringState<Gm>) {
+        let needed = vr.needs_notification().unwrap_or(true);
+        if needed {
+            if let Err(e) = vr.signal_used_queue() {
+                tracing::warn!(queue, error = %e, "cannot signal the used queue");
+            }
+        }
+    }
+
+    /// Wait for all in-flight requests of a queue (blocking) and complete them.
+    fn drain(&self, q: &mut QueueWorker, mode: DrainMode) {
+        let vring = if mode == DrainMode::Post { q.vring.clone() } else { None };
+        let mut comps = std::mem::take(&mut q.comps);
+        loop {
+            q.engine.0.drain(&mut comps);
+            if comps.is_empty() {
+                break;
+            }
+            let mut guard = vring.as_ref().map(|v| v.get_mut());
+            let mut added = false;
+            for c in comps.drain(..) {
+                added |= self.on_completion(q, guard.as_deref_mut(), c);
+            }
+            if added {
+                if let Some(vr) = guard.as_deref_mut() {
+                    self.notify(q.index, vr);
+                }
+            }
+            // Writethrough flushes may have been submitted: drain again.
+        }
+        q.comps = comps;
+        // Anything still tracked has no engine request left (cannot happen): drop it.
+        if q.inflight > 0 {
+            tracing::warn!(queue = q.index, chains = q.inflight, "chains left after drain");
+            for s in 0..q.slots.len() {
+                q.release(s);
+            }
+        }
+        q.throttled = false;
+    }
+}
+
+fn needs_bounce(iov: &[IoVec]) -> bool {
+    iov.iter().any(|v| !(v.ptr as usize).is_multiple_of(DIO_ALIGN) || !v.len.is_multiple_of(DIO_ALIGN))
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        // The engine queues drain themselves on drop, before the chains (and the guest memory
+        // they keep mapped) go: QueueWorker declares `engine` before `slots`.
+        let fds = std::mem::take(&mut *lock(&self.exit_fds));
+        for fd in fds {
+            // SAFETY: vhost-user-backend 0.24 (pinned to =0.24.0 in Cargo.toml) registers the
+            // exit consumer we hand out in its epoll with `into_raw_fd()` and never closes it;
+            // the backend is dropped only after every VringEpollHandler holding a clone of it
+            // (and so the epoll using the fd) is gone. We are the only closer.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.dev.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        config::device_features(self.dev.read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        // Without CONFIG_WCE the cache mode follows FLUSH (virtio 1.2 §5.2.5.2).
+        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        self.writeback.store(writeback, Ordering::Relaxed);
+        tracing::debug!(volume = %self.dev.name, features = format_args!("{features:#x}"), writeback, "features acked");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        tracing::debug!(volume = %self.dev.name, "device reset");
+        for q in &self.queues {
+            self.drain(&mut lock(q), DrainMode::Discard);
+        }
+        self.writeback.store(true, Ordering::Relaxed);
+        self.acked_features.store(0, Ordering::Relaxed);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // virtio-queue applies it to each vring (the handler calls set_queue_event_idx).
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config::read_config(&self.config().to_bytes(), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        match config::parse_config_write(offset, buf, wce) {
+            Ok(v) => {
+                tracing::debug!(volume = %self.dev.name, writeback = v, "cache mode set");
+                self.writeback.store(v == 1, Ordering::Relaxed);
+                Ok(())
+            }
+            // Ignored, not refused: an error here makes the vhost crate drop the connection.
+            Err(e) => {
+                tracing::warn!(volume = %self.dev.name, offset, len = buf.len(), error = %e, "configuration write ignored");
+                Ok(())
+            }
+        }
+    }
+
+    fn update_memory(&self, _mem: Gm) -> io::Result<()> {
+        // `self.mem` is the same GuestMemoryAtomic the handler just updated; in-flight chains
+        // keep the previous mapping alive through their own guard.
+        tracing::debug!(volume = %self.dev.name, "guest memory table updated");
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.dev.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok((c, n)) => {
+                lock(&self.exit_fds).push(c.as_raw_fd());
+                Some((c, n))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create an exit eventfd");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the vring is no longer processed; wait for what it has in flight so
+        // the frontend sees every request completed before it reads the ring base.
+        if let Some(q) = self.queues.get(queue_index as usize) {
+            let mut q = lock(q);
+            if q.inflight > 0 {
+                tracing::debug!(queue = queue_index, inflight = q.inflight, "draining for vring stop");
+            }
+            self.drain(&mut q, DrainMode::Post);
+        }
+        Ok(())
+    }
+
+    fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
+        // One queue per thread: the thread id is the queue index and its vring is vrings[0].
+        let (Some(qm), Some(vring)) = (self.queues.get(thread_id), vrings.first()) else {
+            return Ok(());
+        };
+        let mut q = lock(qm);
+        if q.vring.is_none() {
+            q.vring = Some(vring.clone());
+        }
+        if device_event == 0 {
+            self.process_avail(&mut q, vring);
+        } else if u64::from(device_event) == self.completion_event_id() {
+            self.process_completions(&mut q, vring);
+        }
+        // Never return an error: it would end the worker thread.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounce_detection() {
+        let mut b = AlignedBuf::new(8192).unwrap();
+        let p = b.as_mut_ptr();
+        assert_eq!(p as usize % BOUNCE_ALIGN, 0);
+        assert!(!needs_bounce(&[IoVec { ptr: p, len: 4096 }, IoVec { ptr: p.wrapping_add(4096), len: 512 }]));
+        assert!(needs_bounce(&[IoVec { ptr: p.wrapping_add(1), len: 4096 }]));
+        assert!(needs_bounce(&[IoVec { ptr: p, len: 100 }]));
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,287 @@
+//! End-to-end: a pool in a tempdir, a device on a socket, and libblkio's
+//! virtio-blk-vhost-user driver (the `blkio` crate) as a real vhost-user-blk frontend.
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vblk_engine::{create_pool, CreateOptions, Pool, PoolOptions};
+use vblk_vhost::{start, Device, DeviceConfig, Error};
+
+const VOL_SIZE: u64 = 64 << 20;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    pool: Pool,
+    socket: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    create_pool(&path, &CreateOptions { size_bytes: Some(256 << 20), ..Default::default() }).unwrap();
+    let pool = Pool::open(&path, &PoolOptions::default()).unwrap();
+    pool.create_volume("v", VOL_SIZE).unwrap();
+    let socket = dir.path().join("v.sock");
+    Setup { _dir: dir, pool, socket }
+}
+
+fn device(s: &Setup, num_queues: u16) -> Device {
+    let vol = s.pool.open_volume("v", false).unwrap();
+    start(vol, DeviceConfig { socket: s.socket.clone(), num_queues, queue_size: 256 }).unwrap()
+}
+
+/// A libblkio client with one shared buffer.
+struct Client {
+    // Drop order: queues, then the region, then the Blkio instance.
+    qs: Vec<blkio::Blkioq>,
+    buf: blkio::MemoryRegion,
+    blkio: blkio::Blkio,
+}
+
+const BUF_LEN: usize = 1 << 20;
+
+fn be(e: blkio::Error) -> String {
+    format!("blkio: {} (errno {:?})", e.message(), e.errno())
+}
+
+impl Client {
+    fn connect(path: &Path, queues: i32) -> Result<Client, String> {
+        let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(be)?;
+        b.set_str("path", path.to_str().unwrap()).map_err(be)?;
+        b.connect().map_err(be)?;
+        b.set_i32("num-queues", queues).map_err(be)?;
+        let out = b.start().map_err(be)?;
+        let buf = b.alloc_mem_region(BUF_LEN).map_err(be)?;
+        b.map_mem_region(&buf).map_err(be)?;
+        Ok(Client { qs: out.queues, buf, blkio: b })
+    }
+
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is a live mapping of BUF_LEN bytes owned by self.blkio; &mut self
+        // means no request is in flight.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.addr as *mut u8, BUF_LEN) }
+    }
+
+    /// Wait for one completion on queue `q`: the request's return value.
+    fn wait(&mut self, q: usize) -> i32 {
+        let mut c = [MaybeUninit::<blkio::Completion>::uninit()];
+        let mut timeout = Duration::from_secs(30);
+        let n = self.qs[q].do_io(&mut c, 1, Some(&mut timeout), None).unwrap();
+        assert_eq!(n, 1, "request timed out");
+        // SAFETY: do_io initialised the first n completions.
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    fn write(&mut self, q: usize, off: u64, buf_off: usize, len: usize) -> i32 {
+        let p = (self.buf.addr + buf_off) as *const u8;
+        self.qs[q].write(off, p, len, 0, blkio::ReqFlags::empty());
+        self.wait(q)
+    }
+
+    fn read(&mut self, q: usize, off: u64, buf_off: usize, len: usize) -> i32 {
+        let p = (self.buf.addr + buf_off) as *mut u8;
+        self.qs[q].read(off, p, len, 0, blkio::ReqFlags::empty());
+        self.wait(q)
+    }
+
+    fn flush(&mut self, q: usize) -> i32 {
+        self.qs[q].flush(0, blkio::ReqFlags::empty());
+        self.wait(q)
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed.wrapping_mul(7919)) % 251) as u8).collect()
+}
+
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn write_flush_read_back() {
+    let s = setup();
+    let dev = device(&s, 1);
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    assert!(dev.connected());
+    assert_eq!(c.blkio.get_u64("capacity").unwrap(), VOL_SIZE);
+    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 4096);
+
+    let data = pattern(1, 64 << 10);
+    c.buf()[..data.len()].copy_from_slice(&data);
+    assert_eq!(c.write(0, 1 << 20, 0, data.len()), 0);
+    assert_eq!(c.flush(0), 0);
+    c.buf()[..data.len()].fill(0);
+    assert_eq!(c.read(0, 1 << 20, 0, data.len()), 0);
+    assert_eq!(&c.buf()[..data.len()], &data[..]);
+
+    // An unwritten range reads as zeros; the last block of the volume is readable.
+    c.buf()[..4096].fill(0xaa);
+    assert_eq!(c.read(0, VOL_SIZE - 4096, 0, 4096), 0);
+    assert!(c.buf()[..4096].iter().all(|&b| b == 0));
+
+    // Discard and write-zeroes read back as zeros.
+    c.qs[0].discard(1 << 20, 8192, 0, blkio::ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    c.qs[0].write_zeroes((1 << 20) + 16384, 4096, 0, blkio::ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    assert_eq!(c.read(0, 1 << 20, 0, 32768), 0);
+    assert!(c.buf()[..8192].iter().all(|&b| b == 0));
+    assert_eq!(&c.buf()[8192..16384], &data[8192..16384]);
+    assert!(c.buf()[16384..20480].iter().all(|&b| b == 0));
+    assert_eq!(&c.buf()[20480..32768], &data[20480..32768]);
+
+    // Past the end: the device answers IOERR, which libblkio reports as a negative errno.
+    assert!(c.read(0, VOL_SIZE, 0, 4096) < 0);
+
+    let st = dev.stats();
+    assert!(st.writes >= 1 && st.reads >= 3 && st.flushes >= 1, "{st:?}");
+    assert_eq!(st.discards, 1);
+    assert_eq!(st.write_zeroes, 1);
+    assert!(st.bytes_written >= data.len() as u64);
+    assert!(st.errors >= 1);
+    drop(c);
+    dev.stop().unwrap();
+    assert!(!s.socket.exists());
+    // The volume was detached: it can be attached read-write again.
+    drop(s.pool.open_volume("v", false).unwrap());
+}
+
+#[test]
+fn queue_depth_and_multiqueue() {
+    let s = setup();
+    let dev = device(&s, 4);
+    let mut c = Client::connect(&s.socket, 4).unwrap();
+    assert_eq!(c.qs.len(), 4);
+    // 32 writes in flight per queue, 4 queues; each 4 KiB block gets its own pattern.
+    for q in 0..4 {
+        for i in 0..32usize {
+            let slot = q * 32 + i;
+            let blk = pattern(slot as u64, 4096);
+            c.buf()[slot * 4096..(slot + 1) * 4096].copy_from_slice(&blk);
+        }
+    }
+    for q in 0..4 {
+        for i in 0..32usize {
+            let slot = q * 32 + i;
+            let p = (c.buf.addr + slot * 4096) as *const u8;
+            c.qs[q].write(slot as u64 * 4096, p, 4096, slot, blkio::ReqFlags::empty());
+        }
+    }
+    for q in 0..4 {
+        let mut comps: Vec<MaybeUninit<blkio::Completion>> = (0..32).map(|_| MaybeUninit::uninit()).collect();
+        let mut got = 0;
+        while got < 32 {
+            let mut timeout = Duration::from_secs(30);
+            let n = c.qs[q].do_io(&mut comps[..32 - got], 1, Some(&mut timeout), None).unwrap();
+            assert!(n > 0, "timed out");
+            for cm in &comps[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                assert_eq!(unsafe { cm.assume_init_ref() }.ret, 0);
+            }
+            got += n;
+        }
+    }
+    assert_eq!(c.flush(2), 0);
+    c.buf()[..128 * 4096].fill(0);
+    assert_eq!(c.read(3, 0, 0, 128 * 4096), 0);
+    for slot in 0..128usize {
+        assert_eq!(&c.buf()[slot * 4096..(slot + 1) * 4096], &pattern(slot as u64, 4096)[..], "block {slot}");
+    }
+    drop(c);
+    dev.stop().unwrap();
+}
+
+#[test]
+fn reconnect_and_stop() {
+    let s = setup();
+    let dev = device(&s, 2);
+    let data = pattern(9, 8192);
+    {
+        let mut c = Client::connect(&s.socket, 2).unwrap();
+        c.buf()[..8192].copy_from_slice(&data);
+        assert_eq!(c.write(1, 40960, 0, 8192), 0);
+        assert_eq!(c.flush(1), 0);
+    }
+    wait_for("disconnect", || !dev.connected());
+    // Let the listener finish tearing the connection down before counting descriptors.
+    std::thread::sleep(Duration::from_millis(200));
+    let fds = open_fds();
+    for _ in 0..3 {
+        let mut c = Client::connect(&s.socket, 2).unwrap();
+        assert!(dev.connected());
+        assert_eq!(c.read(0, 40960, 0, 8192), 0);
+        assert_eq!(&c.buf()[..8192], &data[..]);
+        drop(c);
+        wait_for("disconnect", || !dev.connected());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(open_fds(), fds, "file descriptors leaked across reconnections");
+    assert_eq!(dev.stats().connections, 4);
+
+    // Stop while a frontend is connected.
+    let c = Client::connect(&s.socket, 1).unwrap();
+    assert!(dev.connected());
+    dev.stop().unwrap();
+    assert!(!s.socket.exists());
+    drop(c);
+}
+
+#[test]
+fn socket_handling() {
+    let s = setup();
+    // A stale socket file (nobody listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&s.socket).unwrap());
+    assert!(s.socket.exists());
+    let dev = device(&s, 1);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&s.socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    // A live one is not.
+    let vol = s.pool.open_volume("v", true).unwrap();
+    let cfg = DeviceConfig::new(&s.socket);
+    assert!(matches!(start(vol, cfg), Err(Error::SocketInUse(_))));
+    dev.stop().unwrap();
+    // Neither is a regular file, nor a bad configuration.
+    std::fs::write(&s.socket, b"x").unwrap();
+    let vol = s.pool.open_volume("v", true).unwrap();
+    assert!(matches!(start(vol, DeviceConfig::new(&s.socket)), Err(Error::NotASocket(_))));
+    std::fs::remove_file(&s.socket).unwrap();
+    for (q, size) in [(0u16, 256u16), (17, 256), (1, 100), (1, 0)] {
+        let vol = s.pool.open_volume("v", true).unwrap();
+        let cfg = DeviceConfig { socket: s.socket.clone(), num_queues: q, queue_size: size };
+        assert!(matches!(start(vol, cfg), Err(Error::InvalidConfig(_))), "{q} {size}");
+    }
+}
+
+#[test]
+fn read_only_volume() {
+    let s = setup();
+    {
+        let mut io = s.pool.open_volume("v", false).unwrap().sync_io().unwrap();
+        io.write_at(8192, &pattern(3, 4096)).unwrap();
+        io.flush().unwrap();
+    }
+    let vol = s.pool.open_volume("v", true).unwrap();
+    let dev = start(vol, DeviceConfig::new(&s.socket)).unwrap();
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", s.socket.to_str().unwrap()).unwrap();
+    b.set_bool("read-only", true).unwrap();
+    b.connect().unwrap();
+    let out = b.start().unwrap();
+    let buf = b.alloc_mem_region(4096).unwrap();
+    b.map_mem_region(&buf).unwrap();
+    let mut c = Client { qs: out.queues, buf, blkio: b };
+    assert_eq!(c.read(0, 8192, 0, 4096), 0);
+    assert_eq!(&c.buf()[..4096], &pattern(3, 4096)[..]);
+    drop(c);
+    dev.stop().unwrap();
+}
