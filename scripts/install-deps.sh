@@ -7,9 +7,10 @@
 #   guests: qemu-system-x86, busybox-static, cpio, e2fsprogs, xz-utils, zstd, fdisk
 #           (the kernel package is fetched with `apt-get download` by tests/guest/build.sh,
 #           never installed on the host)
-#   benches: fio, qemu-utils (qemu-storage-daemon, qemu-img; also used by `vblk import` for qcow2)
+#   benches: fio, qemu-system-common (qemu-storage-daemon), qemu-utils (qemu-img; also used by
+#            `vblk import` for qcow2)
 set -euo pipefail
-PKGS=(librocksdb-dev libclang-dev protobuf-compiler pkg-config g++ qemu-system-x86 qemu-utils
+PKGS=(librocksdb-dev libclang-dev protobuf-compiler pkg-config g++ qemu-system-x86 qemu-system-common qemu-utils
       busybox-static cpio e2fsprogs xz-utils zstd fdisk fio)
 missing=()
 for p in "${PKGS[@]}"; do
