@@ -72,6 +72,7 @@ if [ "$SCENARIO" = shell ]; then
     exec qemu-system-x86_64 "${ARGS[@]}"
 fi
 
+[ -n "${VBLK_GUEST_VERBOSE:-}" ] && echo "run.sh: qemu-system-x86_64 ${ARGS[*]}" >&2
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 "${ARGS[@]}" </dev/null | tee "$LOG"
