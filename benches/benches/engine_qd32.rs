@@ -139,11 +139,15 @@ fn main() {
     let mut fresh_next = 0u64;
     let names = ["raw randread", "vblk randread", "raw randwrite", "vblk overwrite", "vblk allocating write"];
     let mut res: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // VBLK_BENCH_ONLY=1,3 runs only those rows (for profiling).
+    let only: Option<Vec<usize>> = std::env::var("VBLK_BENCH_ONLY").ok().map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect());
+    let on = |i: usize| only.as_ref().is_none_or(|o| o.contains(&i));
     for rep in 0..repeats {
-        res[0].push(raw(&path, span, false, dur));
-        res[1].push(engine(&mut q, span, ReqKind::Read, dur, None));
-        res[2].push(raw(&path, span, true, dur));
-        res[3].push(engine(&mut q, span, ReqKind::Write, dur, None));
+        if on(0) { res[0].push(raw(&path, span, false, dur)); }
+        if on(1) { res[1].push(engine(&mut q, span, ReqKind::Read, dur, None)); }
+        if on(2) { res[2].push(raw(&path, span, true, dur)); }
+        if on(3) { res[3].push(engine(&mut q, span, ReqKind::Write, dur, None)); }
+        if !on(4) { eprintln!("repeat {} done", rep + 1); continue; }
         if fresh_next + 400_000 > span {
             fresh_next = 0;
             let mut io = fresh_vol.sync_io().unwrap();
@@ -156,8 +160,10 @@ fn main() {
     println!("\n| 4 KiB QD32, {secs} s x {repeats} | IOPS median | min-max | vs raw |");
     println!("|---|---|---|---|");
     for (i, n) in names.iter().enumerate() {
+        if res[i].is_empty() { continue; }
         let (m, lo, hi) = stats(&res[i]);
-        let base = if i == 1 { stats(&res[0]).0 } else if i >= 3 { stats(&res[2]).0 } else { m };
+        let base_of = |j: usize| if res[j].is_empty() { f64::NAN } else { stats(&res[j]).0 };
+        let base = if i == 1 { base_of(0) } else if i >= 3 { base_of(2) } else { m };
         println!("| {n} | {m:.0} | {lo:.0}-{hi:.0} | {:.2}x |", m / base);
     }
     drop(q);

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+pub mod vhost;
+
 /// Simple xorshift for offsets (no allocation, no locking in the hot loop).
 pub struct Rng(pub u64);
 impl Rng {

@@ -3,6 +3,7 @@
 //! block the calling thread on I/O; completions are signalled on an eventfd that the caller
 //! polls in its own event loop.
 
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -10,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use io_uring::{opcode, types, IoUring};
 
 use crate::error::{Error, Result};
-use crate::format::{BLOCK_SHIFT, BLOCK_SIZE};
-use crate::pool::{CommitMsg, Shared};
-use crate::volume::{ReadRes, VolumeState};
+use crate::format::{BLOCK_SIZE, DATA_START};
+use crate::pool::{AlignedBuf, CommitMsg, Shared};
+use crate::volume::{ReadRes, VolumeState, WBlock};
 
 /// Kind of a block request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,8 +32,10 @@ pub struct IoVec {
     pub len: usize,
 }
 
-/// A block request. `offset` and `len` are in bytes and must be multiples of 4096. For Read and
-/// Write, `len` must equal the total length of `iov`.
+/// A block request. `offset` and `len` are in bytes and must be multiples of 512 (4096 is the
+/// fast path). For Read and Write, `len` must equal the total length of `iov`, and every
+/// segment's address and length must be multiples of 512 (the data file is opened with
+/// `O_DIRECT`; unaligned buffers fail with `EINVAL`, so callers bounce them).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub kind: ReqKind,
@@ -56,6 +59,14 @@ pub(crate) struct QueueShared {
 }
 
 impl QueueShared {
+    #[cfg(test)]
+    pub(crate) fn new_for_test() -> Arc<QueueShared> {
+        // SAFETY: eventfd() has no memory effects.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        Arc::new(QueueShared { efd, done: Mutex::new(Vec::new()) })
+    }
+
     pub(crate) fn complete(&self, mut c: Vec<Completion>) {
         if let Ok(mut d) = self.done.lock() {
             d.append(&mut c);
@@ -80,15 +91,22 @@ struct InFlight {
     bytes: u32,
     epoch: u64,
     /// For writes: first lba and the blocks resolved, to finish fresh allocations.
-    write: Option<(u64, Vec<(u64, bool)>)>,
+    write: Option<(u64, Vec<WBlock>)>,
     /// iovec arrays owned until the kernel is done with them.
     iovs: Vec<Vec<libc::iovec>>,
     /// Expected byte count per part (index = part number).
     expect: Vec<u32>,
+    /// Zero-padded copies of partial first writes, owned until completion.
+    _bounces: Vec<AlignedBuf>,
 }
 
 /// Entries in the io_uring submission queue; one request may need several.
 const RING_ENTRIES: u32 = 512;
+/// Requests the engine splits (unaligned WRITE_ZEROES) complete under internal tags with this
+/// bit set, folded into the caller's tag.
+const INTERNAL_TAG: u64 = 1 << 63;
+/// Guest I/O granularity: offsets and lengths must be multiples of this.
+pub const SECTOR_SIZE: u64 = 512;
 
 /// A per-thread I/O queue on one volume.
 pub struct Queue {
@@ -101,9 +119,21 @@ pub struct Queue {
     free_slots: Vec<usize>,
     ready: Vec<Completion>,
     scratch_r: Vec<ReadRes>,
-    scratch_w: Vec<(u64, bool)>,
+    scratch_w: Vec<WBlock>,
     unsubmitted: u32,
+    /// Writes waiting for a block to be established (see `resolve_write`), retried on reap.
+    deferred: VecDeque<Request>,
+    /// Split requests: internal tag -> (caller's tag, parts left, first error).
+    split: HashMap<u64, (u64, u32, Option<i32>)>,
+    next_internal: u64,
+    zeros: AlignedBuf,
 }
+
+// SAFETY: a Queue owns its io_uring (set up without single-issuer restrictions) and its
+// buffers; the raw iovec pointers it stores point into memory whose validity the submitter
+// guaranteed (submit's contract) independently of the thread. It is not Sync: one thread at a
+// time uses it.
+unsafe impl Send for Queue {}
 
 fn errno_of(e: &Error) -> i32 {
     match e {
@@ -129,6 +159,15 @@ fn slice_iov(iov: &[IoVec], mut off: usize, mut len: usize, out: &mut Vec<libc::
         off = 0;
         len -= n;
     }
+}
+
+/// One device I/O of a request: where on the device, and which bytes of the request.
+struct Part {
+    dev_off: u64,
+    req_off: usize,
+    len: usize,
+    /// Write the whole block from a zero-padded copy instead of the request's buffers.
+    padded: bool,
 }
 
 impl Queue {
@@ -159,6 +198,10 @@ impl Queue {
             scratch_r: Vec::new(),
             scratch_w: Vec::new(),
             unsubmitted: 0,
+            deferred: VecDeque::new(),
+            split: HashMap::new(),
+            next_internal: 0,
+            zeros: AlignedBuf::new(BLOCK_SIZE as usize),
         })
     }
 
@@ -169,7 +212,7 @@ impl Queue {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free_slots.len()
+        self.slots.len() - self.free_slots.len() + self.deferred.len()
     }
 
     /// Size of the volume in bytes now.
@@ -180,6 +223,9 @@ impl Queue {
     /// Submit a request. Errors that concern only this request (range, alignment, read-only,
     /// full pool) are returned as a completion with an errno, not as `Err`.
     ///
+    /// Offsets and lengths must be multiples of 512 bytes ([`SECTOR_SIZE`]); 4096-aligned I/O
+    /// is the fast path. A DISCARD only unmaps the whole 4 KiB blocks inside its range.
+    ///
     /// # Safety
     /// Every `IoVec` must point to memory that stays valid (and, for reads, writable) until the
     /// request's completion has been returned by [`reap`](Self::reap).
@@ -187,6 +233,7 @@ impl Queue {
         let tag = req.tag;
         if let Err(e) = self.validate(&req) {
             self.ready.push(Completion { tag, result: Err(errno_of(&e)) });
+            self.flush_sq();
             return;
         }
         match req.kind {
@@ -195,15 +242,60 @@ impl Queue {
                     self.ready.push(Completion { tag, result: Err(libc::EIO) });
                 }
             }
-            ReqKind::Discard | ReqKind::WriteZeroes => {
-                let epoch = self.shared.enter();
-                let r = self.shared.unmap(&self.vol, req.offset >> BLOCK_SHIFT, req.len >> BLOCK_SHIFT);
-                self.shared.exit(epoch);
+            ReqKind::Discard => {
+                let first = req.offset.div_ceil(BLOCK_SIZE);
+                let end = (req.offset + req.len) / BLOCK_SIZE;
+                let r = if end > first { self.unmap(first, end - first) } else { Ok(()) };
                 self.ready.push(Completion { tag, result: r.map(|_| 0).map_err(|e| errno_of(&e)) });
             }
+            ReqKind::WriteZeroes => self.write_zeroes(req),
             ReqKind::Read | ReqKind::Write => self.submit_rw(req),
         }
         self.flush_sq();
+    }
+
+    fn unmap(&self, first: u64, n: u64) -> Result<()> {
+        let epoch = self.shared.enter();
+        let r = self.shared.unmap(&self.vol, first, n);
+        self.shared.exit(epoch);
+        r
+    }
+
+    /// WRITE_ZEROES: whole blocks are unmapped (they read as zeros and free their space);
+    /// partial blocks at either end get zeros written.
+    fn write_zeroes(&mut self, req: Request) {
+        let (start, end) = (req.offset, req.offset + req.len);
+        let first = start.div_ceil(BLOCK_SIZE);
+        let last = end / BLOCK_SIZE;
+        let mut edges = Vec::new();
+        if first > last {
+            // Inside one block.
+            edges.push((start, end));
+        } else {
+            if start < first * BLOCK_SIZE {
+                edges.push((start, first * BLOCK_SIZE));
+            }
+            if last * BLOCK_SIZE < end {
+                edges.push((last * BLOCK_SIZE, end));
+            }
+            if last > first {
+                if let Err(e) = self.unmap(first, last - first) {
+                    self.ready.push(Completion { tag: req.tag, result: Err(errno_of(&e)) });
+                    return;
+                }
+            }
+        }
+        if edges.is_empty() {
+            self.ready.push(Completion { tag: req.tag, result: Ok(0) });
+            return;
+        }
+        let itag = INTERNAL_TAG | self.next_internal;
+        self.next_internal = (self.next_internal + 1) & !INTERNAL_TAG;
+        self.split.insert(itag, (req.tag, edges.len() as u32, None));
+        for (s, e) in edges {
+            let iov = vec![IoVec { ptr: self.zeros.as_mut_ptr(), len: (e - s) as usize }];
+            self.submit_rw(Request { kind: ReqKind::Write, offset: s, len: e - s, iov, tag: itag });
+        }
     }
 
     fn validate(&self, req: &Request) -> Result<()> {
@@ -224,7 +316,7 @@ impl Queue {
         if end.is_none_or(|e| e > size) {
             return Err(Error::OutOfRange { offset: req.offset, len: req.len, size });
         }
-        if req.offset % BLOCK_SIZE != 0 || req.len % BLOCK_SIZE != 0 {
+        if req.offset % SECTOR_SIZE != 0 || req.len % SECTOR_SIZE != 0 {
             return Err(Error::Misaligned { offset: req.offset, len: req.len });
         }
         if matches!(req.kind, ReqKind::Read | ReqKind::Write) {
@@ -250,26 +342,56 @@ impl Queue {
     }
 
     fn submit_rw(&mut self, req: Request) {
-        let lba = req.offset >> BLOCK_SHIFT;
-        let n = req.len >> BLOCK_SHIFT;
+        if req.len == 0 {
+            self.ready.push(Completion { tag: req.tag, result: Ok(0) });
+            return;
+        }
+        let (start, end) = (req.offset, req.offset + req.len);
+        let lba = start / BLOCK_SIZE;
+        let n = end.div_ceil(BLOCK_SIZE) - lba;
         let write = req.kind == ReqKind::Write;
         let epoch = self.shared.enter();
-        // Resolve the blocks: runs of consecutive physical blocks become one readv/writev.
-        let mut runs: Vec<(u64, u64, Option<u64>)> = Vec::new(); // (first block index, count, pba or hole)
+        // Byte range of block i (relative to lba) that the request covers.
+        let cover = |i: u64| -> (u64, u64) {
+            let bs = (lba + i) * BLOCK_SIZE;
+            (bs.max(start), (bs + BLOCK_SIZE).min(end))
+        };
+        let mut parts: Vec<Part> = Vec::new();
         let mut write_blocks = None;
-        if write {
-            let mut w = std::mem::take(&mut self.scratch_w);
-            if let Err(e) = self.shared.resolve_write(&self.vol, lba, n, &mut w) {
-                self.shared.exit(epoch);
-                self.scratch_w = w;
-                self.ready.push(Completion { tag: req.tag, result: Err(errno_of(&e)) });
-                return;
-            }
-            for (i, &(pba, _)) in w.iter().enumerate() {
-                match runs.last_mut() {
-                    Some((s, c, Some(p))) if *p + *c == pba && *s + *c == i as u64 => *c += 1,
-                    _ => runs.push((i as u64, 1, Some(pba))),
+        let push = |parts: &mut Vec<Part>, pba: u64, i: u64, padded: bool| {
+            let (s, e) = cover(i);
+            let dev = self.shared.data_offset(pba) + (s - (lba + i) * BLOCK_SIZE);
+            if !padded {
+                if let Some(last) = parts.last_mut() {
+                    if !last.padded && last.dev_off + last.len as u64 == dev && last.req_off + last.len == (s - start) as usize {
+                        last.len += (e - s) as usize;
+                        return;
+                    }
                 }
+            }
+            parts.push(Part { dev_off: dev, req_off: (s - start) as usize, len: (e - s) as usize, padded });
+        };
+        if write {
+            let head_partial = start % BLOCK_SIZE != 0 || (n == 1 && end % BLOCK_SIZE != 0);
+            let tail_partial = end % BLOCK_SIZE != 0;
+            let mut w = std::mem::take(&mut self.scratch_w);
+            match self.shared.resolve_write(&self.vol, lba, n, head_partial, tail_partial, &self.qs, &mut w) {
+                Err(e) => {
+                    self.shared.exit(epoch);
+                    self.scratch_w = w;
+                    self.ready.push(Completion { tag: req.tag, result: Err(errno_of(&e)) });
+                    return;
+                }
+                Ok(false) => {
+                    self.shared.exit(epoch);
+                    self.scratch_w = w;
+                    self.deferred.push_back(req);
+                    return;
+                }
+                Ok(true) => {}
+            }
+            for (i, b) in w.iter().enumerate() {
+                push(&mut parts, b.pba, i as u64, b.padded);
             }
             write_blocks = Some((lba, w.clone()));
             self.scratch_w = w;
@@ -282,51 +404,62 @@ impl Queue {
                 return;
             }
             for (i, res) in r.iter().enumerate() {
-                let pba = match res {
-                    ReadRes::At(p) => Some(*p),
-                    ReadRes::Zero => None,
-                };
-                match (runs.last_mut(), pba) {
-                    (Some((s, c, Some(p))), Some(pba)) if *p + *c == pba && *s + *c == i as u64 => *c += 1,
-                    (Some((s, c, None)), None) if *s + *c == i as u64 => *c += 1,
-                    _ => runs.push((i as u64, 1, pba)),
+                match res {
+                    ReadRes::At(pba) => push(&mut parts, *pba, i as u64, false),
+                    ReadRes::Zero => {
+                        // A hole reads as zeros without device I/O.
+                        let (s, e) = cover(i as u64);
+                        let mut v = Vec::new();
+                        slice_iov(&req.iov, (s - start) as usize, (e - s) as usize, &mut v);
+                        for seg in v {
+                            // SAFETY: the caller guarantees the iovecs are valid writable
+                            // memory for the request's lifetime (submit's contract).
+                            unsafe { std::ptr::write_bytes(seg.iov_base as *mut u8, 0, seg.iov_len) };
+                        }
+                    }
                 }
             }
             self.scratch_r = r;
         }
         let mut f = InFlight {
             tag: req.tag,
-            parts: 0,
+            parts: parts.len() as u32,
             err: None,
             bytes: req.len as u32,
             epoch,
             write: write_blocks,
-            iovs: Vec::new(),
-            expect: Vec::new(),
+            iovs: Vec::with_capacity(parts.len()),
+            expect: Vec::with_capacity(parts.len()),
+            _bounces: Vec::new(),
         };
-        for &(first, count, pba) in &runs {
-            let off = (first * BLOCK_SIZE) as usize;
-            let len = (count * BLOCK_SIZE) as usize;
-            match pba {
-                None => {
-                    // A hole reads as zeros without device I/O.
-                    let mut v = Vec::new();
-                    slice_iov(&req.iov, off, len, &mut v);
-                    for s in v {
-                        // SAFETY: the caller guarantees the iovecs are valid writable memory
-                        // for the request's lifetime (submit's contract).
-                        unsafe { std::ptr::write_bytes(s.iov_base as *mut u8, 0, s.iov_len) };
-                    }
+        let mut sqe_args = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let mut v = Vec::new();
+            if p.padded {
+                // First write of a partly written block: zeros around the data.
+                let mut b = AlignedBuf::new(BLOCK_SIZE as usize);
+                let within = (p.dev_off - DATA_START) % BLOCK_SIZE;
+                let mut src = Vec::new();
+                slice_iov(&req.iov, p.req_off, p.len, &mut src);
+                let mut at = within as usize;
+                for seg in src {
+                    // SAFETY: source: the caller's valid buffer (submit's contract);
+                    // destination: inside our 4 KiB bounce buffer (at + len <= 4096 since the
+                    // part lies within one block).
+                    unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, b.as_mut_ptr().add(at), seg.iov_len) };
+                    at += seg.iov_len;
                 }
-                Some(_) => {
-                    let mut v = Vec::new();
-                    slice_iov(&req.iov, off, len, &mut v);
-                    f.iovs.push(v);
-                    f.expect.push(len as u32);
-                }
+                v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize });
+                f._bounces.push(b);
+                sqe_args.push(p.dev_off - within);
+                f.expect.push(BLOCK_SIZE as u32);
+            } else {
+                slice_iov(&req.iov, p.req_off, p.len, &mut v);
+                sqe_args.push(p.dev_off);
+                f.expect.push(p.len as u32);
             }
+            f.iovs.push(v);
         }
-        f.parts = f.iovs.len() as u32;
         if f.parts == 0 {
             self.shared.exit(epoch);
             if let Some((l, b)) = &f.write {
@@ -335,15 +468,13 @@ impl Queue {
             self.ready.push(Completion { tag: req.tag, result: Ok(req.len as u32) });
             return;
         }
-        let pbas: Vec<u64> = runs.iter().filter_map(|r| r.2).collect();
         let nparts = f.parts as usize;
         let idx = self.slot(f);
-        for part in 0..nparts {
+        for (part, &off) in sqe_args.iter().enumerate().take(nparts) {
             let (ptr, cnt) = {
                 let Some(Some(f)) = self.slots.get(idx) else { return };
                 (f.iovs[part].as_ptr(), f.iovs[part].len() as u32)
             };
-            let off = self.shared.data_offset(pbas[part]);
             let ud = ((idx as u64) << 16) | part as u64;
             let sqe = if write {
                 opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build().user_data(ud)
@@ -352,7 +483,8 @@ impl Queue {
             };
             loop {
                 // SAFETY: the iovec array lives in self.slots[idx] until the completion of
-                // this part is reaped; the buffers it points to are the caller's (contract).
+                // this part is reaped; the buffers it points to are the caller's (contract)
+                // or our bounce buffers, owned by the same slot.
                 let pushed = unsafe { self.ring.submission().push(&sqe) };
                 if pushed.is_ok() {
                     self.unsubmitted += 1;
@@ -422,13 +554,35 @@ impl Queue {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe { libc::read(self.qs.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        // Retry writes that waited for a block to be established.
+        for _ in 0..self.deferred.len() {
+            if let Some(r) = self.deferred.pop_front() {
+                self.submit_rw(r);
+            }
+        }
         if self.unsubmitted > 0 {
             self.flush_sq();
         }
         self.reap_cq();
-        out.append(&mut self.ready);
         if let Ok(mut d) = self.qs.done.lock() {
-            out.append(&mut d);
+            self.ready.append(&mut d);
+        }
+        // Fold the parts of split requests into their caller's completion.
+        for c in self.ready.drain(..) {
+            if c.tag & INTERNAL_TAG == 0 {
+                out.push(c);
+                continue;
+            }
+            let Some(s) = self.split.get_mut(&c.tag) else { continue };
+            s.1 -= 1;
+            if let Err(e) = c.result {
+                s.2.get_or_insert(e);
+            }
+            if s.1 == 0 {
+                if let Some((tag, _, err)) = self.split.remove(&c.tag) {
+                    out.push(Completion { tag, result: match err { None => Ok(0), Some(e) => Err(e) } });
+                }
+            }
         }
     }
 
@@ -437,10 +591,10 @@ impl Queue {
         loop {
             self.reap(out);
             let flushes_pending = Arc::strong_count(&self.qs) > 1;
-            if self.in_flight() == 0 && !flushes_pending {
+            if self.in_flight() == 0 && !flushes_pending && self.split.is_empty() {
                 return;
             }
-            if self.in_flight() > 0 {
+            if self.slots.len() > self.free_slots.len() {
                 let _ = self.ring.submit_and_wait(1);
             } else {
                 self.wait_event(10);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use format::BLOCK_SIZE;
-pub use io::{Completion, IoVec, Queue, ReqKind, Request};
+pub use io::{Completion, IoVec, Queue, ReqKind, Request, SECTOR_SIZE};
 pub use pool::{
     create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, Pool, PoolOptions, Preallocate,
     PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
@@ -114,7 +114,7 @@ impl SyncIo {
     /// Largest single transfer.
     pub const MAX_IO: usize = 1 << 20;
 
-    /// Read `buf.len()` bytes (a multiple of 4096, at most 1 MiB) at `offset`.
+    /// Read `buf.len()` bytes (a multiple of 512, at most 1 MiB) at `offset`.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let n = buf.len();
         if n > Self::MAX_IO {
@@ -125,7 +125,7 @@ impl SyncIo {
         Ok(())
     }
 
-    /// Write `buf` (a multiple of 4096, at most 1 MiB) at `offset`.
+    /// Write `buf` (a multiple of 512, at most 1 MiB) at `offset`.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let n = buf.len();
         if n > Self::MAX_IO {
@@ -138,6 +138,11 @@ impl SyncIo {
     /// Unmap a range: it reads as zeros and its space is freed.
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.run(ReqKind::Discard, offset, len, false)
+    }
+
+    /// Zero a range (whole blocks are unmapped, partial blocks get zeros written).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.run(ReqKind::WriteZeroes, offset, len, false)
     }
 
     /// Make all completed writes durable.

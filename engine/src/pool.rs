@@ -18,7 +18,7 @@ use crate::alloc::{Allocator, Reclaim};
 use crate::error::{Error, Location, Result};
 use crate::format::{self, *};
 use crate::io::{Completion, QueueShared};
-use crate::volume::{Committed, PState, ReadRes, VolumeState};
+use crate::volume::{Committed, PState, ReadRes, VolumeState, WBlock};
 
 pub use crate::format::MAX_VOLUME_SIZE;
 /// Commit when this many uncommitted map changes have piled up in one volume.
@@ -473,35 +473,60 @@ impl Shared {
         Ok(())
     }
 
-    /// Resolve `n` blocks from `lba` for a write: the physical block of each and whether it was
-    /// freshly allocated (its completion must then be reported with `finish_write`).
-    pub(crate) fn resolve_write(&self, vol: &VolumeState, lba: u64, n: u64, out: &mut Vec<(u64, bool)>) -> Result<()> {
+    /// Resolve `n` blocks from `lba` for a write. `head_partial` / `tail_partial` say that the
+    /// first / last block is only partly covered by the write (512-byte granularity).
+    ///
+    /// Returns `Ok(false)` if the write must wait: it would race with a write whose block is
+    /// not established yet (a padded first write of a partial block is in flight, or a partial
+    /// write meets a block whose first write is in flight). The caller's queue is then
+    /// registered as a waiter and is woken when such a write finishes.
+    pub(crate) fn resolve_write(
+        &self,
+        vol: &VolumeState,
+        lba: u64,
+        n: u64,
+        head_partial: bool,
+        tail_partial: bool,
+        waiter: &Arc<QueueShared>,
+        out: &mut Vec<WBlock>,
+    ) -> Result<bool> {
         out.clear();
+        let partial = |i: u64| (i == 0 && head_partial) || (i + 1 == n && tail_partial);
         let mut p = vol.lock_pending();
+        // First pass, read-only: any conflict defers the whole request before anything changes.
+        for i in 0..n {
+            if let Some(e) = p.map.get(&(lba + i)) {
+                if let PState::Fresh { writers, padded } = e.state {
+                    if padded > 0 || (partial(i) && writers > 0) {
+                        p.waiters.push(waiter.clone());
+                        return Ok(false);
+                    }
+                }
+            }
+        }
         let mut hint: Option<u64> = None;
-        let mut kick = false;
         for i in 0..n {
             let l = lba + i;
+            let part = partial(i);
             let existing = p.map.get(&l).copied();
-            let (pba, fresh) = match existing {
+            let established = match existing {
                 Some(e) => match e.state {
-                    PState::Fresh { writers } => {
-                        p.set(l, e.pba, PState::Fresh { writers: writers + 1 });
-                        (e.pba, true)
+                    PState::Written => Some(e.pba),
+                    // Full write joining other full writes of a new block.
+                    PState::Fresh { writers, padded } if writers > 0 => {
+                        p.set(l, e.pba, PState::Fresh { writers: writers + 1, padded });
+                        out.push(WBlock { pba: e.pba, fresh: true, padded: false });
+                        hint = Some(e.pba + 1);
+                        continue;
                     }
-                    PState::Written => (e.pba, false),
-                    PState::Removed => match self.alloc_block(hint) {
-                        Some(pba) => {
-                            p.set(l, pba, PState::Fresh { writers: 1 });
-                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                            (pba, true)
-                        }
-                        None => {
-                            drop(p);
-                            self.finish_write(vol, lba, out, false);
-                            return Err(self.no_space(vol));
-                        }
-                    },
+                    // All earlier writes failed: the block is still unwritten; reuse it.
+                    PState::Fresh { .. } => {
+                        p.set(l, e.pba, PState::Fresh { writers: 1, padded: part as u32 });
+                        out.push(WBlock { pba: e.pba, fresh: true, padded: part });
+                        hint = Some(e.pba + 1);
+                        continue;
+                    }
+                    PState::Removed => None,
                 },
                 None => match self.committed_get(vol, l) {
                     Err(e) => {
@@ -509,32 +534,35 @@ impl Shared {
                         self.finish_write(vol, lba, out, false);
                         return Err(e);
                     }
-                    Ok(Some(e)) if e.pba < self.sb.total_blocks => (e.pba, false),
-                    Ok(_) => match self.alloc_block(hint) {
-                        Some(pba) => {
-                            p.set(l, pba, PState::Fresh { writers: 1 });
-                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                            (pba, true)
-                        }
-                        None => {
-                            drop(p);
-                            self.finish_write(vol, lba, out, false);
-                            return Err(self.no_space(vol));
-                        }
-                    },
+                    Ok(Some(e)) if e.pba < self.sb.total_blocks => Some(e.pba),
+                    Ok(_) => None,
                 },
             };
-            hint = Some(pba + 1);
-            out.push((pba, fresh));
+            let b = match established {
+                // The volume owns the block alone: write in place (any sub-range).
+                Some(pba) => WBlock { pba, fresh: false, padded: false },
+                None => match self.alloc_block(hint) {
+                    Some(pba) => {
+                        p.set(l, pba, PState::Fresh { writers: 1, padded: part as u32 });
+                        vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                        WBlock { pba, fresh: true, padded: part }
+                    }
+                    None => {
+                        drop(p);
+                        self.finish_write(vol, lba, out, false);
+                        return Err(self.no_space(vol));
+                    }
+                },
+            };
+            hint = Some(b.pba + 1);
+            out.push(b);
         }
-        if p.map.len() >= PENDING_KICK {
-            kick = true;
-        }
+        let kick = p.map.len() >= PENDING_KICK;
         drop(p);
         if kick {
             self.send_commit(CommitMsg::Kick);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn alloc_block(&self, hint: Option<u64>) -> Option<u64> {
@@ -549,25 +577,34 @@ impl Shared {
     }
 
     /// Report completion of a write resolved by `resolve_write`.
-    pub(crate) fn finish_write(&self, vol: &VolumeState, lba: u64, blocks: &[(u64, bool)], ok: bool) {
-        if !blocks.iter().any(|b| b.1) {
+    pub(crate) fn finish_write(&self, vol: &VolumeState, lba: u64, blocks: &[WBlock], ok: bool) {
+        if !blocks.iter().any(|b| b.fresh) {
             return;
         }
         let mut p = vol.lock_pending();
-        for (i, &(pba, fresh)) in blocks.iter().enumerate() {
-            if !fresh {
+        for (i, b) in blocks.iter().enumerate() {
+            if !b.fresh {
                 continue;
             }
             let l = lba + i as u64;
             if let Some(e) = p.map.get(&l).copied() {
-                if e.pba != pba {
+                if e.pba != b.pba {
                     continue;
                 }
-                if let PState::Fresh { writers } = e.state {
-                    let st = if ok { PState::Written } else { PState::Fresh { writers: writers.saturating_sub(1) } };
-                    p.set(l, pba, st);
+                if let PState::Fresh { writers, padded } = e.state {
+                    let st = if ok {
+                        PState::Written
+                    } else {
+                        PState::Fresh { writers: writers.saturating_sub(1), padded: padded.saturating_sub(b.padded as u32) }
+                    };
+                    p.set(l, b.pba, st);
                 }
             }
+        }
+        let waiters = std::mem::take(&mut p.waiters);
+        drop(p);
+        for w in waiters {
+            w.complete(Vec::new());
         }
         if ok && self.nospace_logged.load(Ordering::Relaxed) && lock(&self.alloc).free() > 0 {
             self.nospace_logged.store(false, Ordering::Relaxed);
@@ -637,7 +674,7 @@ impl Shared {
                     // A block rewritten after a discard, its write still in flight: the old
                     // block may be among this commit's frees, so the old mapping must go now.
                     // The entry stays pending (no seq recorded) until its write completes.
-                    PState::Fresh { writers } if writers > 0 => batch.delete(v.map_key(l)),
+                    PState::Fresh { writers, .. } if writers > 0 => batch.delete(v.map_key(l)),
                     PState::Fresh { .. } => dead_fresh.push((l, e.pba)),
                     PState::Written => {
                         let k = v.map_key(l);
@@ -1304,5 +1341,50 @@ impl Drop for Pool {
         if let Some(h) = self.committer.take() {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::QueueShared;
+
+    /// The write-ordering rules for partial blocks, checked at the decision point (the kernel's
+    /// ordering of the racing writes is not controllable from a test).
+    #[test]
+    fn partial_writes_to_a_new_block_wait_for_its_first_write() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.img");
+        create_pool(&path, &CreateOptions { size_bytes: Some(8 << 20), ..Default::default() }).unwrap();
+        let pool = Pool::open(&path, &PoolOptions::default()).unwrap();
+        pool.create_volume("v", 1 << 20).unwrap();
+        let s = &pool.shared;
+        let v = s.vols.read().unwrap().get("v").cloned().unwrap();
+        let q = QueueShared::new_for_test();
+        let mut out = Vec::new();
+        // First partial write of block 0: allocated, padded.
+        assert!(s.resolve_write(&v, 0, 1, true, true, &q, &mut out).unwrap());
+        let first = out[0];
+        assert!(first.fresh && first.padded);
+        // Any other write to block 0 waits while the padded write is in flight.
+        let mut o2 = Vec::new();
+        assert!(!s.resolve_write(&v, 0, 1, true, true, &q, &mut o2).unwrap());
+        assert!(!s.resolve_write(&v, 0, 1, false, false, &q, &mut o2).unwrap());
+        assert_eq!(v.lock_pending().waiters.len(), 2);
+        // When it completes the waiters are woken and the block is established: in place.
+        s.finish_write(&v, 0, &[first], true);
+        assert!(v.lock_pending().waiters.is_empty());
+        assert!(s.resolve_write(&v, 0, 1, true, true, &q, &mut o2).unwrap());
+        assert_eq!(o2[0], WBlock { pba: first.pba, fresh: false, padded: false });
+        // Full writes of a new block may run together, but a partial one waits for them.
+        let mut f1 = Vec::new();
+        assert!(s.resolve_write(&v, 1, 1, false, false, &q, &mut f1).unwrap());
+        assert!(f1[0].fresh && !f1[0].padded);
+        let mut f2 = Vec::new();
+        assert!(s.resolve_write(&v, 1, 1, false, false, &q, &mut f2).unwrap());
+        assert_eq!(f2[0].pba, f1[0].pba);
+        assert!(!s.resolve_write(&v, 1, 1, true, false, &q, &mut o2).unwrap());
+        s.finish_write(&v, 1, &f1, true);
+        s.finish_write(&v, 1, &f2, true);
     }
 }

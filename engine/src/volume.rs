@@ -14,8 +14,9 @@ use crate::format::{map_key, MapEntry, MAP_KEY_LEN};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PState {
     /// Newly allocated; `writers` writes are in flight and none has completed yet, so the block
-    /// still reads as zeros.
-    Fresh { writers: u32 },
+    /// still reads as zeros. `padded` of them are partial writes padded with zeros to the whole
+    /// block; while one is in flight every other write to the block waits.
+    Fresh { writers: u32, padded: u32 },
     /// At least one complete write has landed in `pba`; to be committed.
     Written,
     /// The mapping was removed (discard, write-zeroes, shrink); to be committed as a delete.
@@ -36,6 +37,8 @@ pub(crate) struct Pending {
     /// Blocks this volume stopped referencing; reusable after the next commit (and reclaim).
     pub frees: Vec<u64>,
     pub seq: u64,
+    /// Queues with a write waiting for a block of this volume to be established.
+    pub waiters: Vec<std::sync::Arc<crate::io::QueueShared>>,
 }
 
 impl Pending {
@@ -43,6 +46,16 @@ impl Pending {
         self.seq += 1;
         self.map.insert(lba, PEntry { pba, state, seq: self.seq });
     }
+}
+
+/// How a block resolved for a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WBlock {
+    pub pba: u64,
+    /// Newly allocated by (or joined as a first write of) this request.
+    pub fresh: bool,
+    /// A partial first write: the whole block is written, zeros around the data.
+    pub padded: bool,
 }
 
 /// How a block resolved for a read.

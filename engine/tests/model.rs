@@ -1,53 +1,63 @@
-//! Model-based property test: random sequences of writes, discards, flushes, multi-block reads,
-//! volume grows and pool reopens, checked against a plain in-memory model after every step,
-//! with `check` clean and allocated == referenced at the end of every case.
+//! Model-based property test: random sequences of writes, discards and write-zeroes at 512-byte
+//! granularity, multi-block reads, flushes, volume grows and pool reopens, checked against a
+//! plain byte image of the volume after every step, with exact space accounting and `check`
+//! clean (allocated == referenced) at the end of every case.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use vblk_engine::*;
 
-const BLOCKS: u64 = 96;
+const BLOCKS: u64 = 64;
+const SECT: u64 = 512;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { lba: u64, n: u64, ver: u8 },
-    Discard { lba: u64, n: u64 },
-    Read { lba: u64, n: u64 },
+    Write { sector: u64, n: u64, ver: u8 },
+    Discard { sector: u64, n: u64 },
+    WriteZeroes { sector: u64, n: u64 },
+    Read { sector: u64, n: u64 },
     Flush,
     Reopen,
     Grow,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let s = BLOCKS * 8;
     prop_oneof![
-        6 => (0..BLOCKS, 1..9u64, 1..=255u8).prop_map(|(lba, n, ver)| Op::Write { lba, n, ver }),
-        2 => (0..BLOCKS, 1..20u64).prop_map(|(lba, n)| Op::Discard { lba, n }),
-        3 => (0..BLOCKS, 1..16u64).prop_map(|(lba, n)| Op::Read { lba, n }),
+        3 => (0..s, 1..72u64, 1..=255u8).prop_map(|(sector, n, ver)| Op::Write { sector: sector & !7, n: (n + 7) & !7, ver }),
+        3 => (0..s, 1..20u64, 1..=255u8).prop_map(|(sector, n, ver)| Op::Write { sector, n, ver }),
+        1 => (0..s, 1..160u64).prop_map(|(sector, n)| Op::Discard { sector, n }),
+        1 => (0..s, 1..40u64).prop_map(|(sector, n)| Op::WriteZeroes { sector, n }),
+        3 => (0..s, 1..80u64).prop_map(|(sector, n)| Op::Read { sector, n }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
         1 => Just(Op::Grow),
     ]
 }
 
-fn content(lba: u64, ver: u8) -> Vec<u8> {
-    let mut b = vec![ver; 4096];
-    b[..8].copy_from_slice(&lba.to_le_bytes());
+fn sector_data(sector: u64, ver: u8) -> Vec<u8> {
+    let mut b = vec![ver; SECT as usize];
+    b[..8].copy_from_slice(&sector.to_le_bytes());
     b
 }
 
+struct Model {
+    image: Vec<u8>,
+    mapped: BTreeSet<u64>,
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     #[test]
     fn engine_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("p.img");
-        // Pool smaller than the volume's reach so that NoSpace happens too.
-        create_pool(&path, &CreateOptions { size_bytes: Some((1 << 20) + 80 * 4096), ..Default::default() }).unwrap();
+        create_pool(&path, &CreateOptions { size_bytes: Some((1 << 20) + 200 * 4096), ..Default::default() }).unwrap();
         let mut pool = Some(Pool::open(&path, &PoolOptions::default()).unwrap());
         pool.as_ref().unwrap().create_volume("v", BLOCKS * 4096).unwrap();
-        let mut size = BLOCKS;
-        let mut model: HashMap<u64, u8> = HashMap::new();
+        let mut size = BLOCKS * 4096;
+        let mut m = Model { image: vec![0; size as usize], mapped: BTreeSet::new() };
         let mut vol = Some(pool.as_ref().unwrap().open_volume("v", false).unwrap());
         let mut io = Some(vol.as_ref().unwrap().sync_io().unwrap());
         for op in ops {
@@ -61,69 +71,70 @@ proptest! {
             }
             let p = pool.as_ref().unwrap();
             let s = io.as_mut().unwrap();
+            let clamp = |sector: u64, n: u64| -> (u64, u64) {
+                let off = (sector * SECT).min(size);
+                (off, (n * SECT).min(size - off).min(1 << 20))
+            };
             match op {
-                Op::Write { lba, n, ver } => {
-                    let n = n.min(size.saturating_sub(lba));
-                    if n == 0 { continue; }
-                    let data: Vec<u8> = (lba..lba + n).flat_map(|l| content(l, ver)).collect();
-                    match s.write_at(lba * 4096, &data) {
-                        Ok(()) => { for l in lba..lba + n { model.insert(l, ver); } }
-                        Err(Error::NoSpace) => {
-                            // A failed write may have landed partly (like a disk): resync the
-                            // model from what the volume now holds for those blocks.
-                            let mut b = vec![0u8; 4096];
-                            for l in lba..lba + n {
-                                s.read_at(l * 4096, &mut b).unwrap();
-                                if b.iter().all(|&x| x == 0) { model.remove(&l); }
-                                else { prop_assert_eq!(&b, &content(l, ver)); model.insert(l, ver); }
-                            }
-                        }
-                        Err(e) => panic!("{e}"),
+                Op::Write { sector, n, ver } => {
+                    let (off, len) = clamp(sector, n);
+                    if len == 0 { continue; }
+                    let data: Vec<u8> = (off / SECT..(off + len) / SECT).flat_map(|x| sector_data(x, ver)).collect();
+                    s.write_at(off, &data).unwrap();
+                    m.image[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    for b in off / 4096..(off + len).div_ceil(4096) { m.mapped.insert(b); }
+                }
+                Op::Discard { sector, n } => {
+                    let (off, len) = clamp(sector, n);
+                    if len == 0 { continue; }
+                    s.discard(off, len).unwrap();
+                    // Only whole blocks inside the range are unmapped (and read as zeros).
+                    for b in off.div_ceil(4096)..(off + len) / 4096 {
+                        m.mapped.remove(&b);
+                        m.image[(b * 4096) as usize..((b + 1) * 4096) as usize].fill(0);
                     }
                 }
-                Op::Discard { lba, n } => {
-                    let n = n.min(size.saturating_sub(lba));
-                    if n == 0 { continue; }
-                    s.discard(lba * 4096, n * 4096).unwrap();
-                    for l in lba..lba + n { model.remove(&l); }
+                Op::WriteZeroes { sector, n } => {
+                    let (off, len) = clamp(sector, n);
+                    if len == 0 { continue; }
+                    s.write_zeroes(off, len).unwrap();
+                    m.image[off as usize..(off + len) as usize].fill(0);
+                    let (first, last) = (off.div_ceil(4096), (off + len) / 4096);
+                    for b in off / 4096..(off + len).div_ceil(4096) {
+                        if b >= first && b < last { m.mapped.remove(&b); } else { m.mapped.insert(b); }
+                    }
                 }
-                Op::Read { lba, n } => {
-                    let n = n.min(size.saturating_sub(lba));
-                    if n == 0 { continue; }
-                    let mut buf = vec![0u8; (n * 4096) as usize];
-                    s.read_at(lba * 4096, &mut buf).unwrap();
-                    for (i, l) in (lba..lba + n).enumerate() {
-                        let got = &buf[i * 4096..(i + 1) * 4096];
-                        match model.get(&l) {
-                            Some(&v) => prop_assert_eq!(got, &content(l, v)[..], "block {}", l),
-                            None => prop_assert!(got.iter().all(|&x| x == 0), "block {} should be zero", l),
-                        }
+                Op::Read { sector, n } => {
+                    let (off, len) = clamp(sector, n);
+                    if len == 0 { continue; }
+                    let mut buf = vec![0u8; len as usize];
+                    s.read_at(off, &mut buf).unwrap();
+                    let want = &m.image[off as usize..(off + len) as usize];
+                    if buf != want {
+                        let i = buf.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                        prop_assert!(false, "read at {} len {}: first difference at byte {} (volume offset {})", off, len, i, off + i as u64);
                     }
                 }
                 Op::Flush => s.flush().unwrap(),
                 Op::Grow => {
-                    size += 8;
-                    p.resize_volume("v", size * 4096, false).unwrap();
+                    size += 8 * 4096;
+                    p.resize_volume("v", size, false).unwrap();
+                    m.image.resize(size as usize, 0);
                 }
                 Op::Reopen => {}
             }
-            // Space accounting follows the model exactly.
-            prop_assert_eq!(p.volume_info("v").unwrap().allocated_bytes, model.len() as u64 * 4096);
+            prop_assert_eq!(p.volume_info("v").unwrap().allocated_bytes, m.mapped.len() as u64 * 4096);
         }
         let p = pool.as_ref().unwrap();
         let rep = p.check().unwrap();
         prop_assert!(rep.is_clean(), "{:?}", rep);
-        prop_assert_eq!(rep.referenced_blocks, model.len() as u64);
-        // Everything read back once more.
+        prop_assert_eq!(rep.referenced_blocks, m.mapped.len() as u64);
         let s = io.as_mut().unwrap();
-        let mut b = vec![0u8; 4096];
-        for l in 0..size {
-            s.read_at(l * 4096, &mut b).unwrap();
-            match model.get(&l) {
-                Some(&v) => prop_assert_eq!(&b, &content(l, v)),
-                None => prop_assert!(b.iter().all(|&x| x == 0)),
-            }
+        let mut buf = vec![0u8; size as usize];
+        for (i, c) in buf.chunks_mut(1 << 20).enumerate() {
+            s.read_at(i as u64 * (1 << 20), c).unwrap();
         }
+        prop_assert!(buf == m.image, "final image differs");
         drop(io); drop(vol);
     }
 }

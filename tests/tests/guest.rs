@@ -92,7 +92,9 @@ fn guest_sees_virtio_blk_features() {
     disk.num_queues = 2;
     let out = run_guest_pass(&GuestRun::new("info", vec![disk, DiskSpec::new(&rosock)])).unwrap();
     assert_eq!(out.info("vda.size"), Some((100u64 << 30 >> 9).to_string().as_str()));
-    assert_eq!(out.info("vda.logical_block_size"), Some("4096"));
+    assert_eq!(out.info("vda.logical_block_size"), Some("512"));
+    assert_eq!(out.info("vda.physical_block_size"), Some("4096"));
+    assert_eq!(out.info("vda.minimum_io_size"), Some("4096"));
     // GET_ID: the serial is the volume name, cut to virtio's 20 bytes.
     assert_eq!(out.info("vda.serial"), Some("big-volume-name-0123"));
     assert_eq!(out.info("vda.mq"), Some("2"));

@@ -12,8 +12,17 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 /// virtio-blk addresses the disk in 512-byte sectors whatever the block size.
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
-/// The engine's block size: reads and writes must be aligned to it.
+/// The engine's block size (allocation unit). Advertised as the *physical* block size.
 pub const BLOCK_SIZE: u32 = 4096;
+/// The logical block size advertised in `blk_size`: 512, so that firmware that only knows
+/// 512-byte sectors (SeaBIOS refuses other virtio-blk block sizes) can boot from a volume. The
+/// topology fields tell the guest that 4 KiB is the physical block and the minimum efficient
+/// I/O, so file systems and partitioning align to it; sub-4 KiB I/O works, just slower.
+pub const LOGICAL_BLOCK_SIZE: u32 = 512;
+/// `physical_block_exp`: physical block = logical block << 3 = 4096.
+pub const PHYSICAL_BLOCK_EXP: u8 = 3;
+/// `min_io_size`, in logical blocks (4096 bytes).
+pub const MIN_IO_SIZE: u16 = 8;
 /// Sectors per engine block.
 pub const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE as u64 / SECTOR_SIZE;
 /// Largest single data segment (`size_max`).
@@ -90,7 +99,7 @@ impl BlkConfig {
             capacity: size_bytes >> SECTOR_SHIFT,
             size_max: SIZE_MAX,
             seg_max: seg_max_for(queue_size),
-            blk_size: BLOCK_SIZE,
+            blk_size: LOGICAL_BLOCK_SIZE,
             num_queues,
             writeback: u8::from(writeback),
             max_discard_sectors: MAX_DISCARD_SECTORS,
@@ -110,11 +119,11 @@ impl BlkConfig {
         b[12..16].copy_from_slice(&self.seg_max.to_le_bytes());
         // 16..20: geometry (not offered).
         b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
-        // Topology: physical_block_exp = 0 (physical = logical = blk_size), alignment_offset = 0,
-        // min_io_size = 1 logical block, opt_io_size = 0 (no preference).
-        b[24] = 0;
+        // Topology: physical_block_exp = 3 (4 KiB physical blocks), alignment_offset = 0,
+        // min_io_size = 8 logical blocks (4 KiB), opt_io_size = 0 (no preference).
+        b[24] = PHYSICAL_BLOCK_EXP;
         b[25] = 0;
-        b[26..28].copy_from_slice(&1u16.to_le_bytes());
+        b[26..28].copy_from_slice(&MIN_IO_SIZE.to_le_bytes());
         b[28..32].copy_from_slice(&0u32.to_le_bytes());
         b[32] = self.writeback;
         // 33: unused.
@@ -195,7 +204,9 @@ mod tests {
         let b = cfg().to_bytes();
         assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), (64 << 20) / 512);
         assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 254);
-        assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 512);
+        assert_eq!(b[24], 3, "physical block 4096");
+        assert_eq!(u16::from_le_bytes(b[26..28].try_into().unwrap()), 8);
         assert_eq!(b[32], 1);
         assert_eq!(u16::from_le_bytes(b[34..36].try_into().unwrap()), 4);
         assert_eq!(u32::from_le_bytes(b[44..48].try_into().unwrap()), 8);

@@ -136,8 +136,6 @@ pub enum RequestError {
     BadLength(u64),
     #[error("sectors {sector}+{sectors} are beyond the capacity of {capacity} sectors")]
     OutOfRange { sector: u64, sectors: u64, capacity: u64 },
-    #[error("sector {sector} / {len} bytes are not aligned to 4096-byte blocks")]
-    Misaligned { sector: u64, len: u64 },
     #[error("a data segment of {0} bytes exceeds size_max")]
     SegmentTooLarge(u32),
     #[error("{0} data segments exceed seg_max")]
@@ -343,9 +341,6 @@ fn data_buf<M: GuestMemoryBackend + ?Sized>(
     }
     let sectors = len >> SECTOR_SHIFT;
     check_range(sector, sectors, limits.capacity_sectors)?;
-    if !sector.is_multiple_of(SECTORS_PER_BLOCK) || !sectors.is_multiple_of(SECTORS_PER_BLOCK) {
-        return Err(RequestError::Misaligned { sector, len });
-    }
     let offset = sector << SECTOR_SHIFT; // sector <= capacity < 2^55: no overflow.
     let mut iov = Vec::with_capacity(segs.len());
     for s in &segs {
@@ -415,9 +410,6 @@ fn parse_dwz<M: GuestMemoryBackend + ?Sized>(
                 ranges.push(ByteRange { offset: first << SECTOR_SHIFT, len: (last - first) << SECTOR_SHIFT });
             }
         } else {
-            if !sector.is_multiple_of(SECTORS_PER_BLOCK) || !u64::from(num).is_multiple_of(SECTORS_PER_BLOCK) {
-                return Err(RequestError::Misaligned { sector, len: u64::from(num) << SECTOR_SHIFT });
-            }
             ranges.push(ByteRange { offset: sector << SECTOR_SHIFT, len: u64::from(num) << SECTOR_SHIFT });
         }
     }
@@ -708,11 +700,14 @@ mod tests {
         assert!(matches!(p.op, Err(RequestError::BadSegmentPayload(15))));
         let p = parse(&m, &[rd(HDR, 16), wr(STATUS, 1)]);
         assert!(matches!(p.op, Err(RequestError::BadSegmentPayload(0))));
-        // Misaligned write-zeroes: IOERR (the engine works in 4 KiB blocks).
+        // Sector-granular write-zeroes is valid (the engine zeroes partial blocks).
         header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
         let n = segments(&m, &[(1, 8, 0)]);
         let p = parse(&m, &[rd(HDR, 16), rd(PAYLOAD, n), wr(STATUS, 1)]);
-        assert!(matches!(p.op, Err(RequestError::Misaligned { .. })));
+        match &p.op {
+            Ok(BlkOp::WriteZeroes(r)) => assert_eq!(r, &vec![ByteRange { offset: 512, len: 4096 }]),
+            other => panic!("{other:?}"),
+        }
         // Device-writable data on a discard.
         header(&m, VIRTIO_BLK_T_DISCARD, 0);
         let n = segments(&m, &[(0, 8, 0)]);
@@ -790,11 +785,12 @@ mod tests {
         header(&m, VIRTIO_BLK_T_IN, 0);
         let p = parse(&m, &[rd(HDR, 16), wr(DATA, 100), wr(STATUS, 1)]);
         assert_eq!(p.op.as_ref().unwrap_err(), &RequestError::BadLength(100));
+        // Sector granularity is valid: 512 bytes, and 4 KiB at sector 1.
         let p = parse(&m, &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)]);
-        assert!(matches!(p.op, Err(RequestError::Misaligned { .. })));
+        assert!(p.op.is_ok(), "{:?}", p.op);
         header(&m, VIRTIO_BLK_T_IN, 1);
         let p = parse(&m, &[rd(HDR, 16), wr(DATA, 4096), wr(STATUS, 1)]);
-        assert!(matches!(p.op, Err(RequestError::Misaligned { .. })));
+        assert!(p.op.is_ok(), "{:?}", p.op);
         // Data outside guest memory.
         header(&m, VIRTIO_BLK_T_IN, 0);
         let p = parse(&m, &[rd(HDR, 16), wr(MEM_SIZE - 2048, 4096), wr(STATUS, 1)]);

@@ -16,7 +16,7 @@ fn write_flush_read_back() {
     let mut c = Client::connect(&s.socket, 1).unwrap();
     assert!(dev.connected());
     assert_eq!(c.blkio.get_u64("capacity").unwrap(), VOL_SIZE);
-    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 4096);
+    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 512);
 
     let data = pattern(1, 64 << 10);
     c.buf()[..data.len()].copy_from_slice(&data);
@@ -25,6 +25,20 @@ fn write_flush_read_back() {
     c.buf()[..data.len()].fill(0);
     assert_eq!(c.read(0, 1 << 20, 0, data.len()), 0);
     assert_eq!(&c.buf()[..data.len()], &data[..]);
+
+    // Sector-granular I/O: 512 bytes into an unwritten block and into a written one.
+    let sect = pattern(7, 512);
+    c.buf()[..512].copy_from_slice(&sect);
+    assert_eq!(c.write(0, (2 << 20) + 1536, 0, 512), 0);
+    assert_eq!(c.write(0, (1 << 20) + 1536, 0, 512), 0);
+    c.buf()[..8192].fill(0xee);
+    assert_eq!(c.read(0, 2 << 20, 0, 4096), 0);
+    assert!(c.buf()[..1536].iter().all(|&b| b == 0) && c.buf()[2048..4096].iter().all(|&b| b == 0));
+    assert_eq!(&c.buf()[1536..2048], &sect[..]);
+    assert_eq!(c.read(0, (1 << 20) + 1024, 0, 1536), 0);
+    assert_eq!(&c.buf()[..512], &data[1024..1536]);
+    assert_eq!(&c.buf()[512..1024], &sect[..]);
+    assert_eq!(&c.buf()[1024..1536], &data[2048..2560]);
 
     // An unwritten range reads as zeros; the last block of the volume is readable.
     c.buf()[..4096].fill(0xaa);

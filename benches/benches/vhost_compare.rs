@@ -1,0 +1,606 @@
+//! Side-by-side macro benchmark from the host, through a real vhost-user-blk client (libblkio's
+//! "virtio-blk-vhost-user" driver, the `blkio` crate):
+//!
+//! - (a) fio, io_uring, O_DIRECT, on a raw file: the device limit;
+//! - (b) qemu-storage-daemon exporting that raw file over vhost-user-blk;
+//! - (c) qemu-storage-daemon exporting a fully written qcow2 (and, for allocating writes, a fresh one);
+//! - (e) vblk: a fully written thin volume (filled with `vblk import` of the raw file);
+//! - (g) vblk: a freshly created volume, for allocating writes.
+//!
+//! Every server is started fresh for every cell on the same directory, and the cells are
+//! interleaved: for each repeat, for each workload, a b c e ... Reported: IOPS (MiB/s for
+//! 128 KiB), QD1 mean and p99 latency, and server CPU per I/O (utime+stime of the server process
+//! from /proc/PID/stat around the cell), as medians with min-max and as ratios to (b) and (a).
+//!
+//! `cargo bench -p vblk-benches --bench vhost_compare`
+//! env: VBLK_BENCH_SECS per cell (10), VBLK_BENCH_REPEATS (3), VBLK_BENCH_DIR (/var/tmp),
+//! VBLK_BENCH_GIB working set (2; fractions allowed), VBLK_BENCH_FRESH_GIB size of the fresh
+//! volume / qcow2 for allocating writes (2 x the working set; a cell ends early when it has written
+//! every block), VBLK_BENCH_PREALLOC pool --preallocate (full), VBLK_BENCH_CACHE vblk --cache
+//! (64M), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
+//! benches/results/), VBLK_BIN (use this vblk binary instead of building target/release/vblk).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use vblk_benches::vhost::*;
+use vblk_benches::{process_cpu_seconds, stats, Rng};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// Queues every server exports (clients use 1 or 2 of them).
+const EXPORT_QUEUES: usize = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Server {
+    Fio,
+    QsdRaw,
+    QsdQcow2,
+    Vblk,
+    VblkFresh,
+    QsdQcow2Fresh,
+}
+
+impl Server {
+    fn label(self) -> &'static str {
+        match self {
+            Server::Fio => "(a) fio, raw file",
+            Server::QsdRaw => "(b) qsd, raw file",
+            Server::QsdQcow2 => "(c) qsd, qcow2 (written)",
+            Server::Vblk => "(e) vblk, volume (written)",
+            Server::VblkFresh => "(g) vblk, fresh volume",
+            Server::QsdQcow2Fresh => "(c) qsd, fresh qcow2",
+        }
+    }
+}
+
+struct Workload {
+    key: &'static str,
+    title: &'static str,
+    write: bool,
+    bs: u64,
+    qd: usize,
+    queues: usize,
+    pattern: Pattern,
+    latency: bool,
+    servers: Vec<Server>,
+    /// Ratios are to (b) and (a) in this workload.
+    base: &'static str,
+}
+
+impl Workload {
+    fn mibps(&self) -> bool {
+        self.bs >= 64 * KIB
+    }
+    fn unit(&self) -> &'static str {
+        if self.mibps() {
+            "MiB/s"
+        } else {
+            "IOPS"
+        }
+    }
+}
+
+fn workloads(qcow2: bool) -> Vec<Workload> {
+    use Server::*;
+    let mut all = vec![Fio, QsdRaw, Vblk];
+    let mut fresh = vec![VblkFresh];
+    if qcow2 {
+        all.insert(2, QsdQcow2);
+        fresh.push(QsdQcow2Fresh);
+    }
+    let w = |key, title, write, bs, qd, queues, pattern, latency| Workload {
+        key,
+        title,
+        write,
+        bs,
+        qd,
+        queues,
+        pattern,
+        latency,
+        servers: all.clone(),
+        base: key,
+    };
+    vec![
+        w("rr4k-qd32", "4K randread QD32, 1 queue", false, 4 * KIB, 32, 1, Pattern::Random, false),
+        w("rw4k-qd32", "4K randwrite QD32, 1 queue", true, 4 * KIB, 32, 1, Pattern::Random, false),
+        w("rw4k-qd32x2", "4K randwrite QD32 x 2 queues", true, 4 * KIB, 32, 2, Pattern::Random, false),
+        w("rr4k-qd1", "4K randread QD1", false, 4 * KIB, 1, 1, Pattern::Random, true),
+        w("sr128k-qd8", "128K seq read QD8", false, 128 * KIB, 8, 1, Pattern::Sequential, false),
+        w("sw128k-qd8", "128K seq write QD8", true, 128 * KIB, 8, 1, Pattern::Sequential, false),
+        Workload {
+            key: "aw4k-qd32",
+            title: "4K allocating randwrite QD32, 1 queue",
+            write: true,
+            bs: 4 * KIB,
+            qd: 32,
+            queues: 1,
+            pattern: Pattern::Distinct,
+            latency: false,
+            servers: fresh,
+            base: "rw4k-qd32",
+        },
+    ]
+}
+
+/// One cell's figures.
+#[derive(Clone, Debug, Default)]
+struct Cell {
+    /// IOPS, or MiB/s for large blocks.
+    rate: f64,
+    iops: f64,
+    /// Server CPU per I/O, µs (none for fio: it has no server).
+    server_us: Option<f64>,
+    /// Client + server CPU per I/O, µs (fio: fio's own CPU, i.e. its whole I/O path).
+    total_us: Option<f64>,
+    /// QD1: mean and p99 latency, µs.
+    lat: Option<(f64, f64)>,
+    note: String,
+}
+
+struct Bench {
+    dir: PathBuf,
+    raw: PathBuf,
+    qcow2: Option<PathBuf>,
+    pool: PathBuf,
+    span: u64,
+    fresh_size: u64,
+    dur: Duration,
+    aio: String,
+    cache: String,
+}
+
+/// Removes a file when dropped.
+struct RmOnDrop(PathBuf);
+impl Drop for RmOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Bench {
+    fn run_cell(&self, w: &Workload, server: Server, seed: u64) -> Result<Cell> {
+        check_stop()?;
+        let sock = self.dir.join("dev.sock");
+        match server {
+            Server::Fio => self.fio_cell(w, seed),
+            Server::QsdRaw | Server::QsdQcow2 => {
+                let (img, fmt) = if server == Server::QsdRaw {
+                    (&self.raw, "raw")
+                } else {
+                    (self.qcow2.as_ref().ok_or_else(|| anyhow!("no qcow2"))?, "qcow2")
+                };
+                let mut q = Qsd::start(img, fmt, &self.aio, &sock, EXPORT_QUEUES, &self.dir.join("qsd.log"))?;
+                let c = self.blkio_cell(&q.sock, q.pid(), w, self.span, seed)?;
+                q.stop()?;
+                Ok(c)
+            }
+            Server::QsdQcow2Fresh => {
+                let img = self.dir.join("fresh.qcow2");
+                let _rm = RmOnDrop(img.clone());
+                run_cmd(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&img).arg(self.fresh_size.to_string()))?;
+                let mut q = Qsd::start(&img, "qcow2", &self.aio, &sock, EXPORT_QUEUES, &self.dir.join("qsd.log"))?;
+                let c = self.blkio_cell(&q.sock, q.pid(), w, self.fresh_size, seed)?;
+                q.stop()?;
+                Ok(c)
+            }
+            Server::Vblk => {
+                let attach = format!("--attach=full:{}:{EXPORT_QUEUES}", sock.display());
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[attach])?;
+                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
+                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
+                d.stop()?;
+                Ok(c)
+            }
+            Server::VblkFresh => {
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
+                let _ = d.cli(&["vol", "delete", "fresh"]);
+                d.cli(&["vol", "create", "fresh", &self.fresh_size.to_string()])?;
+                let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+                d.cli(&["attach", "fresh", "--socket", s, "--queues", &EXPORT_QUEUES.to_string()])?;
+                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
+                let c = self.blkio_cell(&sock, d.pid(), w, self.fresh_size, seed)?;
+                d.cli(&["detach", "fresh"])?;
+                d.cli(&["vol", "delete", "fresh"])?;
+                d.stop()?;
+                Ok(c)
+            }
+        }
+    }
+
+    fn blkio_cell(&self, sock: &Path, pid: u32, w: &Workload, span: u64, seed: u64) -> Result<Cell> {
+        let mut client = BenchClient::connect(sock, w.queues, w.qd * w.bs as usize)?;
+        let spec = Spec {
+            write: w.write,
+            bs: w.bs,
+            qd: w.qd,
+            pattern: w.pattern,
+            span,
+            dur: Some(self.dur),
+            limit: None,
+            record_latency: w.latency,
+            seed,
+        };
+        let (s0, c0) = (proc_cpu_seconds(pid)?, process_cpu_seconds());
+        let mut out = client.run(&spec)?;
+        let (s1, c1) = (proc_cpu_seconds(pid)?, process_cpu_seconds());
+        drop(client);
+        let ops = out.ops.max(1) as f64;
+        let iops = out.iops();
+        let rate = if w.mibps() { iops * w.bs as f64 / MIB as f64 } else { iops };
+        let note = if out.exhausted { format!("wrote every block of the fresh device in {:.1} s", out.secs) } else { String::new() };
+        Ok(Cell {
+            rate,
+            iops,
+            server_us: Some((s1 - s0) * 1e6 / ops),
+            total_us: Some((s1 - s0 + c1 - c0) * 1e6 / ops),
+            lat: out.latency_us(),
+            note,
+        })
+    }
+
+    fn fio_cell(&self, w: &Workload, seed: u64) -> Result<Cell> {
+        let rw = match (w.pattern, w.write) {
+            (Pattern::Random, false) => "randread",
+            (Pattern::Random, true) => "randwrite",
+            (Pattern::Sequential, false) => "read",
+            (Pattern::Sequential, true) => "write",
+            (Pattern::Distinct, _) => bail!("fio has no allocating-write cell"),
+        };
+        let mut cmd = Command::new("fio");
+        cmd.arg("--name=x")
+            .arg(format!("--filename={}", self.raw.display()))
+            .args(["--ioengine=io_uring", "--direct=1"])
+            .arg(format!("--rw={rw}"))
+            .arg(format!("--bs={}k", w.bs / KIB))
+            .arg(format!("--iodepth={}", w.qd))
+            .arg(format!("--numjobs={}", w.queues))
+            .arg("--group_reporting")
+            .arg(format!("--size={}", self.span))
+            .arg(format!("--runtime={}", self.dur.as_secs().max(1)))
+            .args(["--time_based", "--norandommap", "--lat_percentiles=1"])
+            .arg(format!("--randseed={seed}"))
+            .arg("--output-format=json");
+        let c0 = children_cpu_seconds();
+        let out = run_cmd(&mut cmd)?;
+        let c1 = children_cpu_seconds();
+        let j: serde_json::Value = serde_json::from_str(&out[out.find('{').ok_or_else(|| anyhow!("no JSON from fio: {out}"))?..])
+            .context("parsing fio's JSON")?;
+        let job = &j["jobs"][0];
+        let side = &job[if w.write { "write" } else { "read" }];
+        let iops = side["iops"].as_f64().ok_or_else(|| anyhow!("no iops in fio output"))?;
+        let ios = side["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
+        let bw = side["bw_bytes"].as_f64().unwrap_or(0.0);
+        let lat = if w.latency {
+            let mean = side["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0;
+            let p99 = side["lat_ns"]["percentile"]["99.000000"]
+                .as_f64()
+                .or_else(|| side["clat_ns"]["percentile"]["99.000000"].as_f64())
+                .unwrap_or(0.0)
+                / 1000.0;
+            Some((mean, p99))
+        } else {
+            None
+        };
+        Ok(Cell {
+            rate: if w.mibps() { bw / MIB as f64 } else { iops },
+            iops,
+            server_us: None,
+            total_us: Some((c1 - c0) * 1e6 / ios),
+            lat,
+            note: String::new(),
+        })
+    }
+}
+
+/// Write `size` bytes of non-zero, non-repeating data (every 4 KiB block different) and sync.
+fn fill_raw(path: &Path, size: u64) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut rng = Rng(0x0123_4567_89AB_CDEF);
+    let mut off = 0u64;
+    while off < size {
+        check_stop()?;
+        let n = (size - off).min(MIB) as usize;
+        for c in buf.chunks_mut(8) {
+            c.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        for (i, b) in buf.chunks_mut(4096).enumerate() {
+            b[..8].copy_from_slice(&((off / 4096) + i as u64).to_le_bytes());
+            b[8..16].copy_from_slice(b"vblkbnch");
+        }
+        f.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn tool_exists(prog: &str) -> bool {
+    Command::new(prog).arg("--version").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok()
+}
+
+fn fmt_rate(x: f64, mib: bool) -> String {
+    if mib {
+        format!("{x:.0}")
+    } else if x >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn ratio(x: Option<f64>, base: Option<f64>) -> String {
+    match (x, base) {
+        (Some(x), Some(b)) if b > 0.0 => format!("{:.2}×", x / b),
+        _ => "–".into(),
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| stats(v).0)
+}
+
+fn med_range(v: &[f64], f: impl Fn(f64) -> String) -> (String, String) {
+    if v.is_empty() {
+        return ("–".into(), "–".into());
+    }
+    let (m, lo, hi) = stats(v);
+    (f(m), if v.len() > 1 { format!("{}–{}", f(lo), f(hi)) } else { "–".into() })
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    install_stop_handler();
+    if let Err(e) = real_main() {
+        eprintln!("vhost_compare failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let smoke = smoke();
+    let secs: u64 = if smoke { 1 } else { env_or("VBLK_BENCH_SECS", 10) };
+    let repeats: usize = if smoke { 1 } else { env_or("VBLK_BENCH_REPEATS", 3) };
+    let gib: f64 = if smoke { 0.25 } else { env_or("VBLK_BENCH_GIB", 2.0) };
+    let span = ((gib * GIB as f64) as u64 / MIB).max(16) * MIB;
+    let fresh_gib: f64 = env_or("VBLK_BENCH_FRESH_GIB", 2.0 * span as f64 / GIB as f64);
+    let fresh_size = ((fresh_gib * GIB as f64) as u64 / MIB).max(16) * MIB;
+    let prealloc: String = env_or("VBLK_BENCH_PREALLOC", "full".to_string());
+    let cache: String = env_or("VBLK_BENCH_CACHE", "64M".to_string());
+    let base_dir = bench_dir();
+    let t_start = Instant::now();
+
+    for t in ["fio", "qemu-storage-daemon"] {
+        if !tool_exists(t) {
+            bail!("{t} is not installed");
+        }
+    }
+    let have_qemu_img = tool_exists("qemu-img");
+    let vblk_bin = ensure_vblk_bin()?;
+
+    // Space: raw + written qcow2 + pool (written volume + fresh volume + slack) + fresh qcow2.
+    let pool_size = span + fresh_size + 256 * MIB;
+    let need = span + if have_qemu_img { span + fresh_size } else { 0 } + pool_size + 512 * MIB;
+    let free = free_bytes(&base_dir)?;
+    if free < need {
+        bail!(
+            "{} has {:.1} GiB free, this run needs {:.1} GiB: lower VBLK_BENCH_GIB / VBLK_BENCH_FRESH_GIB or set VBLK_BENCH_DIR",
+            base_dir.display(),
+            free as f64 / GIB as f64,
+            need as f64 / GIB as f64
+        );
+    }
+    let tmp = tempfile::Builder::new().prefix("vblk-vhost-compare-").tempdir_in(&base_dir).context("creating the work directory")?;
+    let dir = tmp.path().to_path_buf();
+    eprintln!(
+        "vhost_compare: {secs} s cells x {repeats} repeats, working set {} MiB, fresh device {} MiB, in {}{}",
+        span / MIB,
+        fresh_size / MIB,
+        dir.display(),
+        if smoke { " (SMOKE)" } else { "" }
+    );
+
+    // (a)/(b): the raw file.
+    let raw = dir.join("disk.raw");
+    let t0 = Instant::now();
+    fill_raw(&raw, span)?;
+    eprintln!("wrote {} MiB raw file in {:.1} s", span / MIB, t0.elapsed().as_secs_f64());
+    let aio = probe_qsd_aio(&raw, &dir);
+
+    // (c): qcow2 converted from the written raw file: every cluster allocated.
+    let qcow2 = if have_qemu_img {
+        let q = dir.join("disk.qcow2");
+        let t0 = Instant::now();
+        run_cmd(Command::new("qemu-img").args(["convert", "-t", "none", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q))?;
+        eprintln!("converted to qcow2 in {:.1} s", t0.elapsed().as_secs_f64());
+        Some(q)
+    } else {
+        eprintln!("qemu-img not found: no qcow2 rows");
+        None
+    };
+
+    // (e)/(g): the vblk pool, the written volume by import of the raw file.
+    let pool = dir.join("pool.img");
+    let t0 = Instant::now();
+    run_cmd(
+        Command::new(&vblk_bin)
+            .args(["pool", "create"])
+            .arg(&pool)
+            .args(["--size", &pool_size.to_string(), "--preallocate", &prealloc]),
+    )?;
+    eprintln!("created {} MiB pool (--preallocate {prealloc}) in {:.1} s", pool_size / MIB, t0.elapsed().as_secs_f64());
+    {
+        let t0 = Instant::now();
+        let mut d = VblkDaemon::start(&dir, &pool, &cache, &[])?;
+        d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "full"])?;
+        let info = d.json(&["vol", "info", "full"])?;
+        let alloc = info["allocated_bytes"].as_u64().unwrap_or(0);
+        if alloc != span {
+            bail!("volume 'full' has {alloc} bytes allocated after import, expected {span}: {info}");
+        }
+        d.stop()?;
+        eprintln!("imported into vblk volume 'full' in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+
+    let bench = Bench { dir: dir.clone(), raw, qcow2, pool, span, fresh_size, dur: Duration::from_secs(secs), aio, cache: cache.clone() };
+    let wls = workloads(bench.qcow2.is_some());
+    let mut res: HashMap<(&str, Server), Vec<Cell>> = HashMap::new();
+    let mut log: Vec<(usize, &str, Server, Cell)> = Vec::new();
+    for rep in 0..repeats {
+        for (wi, w) in wls.iter().enumerate() {
+            let seed = 0x5EED_0000 + (rep as u64) * 1000 + wi as u64;
+            for &s in &w.servers {
+                let c = bench.run_cell(w, s, seed).with_context(|| format!("cell {} / {}", w.title, s.label()))?;
+                let mut line = format!(
+                    "[{}/{repeats}] {:<40} {:<28} {:>9} {}",
+                    rep + 1,
+                    w.title,
+                    s.label(),
+                    fmt_rate(c.rate, w.mibps()),
+                    w.unit()
+                );
+                if let Some(u) = c.server_us {
+                    line += &format!(", server {u:.1} µs/IO");
+                }
+                if let Some((m, p)) = c.lat {
+                    line += &format!(", mean {m:.1} µs, p99 {p:.1} µs");
+                }
+                if !c.note.is_empty() {
+                    line += &format!(" ({})", c.note);
+                }
+                eprintln!("{line}");
+                res.entry((w.key, s)).or_default().push(c.clone());
+                log.push((rep + 1, w.title, s, c));
+            }
+        }
+    }
+
+    // Report.
+    let col = |k: &str, s: Server, f: &dyn Fn(&Cell) -> Option<f64>| -> Vec<f64> {
+        res.get(&(k, s)).map(|v| v.iter().filter_map(f).collect()).unwrap_or_default()
+    };
+    let rate = |c: &Cell| Some(c.rate);
+    let srv = |c: &Cell| c.server_us;
+    let tot = |c: &Cell| c.total_us;
+    let mean = |c: &Cell| c.lat.map(|l| l.0);
+    let p99 = |c: &Cell| c.lat.map(|l| l.1);
+    let mut md = String::new();
+    md += &format!("# vhost-user-blk side by side: fio, qemu-storage-daemon, vblk ({})\n\n", today());
+    md += &format!(
+        "`{}cargo bench -p vblk-benches --bench vhost_compare`: {secs} s per cell, {repeats} repeat(s), \
+         cells interleaved (per repeat: each workload on every server in turn); total run {:.0} s.\n\n",
+        if smoke { "VBLK_BENCH_SMOKE=1 " } else { "" },
+        t_start.elapsed().as_secs_f64()
+    );
+    md += &machine_facts(&base_dir);
+    md += &format!(
+        "- working set {} MiB (every block written beforehand; random offsets uniform over it, xorshift; \
+         sequential cells wrap at its end); fresh device for allocating writes {} MiB\n",
+        span / MIB,
+        fresh_size / MIB
+    );
+    md += &format!(
+        "- (a) `fio --ioengine=io_uring --direct=1 --size={} --numjobs=QUEUES --iodepth=QD --time_based --norandommap --lat_percentiles=1` on the raw file\n",
+        span
+    );
+    md += &format!(
+        "- (b)/(c) `qemu-storage-daemon --blockdev driver=file,...,cache.direct=on,aio={} [--blockdev driver=qcow2,...] --export type=vhost-user-blk,...,num-queues={EXPORT_QUEUES}`; \
+         the written qcow2 is `qemu-img convert -O qcow2` of the raw file (64 KiB clusters, all allocated); the fresh one `qemu-img create -f qcow2`\n",
+        bench.aio
+    );
+    md += &format!(
+        "- (e)/(g) `vblk daemon --cache {cache}`, pool created with `--preallocate {prealloc}`, attached with {EXPORT_QUEUES} queues; \
+         (e) filled by `vblk import` of the raw file; (g) `vblk vol create` before and `vol delete` after each cell\n"
+    );
+    md += "- client: libblkio virtio-blk-vhost-user (blkio crate 0.5), one thread per queue, QD requests kept in flight per queue, \
+           blocking completion waits (no polling); each server process is started for its cell and stopped after it\n";
+    md += "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat around the cell, per I/O; \
+           total CPU: server + this client process (for fio: fio's own CPU, i.e. its whole I/O path); clock-tick resolution 10 ms\n\n";
+
+    md += "## Throughput and CPU per I/O (median, min–max over repeats)\n\n";
+    md += "| workload | server | median | min–max | vs (b) qsd raw | vs (a) fio | server CPU µs/IO | min–max | CPU vs (b) | total CPU µs/IO |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|\n";
+    for w in &wls {
+        let qsd = median(&col(w.base, Server::QsdRaw, &rate));
+        let fio = median(&col(w.base, Server::Fio, &rate));
+        let qsd_cpu = median(&col(w.base, Server::QsdRaw, &srv));
+        for &s in &w.servers {
+            let r = col(w.key, s, &rate);
+            let (m, mm) = med_range(&r, |x| fmt_rate(x, w.mibps()));
+            let cpu = col(w.key, s, &srv);
+            let (cm, cmm) = med_range(&cpu, |x| format!("{x:.1}"));
+            let (tm, _) = med_range(&col(w.key, s, &tot), |x| format!("{x:.1}"));
+            md += &format!(
+                "| {} ({}) | {} | {m} | {mm} | {} | {} | {cm} | {cmm} | {} | {tm} |\n",
+                w.title,
+                w.unit(),
+                s.label(),
+                ratio(median(&r), qsd),
+                ratio(median(&r), fio),
+                ratio(median(&cpu), qsd_cpu)
+            );
+        }
+    }
+    md += "\nThe allocating-write rows are compared with the randwrite QD32 (1 queue) figures of (b) and (a), which overwrite written blocks.\n";
+    for w in wls.iter().filter(|w| w.latency) {
+        md += &format!("\n## {} latency (µs, submission to completion; median of repeats, min–max)\n\n", w.title);
+        md += "| server | IOPS | mean | min–max | vs (b) | vs (a) | p99 | min–max | vs (b) | vs (a) |\n";
+        md += "|---|---|---|---|---|---|---|---|---|---|\n";
+        let qm = median(&col(w.key, Server::QsdRaw, &mean));
+        let fm = median(&col(w.key, Server::Fio, &mean));
+        let qp = median(&col(w.key, Server::QsdRaw, &p99));
+        let fp = median(&col(w.key, Server::Fio, &p99));
+        for &s in &w.servers {
+            let (r, _) = med_range(&col(w.key, s, &rate), |x| fmt_rate(x, false));
+            let mv = col(w.key, s, &mean);
+            let pv = col(w.key, s, &p99);
+            let (mm, mmm) = med_range(&mv, |x| format!("{x:.1}"));
+            let (pm, pmm) = med_range(&pv, |x| format!("{x:.1}"));
+            md += &format!(
+                "| {} | {r} | {mm} | {mmm} | {} | {} | {pm} | {pmm} | {} | {} |\n",
+                s.label(),
+                ratio(median(&mv), qm),
+                ratio(median(&mv), fm),
+                ratio(median(&pv), qp),
+                ratio(median(&pv), fp)
+            );
+        }
+        md += "\n(fio: lat_ns, i.e. submission to completion, p99 from --lat_percentiles.)\n";
+    }
+    md += "\n## Every cell\n\n| repeat | workload | server | figure | IOPS | server CPU µs/IO | total CPU µs/IO | mean µs | p99 µs | note |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|\n";
+    let opt = |x: Option<f64>| x.map(|v| format!("{v:.1}")).unwrap_or_else(|| "–".into());
+    for (rep, title, s, c) in &log {
+        let w = wls.iter().find(|w| w.title == *title).ok_or_else(|| anyhow!("workload"))?;
+        md += &format!(
+            "| {rep} | {title} | {} | {} {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            s.label(),
+            fmt_rate(c.rate, w.mibps()),
+            w.unit(),
+            c.iops,
+            opt(c.server_us),
+            opt(c.total_us),
+            opt(c.lat.map(|l| l.0)),
+            opt(c.lat.map(|l| l.1)),
+            c.note
+        );
+    }
+    println!("\n{md}");
+    let out = results_path("vhost_compare", smoke)?;
+    std::fs::write(&out, &md)?;
+    eprintln!("wrote {}", out.display());
+    drop(bench);
+    tmp.close().context("removing the work directory")?;
+    Ok(())
+}
