@@ -18,7 +18,7 @@ use crate::alloc::{Allocator, Reclaim};
 use crate::error::{Error, Location, Result};
 use crate::format::{self, *};
 use crate::io::{Completion, QueueShared};
-use crate::volume::{Committed, PState, ReadRes, VolumeState, WBlock};
+use crate::volume::{CacheBudget, Committed, PState, ReadRes, VolumeState, WBlock, UNMAPPED};
 
 pub use crate::format::MAX_VOLUME_SIZE;
 /// Commit when this many uncommitted map changes have piled up in one volume.
@@ -30,7 +30,8 @@ pub struct PoolOptions {
     /// Metadata (RocksDB) directory; default `PATH.meta` beside a pool file, required for a
     /// block device.
     pub meta_dir: Option<PathBuf>,
-    /// RocksDB block cache, the "metadata cache" (default 64 MiB).
+    /// The metadata cache (default 64 MiB): half is RocksDB's block cache, half an in-memory
+    /// cache of block-map entries that spares the data path a RocksDB lookup per request.
     pub cache_bytes: usize,
     /// Commit uncommitted mappings at least this often even without a guest FLUSH.
     pub commit_interval: Duration,
@@ -349,6 +350,7 @@ pub(crate) struct Shared {
     pub failed: AtomicBool,
     pub open_problems: Vec<String>,
     pub nospace_logged: AtomicBool,
+    pub cache: CacheBudget,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -429,14 +431,20 @@ impl Shared {
     pub(crate) fn resolve_read(&self, vol: &VolumeState, lba: u64, n: u64, out: &mut Vec<ReadRes>) -> Result<()> {
         out.clear();
         let mut missing = 0;
+        let gen;
         {
             let p = vol.lock_pending();
+            gen = p.cache_gen;
             for i in 0..n {
                 let r = match p.map.get(&(lba + i)) {
-                    None => {
-                        missing += 1;
-                        None
-                    }
+                    None => match p.cache.get(&(lba + i)) {
+                        Some(&UNMAPPED) => Some(ReadRes::Zero),
+                        Some(&pba) => Some(ReadRes::At(pba)),
+                        None => {
+                            missing += 1;
+                            None
+                        }
+                    },
                     Some(e) => Some(match e.state {
                         PState::Written => ReadRes::At(e.pba),
                         PState::Fresh { .. } | PState::Removed => ReadRes::Zero,
@@ -449,12 +457,19 @@ impl Shared {
         if missing == 0 {
             return Ok(());
         }
+        let mut found: Vec<(u64, u64)> = Vec::with_capacity(missing);
         let mut fill = |l: u64, e: Option<MapEntry>| {
             let slot = &mut out[(l - lba) as usize];
             if *slot == ReadRes::At(u64::MAX) {
                 *slot = match e {
-                    Some(e) if e.pba < self.sb.total_blocks => ReadRes::At(e.pba),
-                    _ => ReadRes::Zero,
+                    Some(e) if e.pba < self.sb.total_blocks => {
+                        found.push((l, e.pba));
+                        ReadRes::At(e.pba)
+                    }
+                    _ => {
+                        found.push((l, UNMAPPED));
+                        ReadRes::Zero
+                    }
                 };
             }
         };
@@ -465,9 +480,19 @@ impl Shared {
                 fill(c.lba, Some(c.entry));
             }
         }
-        for s in out.iter_mut() {
+        for (i, s) in out.iter_mut().enumerate() {
             if *s == ReadRes::At(u64::MAX) {
                 *s = ReadRes::Zero;
+                found.push((lba + i as u64, UNMAPPED));
+            }
+        }
+        // Fill the cache unless a commit changed the committed map since we looked.
+        let mut p = vol.lock_pending();
+        if p.cache_gen == gen {
+            for (l, v) in found {
+                if !p.map.contains_key(&l) {
+                    p.cache_put(l, v, &self.cache);
+                }
             }
         }
         Ok(())
@@ -504,6 +529,20 @@ impl Shared {
                 }
             }
         }
+        // Committed mappings of the range: one iterator seek for a multi-block write instead of
+        // a point lookup per block (only consulted for blocks without a pending entry).
+        let committed = if n > 1 {
+            match self.committed_range(vol, lba, lba + n) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    drop(p);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let mut ci = 0usize;
         let mut hint: Option<u64> = None;
         for i in 0..n {
             let l = lba + i;
@@ -528,14 +567,33 @@ impl Shared {
                     }
                     PState::Removed => None,
                 },
-                None => match self.committed_get(vol, l) {
-                    Err(e) => {
-                        drop(p);
-                        self.finish_write(vol, lba, out, false);
-                        return Err(e);
+                None => match p.cache.get(&l) {
+                    Some(&UNMAPPED) => None,
+                    Some(&pba) => Some(pba),
+                    None => {
+                        let found = match &committed {
+                            Some(c) => {
+                                while ci < c.len() && c[ci].lba < l {
+                                    ci += 1;
+                                }
+                                Ok(c.get(ci).filter(|x| x.lba == l).map(|x| x.entry))
+                            }
+                            None => self.committed_get(vol, l),
+                        };
+                        match found {
+                            Err(e) => {
+                                drop(p);
+                                self.finish_write(vol, lba, out, false);
+                                return Err(e);
+                            }
+                            Ok(Some(e)) if e.pba < self.sb.total_blocks => {
+                                // Under the lock: no commit can interleave, so caching is safe.
+                                p.cache_put(l, e.pba, &self.cache);
+                                Some(e.pba)
+                            }
+                            Ok(_) => None,
+                        }
                     }
-                    Ok(Some(e)) if e.pba < self.sb.total_blocks => Some(e.pba),
-                    Ok(_) => None,
                 },
             };
             let b = match established {
@@ -659,7 +717,8 @@ impl Shared {
         }
         let vols: Vec<Arc<VolumeState>> = self.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
         let mut batch = WriteBatch::default();
-        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, u64)>)> = Vec::new();
+        // Per volume: (lba, seq, committed value: pba or UNMAPPED) of every entry in the batch.
+        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, u64, u64)>)> = Vec::new();
         let mut frees = Vec::new();
         let gen = lock(&self.record).generation;
         for v in &vols {
@@ -679,11 +738,11 @@ impl Shared {
                     PState::Written => {
                         let k = v.map_key(l);
                         batch.put(k, MapEntry::new(e.pba, gen).encode(&k));
-                        seqs.push((l, e.seq));
+                        seqs.push((l, e.seq, e.pba));
                     }
                     PState::Removed => {
                         batch.delete(v.map_key(l));
-                        seqs.push((l, e.seq));
+                        seqs.push((l, e.seq, UNMAPPED));
                     }
                 }
             }
@@ -694,7 +753,7 @@ impl Shared {
                 v.mapped_blocks.fetch_sub(1, Ordering::Relaxed);
                 batch.delete(v.map_key(l));
                 let s = p.seq;
-                seqs.push((l, s));
+                seqs.push((l, s, UNMAPPED));
             }
             frees.append(&mut p.frees);
             taken.push((v.clone(), seqs));
@@ -719,11 +778,16 @@ impl Shared {
         }
         for (v, seqs) in taken {
             let mut p = v.lock_pending();
-            for (l, s) in seqs {
+            p.cache_gen += 1;
+            for (l, s, committed) in seqs {
+                // The cache follows the committed map for every block this batch changed.
+                p.cache_put(l, committed, &self.cache);
                 if p.map.get(&l).map(|e| e.seq) == Some(s) {
                     p.map.remove(&l);
                 }
             }
+            // (A `Fresh` entry whose old mapping this batch deleted stays pending, so the cache
+            // is not consulted for it until a later commit removes it and updates the cache.)
             if p.map.capacity() > 4 * PENDING_KICK && p.map.len() < PENDING_KICK / 4 {
                 p.map.shrink_to_fit();
             }
@@ -864,7 +928,7 @@ impl Pool {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no RocksDB here"),
             });
         }
-        let db = DB::open(&db_options(opts.cache_bytes, false)?, &meta_dir).map_err(Error::meta("open"))?;
+        let db = DB::open(&db_options((opts.cache_bytes / 2).max(1 << 20), false)?, &meta_dir).map_err(Error::meta("open"))?;
         let rec = match db.get(POOL_KEY).map_err(Error::meta("get pool record"))? {
             Some(v) => PoolRecord::decode(&v)?,
             None => {
@@ -948,6 +1012,7 @@ impl Pool {
             failed: AtomicBool::new(false),
             open_problems: problems,
             nospace_logged: AtomicBool::new(false),
+            cache: CacheBudget { cap: opts.cache_bytes / 2 / CacheBudget::ENTRY_BYTES, used: Default::default() },
         });
         let s2 = shared.clone();
         let interval = opts.commit_interval;
@@ -1145,6 +1210,7 @@ impl Pool {
         let mut frees: Vec<u64> = Vec::new();
         {
             let mut p = v.lock_pending();
+            p.cache_clear(&self.shared.cache);
             for (_, e) in p.map.drain() {
                 if e.state != PState::Removed {
                     frees.push(e.pba);

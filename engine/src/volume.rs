@@ -39,9 +39,57 @@ pub(crate) struct Pending {
     pub seq: u64,
     /// Queues with a write waiting for a block of this volume to be established.
     pub waiters: Vec<std::sync::Arc<crate::io::QueueShared>>,
+    /// Cache of committed mappings (lba -> pba, or [`UNMAPPED`]), so that the data path does not
+    /// ask RocksDB for every request. Consulted only for blocks without a pending entry; updated
+    /// by the commit for every block it changes, under this same lock.
+    pub cache: std::collections::HashMap<u64, u64>,
+    /// Bumped by every commit that changes this volume's committed map: a lookup made outside
+    /// the lock may fill the cache only if no commit happened meanwhile.
+    pub cache_gen: u64,
+}
+
+/// Cache value for a block known to have no committed mapping.
+pub(crate) const UNMAPPED: u64 = u64::MAX;
+
+/// The map cache's pool-wide budget in entries.
+pub(crate) struct CacheBudget {
+    pub cap: usize,
+    pub used: std::sync::atomic::AtomicUsize,
+}
+
+impl CacheBudget {
+    /// Bytes one cached entry costs, roughly (hashbrown: 16 bytes of key and value, a control
+    /// byte, and load-factor slack).
+    pub const ENTRY_BYTES: usize = 24;
 }
 
 impl Pending {
+    /// Remember a committed mapping, within the pool-wide budget (evicting another entry of this
+    /// volume when the budget is spent).
+    pub fn cache_put(&mut self, lba: u64, pba: u64, budget: &CacheBudget) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if budget.cap == 0 {
+            return;
+        }
+        if let Some(v) = self.cache.get_mut(&lba) {
+            *v = pba;
+            return;
+        }
+        if budget.used.load(Relaxed) >= budget.cap {
+            let Some(&victim) = self.cache.keys().next() else { return };
+            self.cache.remove(&victim);
+            budget.used.fetch_sub(1, Relaxed);
+        }
+        self.cache.insert(lba, pba);
+        budget.used.fetch_add(1, Relaxed);
+    }
+
+    /// Drop the whole cache (volume deleted).
+    pub fn cache_clear(&mut self, budget: &CacheBudget) {
+        budget.used.fetch_sub(self.cache.len(), std::sync::atomic::Ordering::Relaxed);
+        self.cache.clear();
+    }
+
     pub fn set(&mut self, lba: u64, pba: u64, state: PState) {
         self.seq += 1;
         self.map.insert(lba, PEntry { pba, state, seq: self.seq });
