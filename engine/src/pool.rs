@@ -531,7 +531,8 @@ impl Shared {
         }
         // Committed mappings of the range: one iterator seek for a multi-block write instead of
         // a point lookup per block (only consulted for blocks without a pending entry).
-        let committed = if n > 1 {
+        let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
+        let committed = if n > 1 && need_db {
             match self.committed_range(vol, lba, lba + n) {
                 Ok(c) => Some(c),
                 Err(e) => {

@@ -3,13 +3,20 @@
 //! loop. Guest requests are parsed, submitted straight from guest memory, and completed from
 //! the eventfd handler; the worker never blocks on I/O (only the stop/reset/disconnect paths
 //! drain).
+//!
+//! QoS ([`crate::qos`]): each request is admitted by the volume's [`VolumeQos`] before it is
+//! started. One that must wait is put back on the avail ring (the queue steps its next-avail
+//! index back) and the queue stops taking chains; a timerfd per queue, registered in the same
+//! epoll loop as the completion eventfd, is armed for the wait the limiter named, and its
+//! expiry resumes the queue. No thread sleeps and nothing polls.
 
 use std::alloc::Layout;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use vblk_engine::{Completion, IoVec, ReqKind, Request, Volume};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -21,7 +28,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::config::{self, BlkConfig};
-use crate::request::{self, BlkOp, GuestSeg, RequestLimits, STATUS_IOERR, STATUS_OK};
+use crate::qos::{self, Admission, Dir, Io, LocalCounts, VolumeQos};
+use crate::request::{self, BlkOp, GuestSeg, ParsedRequest, RequestLimits, STATUS_IOERR, STATUS_OK};
 use crate::DeviceStats;
 
 /// Guest memory as vhost-user-backend maps it (no dirty-page bitmap: see the crate docs).
@@ -48,6 +56,8 @@ pub(crate) struct DevShared {
     pub connected: AtomicBool,
     /// The volume: taken (dropped, which detaches it) by `Device::stop`.
     pub volume: Mutex<Option<Volume>>,
+    /// The volume's QoS, shared by all queues (and owned by the daemon across attachments).
+    pub qos: Arc<VolumeQos>,
 }
 
 #[derive(Default)]
@@ -196,6 +206,48 @@ struct Chain {
     mem: MemGuard,
 }
 
+/// A one-shot CLOCK_MONOTONIC timerfd (non-blocking: an expiry read after a re-arm must not
+/// block the queue thread) that resumes a queue held back by QoS.
+struct QosTimer {
+    fd: OwnedFd,
+}
+
+impl QosTimer {
+    fn new() -> io::Result<QosTimer> {
+        // SAFETY: timerfd_create takes no pointers; the result is checked.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        Ok(QosTimer { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Expire once after `after` (0 disarms).
+    fn set(&self, after: Duration) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+                tv_nsec: after.subsec_nanos().into(),
+            },
+        };
+        // SAFETY: spec is a valid itimerspec for the duration of the call; old_value may be null.
+        let r = unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Consume an expiry, if any (so the level-triggered epoll stops reporting it).
+    fn clear(&self) {
+        let mut n = 0u64;
+        // SAFETY: reads at most 8 bytes into n; the fd is non-blocking (EAGAIN when not expired).
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
 /// Per-virtqueue state, owned by that queue's worker thread (and by the control thread during
 /// stop/reset).
 struct QueueWorker {
@@ -211,6 +263,16 @@ struct QueueWorker {
     /// Stopped taking new chains because `limit` was reached; resumed on completions.
     throttled: bool,
     comps: Vec<Completion>,
+    /// This queue's id towards the QoS limiters (its place in their lines).
+    qos_id: u64,
+    /// Resumes the queue after a QoS wait.
+    timer: QosTimer,
+    /// Held back by QoS: the timer is armed and only its expiry resumes the queue.
+    qos_waiting: bool,
+    /// When the current QoS wait started (qos::now_ns), for the throttled-time counter.
+    qos_since: Option<u64>,
+    /// Requests admitted since the counters were last published.
+    qos_counts: LocalCounts,
 }
 
 impl QueueWorker {
@@ -265,12 +327,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl BlkBackend {
     /// A backend for one connection, with one engine queue per virtqueue.
-    pub fn new(dev: Arc<DevShared>, mem: Gm) -> Result<BlkBackend, vblk_engine::Error> {
+    pub fn new(dev: Arc<DevShared>, mem: Gm) -> Result<BlkBackend, crate::Error> {
         let mut queues = Vec::new();
         {
             let vol = lock(&dev.volume);
             let Some(vol) = vol.as_ref() else {
-                return Err(vblk_engine::Error::NoSuchVolume(dev.name.clone()));
+                return Err(vblk_engine::Error::NoSuchVolume(dev.name.clone()).into());
             };
             for i in 0..dev.num_queues {
                 queues.push(Mutex::new(QueueWorker {
@@ -283,6 +345,11 @@ impl BlkBackend {
                     limit: usize::from(dev.queue_size),
                     throttled: false,
                     comps: Vec::new(),
+                    qos_id: qos::new_requester_id(),
+                    timer: QosTimer::new().map_err(crate::Error::Io)?,
+                    qos_waiting: false,
+                    qos_since: None,
+                    qos_counts: LocalCounts::default(),
                 }));
             }
         }
@@ -308,6 +375,16 @@ impl BlkBackend {
         self.queues.get(i).map(|q| lock(q).engine.0.event_fd())
     }
 
+    /// Event id of queue `i`'s QoS timerfd in its worker's epoll loop.
+    pub fn timer_event_id(&self) -> u64 {
+        u64::from(self.dev.num_queues) + 2
+    }
+
+    /// The QoS timerfd of queue `i`.
+    pub fn timer_fd(&self, i: usize) -> Option<RawFd> {
+        self.queues.get(i).map(|q| lock(q).timer.fd.as_raw_fd())
+    }
+
     pub fn config(&self) -> BlkConfig {
         BlkConfig::new(
             self.dev.size_bytes.load(Ordering::Acquire),
@@ -330,11 +407,19 @@ impl BlkBackend {
         RequestLimits::new(q.engine.0.size_bytes(), self.dev.read_only, self.dev.queue_size)
     }
 
-    /// Take available chains (kick), until the ring is empty or `limit` chains are in flight.
+    /// Take available chains (kick), until the ring is empty, `limit` chains are in flight, or
+    /// QoS holds the next one back.
     fn process_avail(&self, q: &mut QueueWorker, vring: &Vring) {
+        if q.qos_waiting {
+            // Only the timer resumes a queue QoS holds back (a kick may still slip in).
+            return;
+        }
         q.throttled = false;
         let mem = self.mem.memory();
         let limits = self.limits(q);
+        // Checked once per pass: a volume without limits or group pays nothing more.
+        let qos = Some(&*self.dev.qos).filter(|q| q.is_active());
+        let mut qos_wait = None;
         let mut vr = vring.get_mut();
         if !vr.get_queue().ready() {
             return;
@@ -351,10 +436,21 @@ impl BlkBackend {
                 }
                 let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else { break };
                 let parsed = request::parse_request(chain, &limits);
+                if let Some(io) = qos_io(&parsed) {
+                    if let Some(Admission::Wait(d)) = qos.map(|qos| qos.admit(q.qos_id, io)) {
+                        // Leave the chain in the ring: step back over it (it was the last one
+                        // popped, and nothing was written for it), and stop taking chains.
+                        let queue = vr.get_queue_mut();
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        qos_wait = Some(d);
+                        break;
+                    }
+                    q.qos_counts.add(io);
+                }
                 added |= self.start(q, &mut vr, &mem, parsed);
             }
-            if q.throttled {
-                // Notifications stay disabled: completions resume the queue.
+            if q.throttled || qos_wait.is_some() {
+                // Notifications stay disabled: completions or the QoS timer resume the queue.
                 break;
             }
             match vr.enable_notification() {
@@ -369,6 +465,44 @@ impl BlkBackend {
         if added {
             self.notify(q.index, &mut vr);
         }
+        drop(vr);
+        if !q.qos_counts.is_empty() {
+            self.dev.qos.record(&q.qos_counts);
+            q.qos_counts = LocalCounts::default();
+        }
+        match qos_wait {
+            Some(d) => self.qos_wait(q, d),
+            None => self.qos_resumed(q),
+        }
+    }
+
+    /// QoS holds the queue back for `d`: arm its timer.
+    fn qos_wait(&self, q: &mut QueueWorker, d: Duration) {
+        if let Err(e) = q.timer.set(d.max(Duration::from_nanos(1))) {
+            // Cannot happen with a valid timerfd and duration; without the timer nothing would
+            // resume the queue, so stop enforcing rather than stall the guest.
+            tracing::error!(queue = q.index, error = %e, "cannot arm the QoS timer; QoS not enforced on this queue");
+            return;
+        }
+        q.qos_waiting = true;
+        if q.qos_since.is_none() {
+            q.qos_since = Some(qos::now_ns());
+            self.dev.qos.record_throttle_start();
+        }
+    }
+
+    /// The queue is no longer held back by QoS: count the time it was.
+    fn qos_resumed(&self, q: &mut QueueWorker) {
+        if let Some(since) = q.qos_since.take() {
+            self.dev.qos.record_throttled(qos::now_ns().saturating_sub(since));
+        }
+    }
+
+    /// The QoS timer expired: take chains again.
+    fn process_timer(&self, q: &mut QueueWorker, vring: &Vring) {
+        q.timer.clear();
+        q.qos_waiting = false;
+        self.process_avail(q, vring);
     }
 
     /// Start serving a parsed chain; returns true if it completed at once (used ring updated).
@@ -616,6 +750,14 @@ impl BlkBackend {
             // Writethrough flushes may have been submitted: drain again.
         }
         q.comps = comps;
+        // A QoS wait ends with the ring processing: the chains it held back are still in the
+        // avail ring, for whoever processes it next.
+        if let Err(e) = q.timer.set(Duration::ZERO) {
+            tracing::warn!(queue = q.index, error = %e, "cannot disarm the QoS timer");
+        }
+        q.timer.clear();
+        q.qos_waiting = false;
+        self.qos_resumed(q);
         // Anything still tracked has no engine request left (cannot happen): drop it.
         if q.inflight > 0 {
             tracing::warn!(queue = q.index, chains = q.inflight, "chains left after drain");
@@ -624,6 +766,17 @@ impl BlkBackend {
             }
         }
         q.throttled = false;
+    }
+}
+
+/// What QoS counts of a request: reads and writes by their data, discard and write-zeroes as
+/// writes of no data; flush, GET_ID, no-op discards and refused requests are not limited.
+fn qos_io(p: &ParsedRequest) -> Option<Io> {
+    match &p.op {
+        Ok(BlkOp::Read { buf, .. }) => Some(Io { dir: Dir::Read, bytes: buf.len }),
+        Ok(BlkOp::Write { buf, .. }) => Some(Io { dir: Dir::Write, bytes: buf.len }),
+        Ok(BlkOp::Discard(r) | BlkOp::WriteZeroes(r)) if !r.is_empty() => Some(Io { dir: Dir::Write, bytes: 0 }),
+        _ => None,
     }
 }
 
@@ -762,6 +915,8 @@ impl VhostUserBackend for BlkBackend {
             self.process_avail(&mut q, vring);
         } else if u64::from(device_event) == self.completion_event_id() {
             self.process_completions(&mut q, vring);
+        } else if u64::from(device_event) == self.timer_event_id() {
+            self.process_timer(&mut q, vring);
         }
         // Never return an error: it would end the worker thread.
         Ok(())

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BlkBackend, DevShared, StatsCounters};
+use crate::qos::VolumeQos;
 use crate::{DeviceConfig, DeviceStats, Error};
 
 /// Connection control shared by the listener thread and `Device::stop`.
@@ -79,8 +80,8 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-/// Start serving `volume` on `cfg.socket`.
-pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig) -> Result<crate::Device, Error> {
+/// Start serving `volume` on `cfg.socket`, its requests admitted by `qos`.
+pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>) -> Result<crate::Device, Error> {
     validate(&cfg)?;
     let name = volume.name();
     let dev = Arc::new(DevShared {
@@ -92,6 +93,7 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig) -> Result<crate::De
         stats: StatsCounters::default(),
         connected: std::sync::atomic::AtomicBool::new(false),
         volume: Mutex::new(None),
+        qos,
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
@@ -172,10 +174,12 @@ fn serve_one(listener: &mut Listener, dev: &Arc<DevShared>, ctl: &Mutex<ConnCtl>
     let backend = Arc::new(BlkBackend::new(dev.clone(), mem.clone())?);
     let mut daemon = VhostUserDaemon::new(format!("vblk-fe-{}", short(&dev.name, 7)), backend.clone(), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
-    let id = backend.completion_event_id();
+    let (id, timer_id) = (backend.completion_event_id(), backend.timer_event_id());
     for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
         let fd = backend.completion_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
         h.register_listener(fd, EventSet::IN, id).map_err(Error::Io)?;
+        let fd = backend.timer_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
+        h.register_listener(fd, EventSet::IN, timer_id).map_err(Error::Io)?;
     }
     daemon.start(listener).map_err(|e| Error::Daemon(e.to_string()))?;
     {
@@ -250,6 +254,11 @@ impl Device {
     /// Request counters since start.
     pub fn stats(&self) -> DeviceStats {
         self.dev.stats.snapshot()
+    }
+
+    /// The QoS that admits this device's requests (change its limits live through it).
+    pub fn qos(&self) -> &Arc<VolumeQos> {
+        &self.dev.qos
     }
 }
 

@@ -9,7 +9,8 @@
 //! worker never blocks on I/O.
 //!
 //! Modules: [`config`] (features and configuration space), [`request`] (the pure request
-//! parser, [`parse_request`]), `backend` (the vhost-user backend) and `device` (socket,
+//! parser, [`parse_request`]), [`qos`] (per-volume and group IOPS / bandwidth limits, enforced
+//! with a timerfd per queue), `backend` (the vhost-user backend) and `device` (socket,
 //! connection loop, [`Device`]).
 //!
 //! Known gaps: no VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (vhost-user-backend 0.24 does not
@@ -20,6 +21,7 @@
 pub mod config;
 mod backend;
 mod device;
+pub mod qos;
 pub mod request;
 
 use std::path::PathBuf;
@@ -94,8 +96,15 @@ pub enum Error {
     ThreadPanicked,
 }
 
-/// Start serving `volume` on `cfg.socket` (see the crate docs). The socket is bound (a stale
-/// socket file is replaced, mode 0600) before this returns, so a frontend may connect at once.
+/// Start serving `volume` on `cfg.socket` (see the crate docs), without QoS limits. The socket
+/// is bound (a stale socket file is replaced, mode 0600) before this returns, so a frontend
+/// may connect at once.
 pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig) -> Result<Device, Error> {
-    device::start(volume, cfg)
+    device::start(volume, cfg, qos::VolumeQos::unlimited())
+}
+
+/// [`start`], with requests admitted by `qos` (the volume's limits and group, changeable live
+/// while the device runs; see [`qos`]).
+pub fn start_with_qos(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: std::sync::Arc<qos::VolumeQos>) -> Result<Device, Error> {
+    device::start(volume, cfg, qos)
 }
