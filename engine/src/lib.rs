@@ -60,6 +60,24 @@ impl Volume {
             w.push(f);
         }
     }
+    /// Byte ranges of `[offset, offset + len)` that hold written data (allocated blocks), merged
+    /// and in order; everything else reads as zeros. Lets export skip holes without reading
+    /// them. Scans the block map of the range, so ask in chunks (e.g. 1 GiB) on big volumes.
+    pub fn allocated_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let start = offset / BLOCK_SIZE;
+        let end = offset.saturating_add(len).div_ceil(BLOCK_SIZE);
+        Ok(self
+            .shared
+            .mapped_runs(&self.vol, start, end)?
+            .into_iter()
+            .map(|(l, n)| {
+                let s = (l * BLOCK_SIZE).max(offset);
+                let e = ((l + n) * BLOCK_SIZE).min(offset + len);
+                (s, e - s)
+            })
+            .collect())
+    }
+
     /// A blocking I/O handle (import, export, tests).
     pub fn sync_io(&self) -> Result<SyncIo> {
         Ok(SyncIo { q: self.open_queue()?, buf: AlignedBuf::new(1 << 20), tag: 0 })

@@ -670,6 +670,32 @@ impl Shared {
         }
     }
 
+    /// Mapped (allocated) blocks of `vol` in [start, end), as merged (first lba, count) runs.
+    /// Pending changes win over committed ones. For sparse export: holes need not be read.
+    pub(crate) fn mapped_runs(&self, vol: &VolumeState, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let p = vol.lock_pending();
+        let mut lbas: Vec<u64> = self
+            .committed_range(vol, start, end)?
+            .into_iter()
+            .map(|c| c.lba)
+            .filter(|l| p.map.get(l).is_none_or(|e| e.state == PState::Written))
+            .collect();
+        lbas.extend(
+            p.map.iter().filter(|(l, e)| **l >= start && **l < end && e.state == PState::Written).map(|(l, _)| *l),
+        );
+        drop(p);
+        lbas.sort_unstable();
+        lbas.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for l in lbas {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == l => *n += 1,
+                _ => runs.push((l, 1)),
+            }
+        }
+        Ok(runs)
+    }
+
     /// Unmap [lba, lba+n): the blocks read as zeros and their space returns to the pool after
     /// the next commit.
     pub(crate) fn unmap(&self, vol: &VolumeState, lba: u64, n: u64) -> Result<()> {

@@ -10,6 +10,65 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::format::{map_key, MapEntry, MAP_KEY_LEN};
 
+/// Hasher for block numbers: a keyed multiply-fold (as in foldhash / ahash's fallback), much
+/// cheaper than SipHash on the per-request path. Keys are guest-chosen block numbers, so the
+/// key comes from a per-process random seed: a guest cannot aim collisions it cannot predict.
+#[derive(Clone, Copy)]
+pub(crate) struct LbaHash {
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for LbaHash {
+    fn default() -> Self {
+        static SEED: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+        let &(k0, k1) = SEED.get_or_init(|| {
+            let mut b = [0u8; 16];
+            // SAFETY: getrandom writes at most 16 bytes into the 16-byte buffer.
+            let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 16, 0) };
+            if n != 16 {
+                // No entropy: fall back to the address space layout and time (still unknown
+                // to a guest).
+                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+                b[..8].copy_from_slice(&t.to_le_bytes());
+                b[8..].copy_from_slice(&(&SEED as *const _ as u64).to_le_bytes());
+            }
+            (u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])), u64::from_le_bytes(b[8..].try_into().unwrap_or([2; 8])) | 1)
+        });
+        LbaHash { k0, k1 }
+    }
+}
+
+impl std::hash::BuildHasher for LbaHash {
+    type Hasher = LbaHasher;
+    fn build_hasher(&self) -> LbaHasher {
+        LbaHasher { k0: self.k0, k1: self.k1, h: 0 }
+    }
+}
+
+pub(crate) struct LbaHasher {
+    k0: u64,
+    k1: u64,
+    h: u64,
+}
+
+impl std::hash::Hasher for LbaHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut a = [0u8; 8];
+            a[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(a));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        let m = ((x ^ self.k0 ^ self.h) as u128).wrapping_mul((self.k1 ^ 0x9E37_79B9_7F4A_7C15) as u128);
+        self.h = (m as u64) ^ ((m >> 64) as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.h
+    }
+}
+
 /// State of an uncommitted map change for one logical block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PState {
@@ -33,7 +92,7 @@ pub(crate) struct PEntry {
 
 #[derive(Default)]
 pub(crate) struct Pending {
-    pub map: HashMap<u64, PEntry>,
+    pub map: HashMap<u64, PEntry, LbaHash>,
     /// Blocks this volume stopped referencing; reusable after the next commit (and reclaim).
     pub frees: Vec<u64>,
     pub seq: u64,
@@ -42,7 +101,7 @@ pub(crate) struct Pending {
     /// Cache of committed mappings (lba -> pba, or [`UNMAPPED`]), so that the data path does not
     /// ask RocksDB for every request. Consulted only for blocks without a pending entry; updated
     /// by the commit for every block it changes, under this same lock.
-    pub cache: std::collections::HashMap<u64, u64>,
+    pub cache: HashMap<u64, u64, LbaHash>,
     /// Bumped by every commit that changes this volume's committed map: a lookup made outside
     /// the lock may fill the cache only if no commit happened meanwhile.
     pub cache_gen: u64,

@@ -422,3 +422,22 @@ fn sector_write_in_the_middle_of_a_new_block() {
     assert!(b[1536..2048].iter().all(|&x| x == 0x77));
     assert!(b[2048..].iter().all(|&x| x == 0));
 }
+
+#[test]
+fn allocated_ranges_follow_writes_and_discards() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path(), 64 * MIB);
+    let pool = open(&p);
+    pool.create_volume("v", 1 << 40).unwrap();
+    let v = pool.open_volume("v", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    io.write_at(0, &vec![1u8; 8192]).unwrap();
+    io.write_at(1 << 30, &vec![2u8; 4096]).unwrap();
+    io.flush().unwrap();
+    io.write_at((1 << 30) + 4096, &vec![3u8; 4096]).unwrap(); // pending, not committed yet
+    io.discard(4096, 4096).unwrap();
+    assert_eq!(v.allocated_ranges(0, 1 << 40).unwrap(), vec![(0, 4096), (1 << 30, 8192)]);
+    assert_eq!(v.allocated_ranges(2048, 4096).unwrap(), vec![(2048, 2048)]);
+    pool.sync().unwrap();
+    assert_eq!(v.allocated_ranges(0, 1 << 40).unwrap(), vec![(0, 4096), (1 << 30, 8192)]);
+}
