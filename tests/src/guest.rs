@@ -503,6 +503,12 @@ fn pump(mut from: impl Read + Send + 'static, to: Arc<Mutex<Vec<u8>>>, echo: boo
 /// error, with the console tail and QEMU's stderr, when QEMU cannot start,
 /// the timeout expires (QEMU is killed), or the guest printed no result.
 pub fn run_guest(run: &GuestRun) -> Result<GuestOutput> {
+    run_guest_with_hook(run, None)
+}
+
+/// [`run_guest`], calling `hook` (once, on the test thread, while the guest keeps running) as
+/// soon as the console shows the line `marker` — e.g. to restart the backend under the guest.
+pub fn run_guest_with_hook(run: &GuestRun, mut hook: Option<(&str, Box<dyn FnOnce() + '_>)>) -> Result<GuestOutput> {
     validate(run)?;
     let art = guest_artifacts()?;
     let _slot = guest_slot(&art.dir)?;
@@ -529,6 +535,11 @@ pub fn run_guest(run: &GuestRun) -> Result<GuestOutput> {
     let status: ExitStatus = loop {
         if let Some(st) = child.0.try_wait().context("waiting for qemu")? {
             break st;
+        }
+        if hook.as_ref().is_some_and(|(m, _)| text(&console).lines().any(|l| l.trim_end() == *m)) {
+            if let Some((_, f)) = hook.take() {
+                f();
+            }
         }
         if start.elapsed() >= run.timeout {
             let _ = child.0.kill();

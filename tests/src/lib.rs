@@ -326,6 +326,150 @@ impl BlkClient {
     }
 }
 
+/// A closed loop for [`run_load`]: `qd` requests of `bs` bytes kept in flight on each of
+/// `queues` queues, at random `bs`-aligned offsets below `span`, for `dur`.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub queues: usize,
+    pub qd: usize,
+    pub bs: usize,
+    pub write: bool,
+    pub span: u64,
+    pub dur: Duration,
+    pub seed: u64,
+}
+
+impl Load {
+    /// 4 KiB random reads at QD32 on one queue over the first 64 MiB.
+    pub fn randread_qd32(dur: Duration) -> Load {
+        Load { queues: 1, qd: 32, bs: 4096, write: false, span: 64 << 20, dur, seed: 1 }
+    }
+}
+
+/// The completions of a [`run_load`] run, counted per millisecond since `start`.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// When the first requests were submitted.
+    pub start: Instant,
+    /// Completions in each millisecond since `start`.
+    pub per_ms: Vec<u64>,
+}
+
+impl Trace {
+    /// Completions between `a` and `b` after the start.
+    pub fn ops_between(&self, a: Duration, b: Duration) -> u64 {
+        let (a, b) = (a.as_millis() as usize, (b.as_millis() as usize).min(self.per_ms.len()));
+        self.per_ms.get(a..b).map(|s| s.iter().sum()).unwrap_or(0)
+    }
+
+    /// Completions per second between `a` and `b` after the start.
+    pub fn rate(&self, a: Duration, b: Duration) -> f64 {
+        self.ops_between(a, b) as f64 / b.saturating_sub(a).as_secs_f64().max(1e-9)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.per_ms.iter().sum()
+    }
+
+    /// How long the run took.
+    pub fn len(&self) -> Duration {
+        Duration::from_millis(self.per_ms.len() as u64)
+    }
+
+    /// The time since the start of an instant of the run.
+    pub fn at(&self, t: Instant) -> Duration {
+        t.saturating_duration_since(self.start)
+    }
+}
+
+/// Drive a vhost-user-blk device at `sock` with `load` (one thread per queue, its own libblkio
+/// connection) and count the completions per millisecond.
+pub fn run_load(sock: &Path, load: &Load) -> Result<Trace> {
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(be)?;
+    b.set_str("path", sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 socket path"))?).map_err(be)?;
+    b.connect().map_err(be)?;
+    b.set_i32("num-queues", load.queues as i32).map_err(be)?;
+    let mut out = b.start().map_err(be)?;
+    let per_queue = (load.qd * load.bs).next_multiple_of(4096);
+    let region = b.alloc_mem_region(per_queue * load.queues).map_err(be)?;
+    b.map_mem_region(&region).map_err(be)?;
+    let blocks = load.span / load.bs as u64;
+    if blocks == 0 {
+        bail!("span {} is smaller than one request", load.span);
+    }
+    let start = Instant::now();
+    let slots = load.dur.as_millis() as usize + 1;
+    let base = region.addr;
+    let traces: Vec<Result<Vec<u64>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = out
+            .queues
+            .iter_mut()
+            .enumerate()
+            .map(|(qi, q)| {
+                let load = load.clone();
+                s.spawn(move || -> Result<Vec<u64>> {
+                    let buf = base + qi * per_queue;
+                    let mut per_ms = vec![0u64; slots];
+                    let mut x = load.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (qi as u64 + 1) | 1;
+                    let mut next_off = move || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x % blocks) * load.bs as u64
+                    };
+                    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+                        let p = buf + slot * load.bs;
+                        if load.write {
+                            q.write(off, p as *const u8, load.bs, slot, blkio::ReqFlags::empty());
+                        } else {
+                            q.read(off, p as *mut u8, load.bs, slot, blkio::ReqFlags::empty());
+                        }
+                    };
+                    for slot in 0..load.qd {
+                        submit(q, slot, next_off());
+                    }
+                    let mut inflight = load.qd;
+                    let mut comps: Vec<std::mem::MaybeUninit<blkio::Completion>> =
+                        (0..load.qd).map(|_| std::mem::MaybeUninit::uninit()).collect();
+                    while inflight > 0 {
+                        let mut timeout = Duration::from_secs(30);
+                        let n = q.do_io(&mut comps, 1, Some(&mut timeout), None).map_err(be)?;
+                        if n == 0 {
+                            bail!("queue {qi}: no completion in 30 s");
+                        }
+                        let now = start.elapsed();
+                        let more = now < load.dur;
+                        for c in &comps[..n] {
+                            // SAFETY: do_io initialised the first n completions.
+                            let c = unsafe { c.assume_init_ref() };
+                            if c.ret < 0 {
+                                bail!("queue {qi}: request failed: errno {}", -c.ret);
+                            }
+                            inflight -= 1;
+                            if more {
+                                per_ms[(now.as_millis() as usize).min(slots - 1)] += 1;
+                                submit(q, c.user_data, next_off());
+                                inflight += 1;
+                            }
+                        }
+                    }
+                    Ok(per_ms)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("load thread panicked")))).collect()
+    });
+    let mut per_ms = vec![0u64; slots];
+    for t in traces {
+        for (a, b) in per_ms.iter_mut().zip(t?) {
+            *a += b;
+        }
+    }
+    // The queues go before the instance that owns the region (dropped at the end).
+    drop(out);
+    Ok(Trace { start, per_ms })
+}
+
 /// Deterministic content of a 4 KiB block: its lba and a version.
 pub fn pattern_block(lba: u64, ver: u64) -> Vec<u8> {
     let mut b = vec![0u8; 4096];

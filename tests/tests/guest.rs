@@ -104,3 +104,30 @@ fn guest_sees_virtio_blk_features() {
     assert_eq!(out.info("vda.write_cache"), Some("write back"));
     assert_eq!(out.info("vdb.ro"), Some("1"));
 }
+
+/// QEMU reconnects to a restarted daemon (`reconnect=1`): the guest keeps running across a
+/// `kill -9` of the daemon, its data is intact and new writes work through the new daemon.
+#[test]
+fn guest_survives_daemon_restart_with_reconnect() {
+    use vblk_tests::guest::run_guest_with_hook;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Daemon::create_pool(dir.path(), "256M").unwrap();
+    let sock = dir.path().join("vda.sock");
+    let attach = format!("--attach=rc:{}", sock.display());
+    let mut d = Daemon::start(dir.path(), &pool, &[]).unwrap();
+    d.cli(&["vol", "create", "rc", "64M"]).unwrap();
+    d.cli(&["attach", "rc", "--socket", sock.to_str().unwrap()]).unwrap();
+    let mut disk = DiskSpec::new(&sock);
+    disk.reconnect = true;
+    let d2 = std::cell::RefCell::new(None);
+    let restart = || {
+        d.kill9();
+        *d2.borrow_mut() = Some(Daemon::start(dir.path(), &pool, std::slice::from_ref(&attach)).unwrap());
+    };
+    let out = run_guest_with_hook(&GuestRun::new("reconnect", vec![disk]).with_arg("12"), Some(("VBLK-READY", Box::new(restart))))
+        .unwrap();
+    out.ensure_passed().unwrap();
+    let d2 = d2.into_inner().expect("the daemon was restarted under the guest");
+    let dev = d2.json(&["devices"]).unwrap();
+    assert!(dev.to_string().contains("rc"), "{dev}");
+}
