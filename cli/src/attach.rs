@@ -1,6 +1,7 @@
 //! The only module that touches the device crate: start and stop a vhost-user-blk device.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tonic::{Code, Status};
 use vblk_engine::Volume;
@@ -26,10 +27,11 @@ fn code(e: &vblk_vhost::Error) -> Code {
     }
 }
 
-/// Serve `volume` (opened read-only or read-write by the caller) on `socket`.
-pub fn start(volume: Volume, socket: &Path, num_queues: u16, queue_size: u16) -> Result<Device, Status> {
+/// Serve `volume` (opened read-only or read-write by the caller) on `socket`, its requests
+/// admitted by `qos`.
+pub fn start(volume: Volume, socket: &Path, num_queues: u16, queue_size: u16, qos: Arc<vblk_vhost::qos::VolumeQos>) -> Result<Device, Status> {
     let cfg = vblk_vhost::DeviceConfig { socket: socket.to_path_buf(), num_queues, queue_size };
-    vblk_vhost::start(volume, cfg).map(Device).map_err(|e| Status::new(code(&e), error_chain(&e)))
+    vblk_vhost::start_with_qos(volume, cfg, qos).map(Device).map_err(|e| Status::new(code(&e), error_chain(&e)))
 }
 
 impl Device {

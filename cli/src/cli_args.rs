@@ -87,6 +87,10 @@ pub enum Command {
     #[command(visible_alias = "dev", after_help = "Examples:\n  vblk devices\n  vblk devices --json")]
     Devices,
 
+    /// Limit a volume's (or a group of volumes') IOPS and bandwidth, live.
+    #[command(subcommand)]
+    Qos(QosCmd),
+
     /// Verify the pool's metadata: checksums, block map vs allocation, leaks.
     #[command(
         long_about = "Verify the pool's metadata: record checksums and fields, block map vs \
@@ -243,18 +247,27 @@ pub fn parse_attach_spec(s: &str) -> Result<AttachSpec, String> {
     Ok(AttachSpec { volume: vol.into(), socket: socket.into(), queues })
 }
 
+// `Create` carries the QoS options; the command is parsed once, its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum VolCmd {
     /// Create a thin volume (allocates nothing until written; may exceed the pool).
     #[command(after_help = "Names: letters, digits, '.', '_' and '-', at most 128 bytes, not starting with '.' or '-'.\n\
                             Sizes take a unit: K, M, G, T, P (binary), a bare number is bytes; a multiple of 4096.\n\n\
-                            Examples:\n  vblk vol create vm1 20G\n  vblk vol create scratch 1T")]
+                            QoS limits may be given here or changed later with `vblk qos set` (see `vblk qos --help`).\n\n\
+                            Examples:\n  vblk vol create vm1 20G\n  vblk vol create scratch 1T\n  \
+                            vblk vol create db1 100G --iops-total 5000 --bps-total 200M --qos-group tenant-a")]
     Create {
         /// Volume name.
         name: String,
         /// Virtual size, e.g. 20G.
         #[arg(value_parser = size_arg)]
         size: u64,
+        #[command(flatten)]
+        qos: QosLimitArgs,
+        /// Put the volume in this QoS group (see `vblk qos group`).
+        #[arg(long, value_name = "GROUP", help_heading = "QoS")]
+        qos_group: Option<String>,
     },
     /// List volumes: size, allocated bytes, attachment.
     #[command(visible_alias = "ls", after_help = "Examples:\n  vblk vol list\n  vblk vol list --json")]
@@ -396,6 +409,10 @@ pub struct ImportArgs {
     /// Directory for the temporary raw file of a qemu-img conversion [default: $TMPDIR or /var/tmp].
     #[arg(long, value_name = "DIR")]
     pub tmp_dir: Option<PathBuf>,
+    /// Pace the writes into the pool to SIZE per second, e.g. 100M (guest QoS limits do not
+    /// apply to imports) [default: unpaced].
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -407,6 +424,184 @@ pub struct ExportArgs {
     /// Overwrite FILE if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Pace the reads from the pool to SIZE per second, e.g. 100M [default: unpaced].
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub rate: Option<u64>,
+}
+
+const QOS_ABOUT: &str = "Limit a volume's (or a group of volumes') IOPS and bandwidth, live.\n\n\
+    Each limit is a token bucket: --iops-read 2000 lets the guest read 2000 requests per second, \
+    with a bucket of --iops-read-burst requests (default: 100 ms worth) that may go at once \
+    above that rate. With --iops-read-burst-secs S the burst is spread over S seconds instead \
+    (at most rate + burst / S per second); without it the burst goes as fast as the disk. \
+    Requests over the limit wait in the virtqueue (the guest sees latency, never errors). \
+    iops-* count requests (with --iops-size, a larger request counts as size / iops-size \
+    requests), bps-* count bytes per second (units K, M, G: binary). read and write limit one \
+    direction, total both; DISCARD and WRITE_ZEROES count as writes of no data; FLUSH is never \
+    limited. A value of 0 removes a limit.\n\n\
+    A volume may also be in a group (--group): the group's limits apply to all its volumes \
+    together, on top of each volume's own. Changes apply to a running guest within 50 ms and \
+    are kept in the pool's metadata directory (qos.json), so they survive a daemon restart.";
+
+#[derive(Debug, Subcommand)]
+#[command(about = "Limit a volume's (or a group of volumes') IOPS and bandwidth, live", long_about = QOS_ABOUT)]
+pub enum QosCmd {
+    /// Change a volume's QoS limits or group (live).
+    #[command(
+        long_about = QOS_ABOUT,
+        after_help = "Limits not named keep their value; --clear removes them all first.\n\n\
+                      Examples:\n  \
+                      vblk qos set vm1 --iops-total 2000\n  \
+                      vblk qos set vm1 --iops-total 2000 --iops-total-burst 20000 --iops-total-burst-secs 10\n  \
+                      vblk qos set vm1 --bps-read 100M --bps-write 50M --iops-size 64K\n  \
+                      vblk qos set vm1 --iops-total 0          # remove that limit\n  \
+                      vblk qos set vm1 --clear                 # remove all limits\n  \
+                      vblk qos set vm1 --group tenant-a\n  \
+                      vblk qos set vm1 --no-group"
+    )]
+    Set {
+        /// Volume name.
+        volume: String,
+        #[command(flatten)]
+        limits: QosLimitArgs,
+        /// Remove every limit of the volume before applying the ones given.
+        #[arg(long, help_heading = "QoS")]
+        clear: bool,
+        /// Move the volume into this group.
+        #[arg(long, value_name = "GROUP", conflicts_with = "no_group", help_heading = "QoS")]
+        group: Option<String>,
+        /// Take the volume out of its group.
+        #[arg(long, help_heading = "QoS")]
+        no_group: bool,
+    },
+    /// Show a volume's limits, group and QoS counters.
+    #[command(after_help = "Examples:\n  vblk qos show vm1\n  vblk qos show vm1 --json")]
+    Show {
+        /// Volume name.
+        volume: String,
+    },
+    /// Groups of volumes sharing one set of limits.
+    #[command(subcommand)]
+    Group(QosGroupCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QosGroupCmd {
+    /// Create a group (with its limits).
+    #[command(after_help = "Group names follow the volume name rules.\n\n\
+                            Examples:\n  vblk qos group create tenant-a --iops-total 10000 --bps-total 500M\n  \
+                            vblk qos set vm1 --group tenant-a")]
+    Create {
+        /// Group name.
+        name: String,
+        #[command(flatten)]
+        limits: QosLimitArgs,
+    },
+    /// Change a group's limits (live, for all its volumes).
+    #[command(after_help = "Examples:\n  vblk qos group set tenant-a --iops-total 20000\n  vblk qos group set tenant-a --clear --bps-total 1G")]
+    Set {
+        /// Group name.
+        name: String,
+        #[command(flatten)]
+        limits: QosLimitArgs,
+        /// Remove every limit of the group before applying the ones given.
+        #[arg(long, help_heading = "QoS")]
+        clear: bool,
+    },
+    /// Delete a group no volume is in.
+    #[command(visible_alias = "rm", after_help = "Examples:\n  vblk qos set vm1 --no-group\n  vblk qos group delete tenant-a")]
+    Delete {
+        /// Group name.
+        name: String,
+    },
+    /// List the groups, their limits and volumes.
+    #[command(visible_alias = "ls", after_help = "Examples:\n  vblk qos group list\n  vblk qos group list --json")]
+    List,
+}
+
+/// A non-negative whole number (IOPS, burst sizes, seconds).
+fn count_arg(s: &str) -> Result<u64, String> {
+    s.trim().replace('_', "").parse().map_err(|_| format!("{s:?} is not a whole number"))
+}
+
+/// The options of one limit kind: (name such as "iops-total", rate, burst, burst seconds).
+pub type LimitOptions = (&'static str, Option<u64>, Option<u64>, Option<u64>);
+
+/// The QoS limit options (see [`QOS_ABOUT`]). `None` = not given (keep).
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "QoS limits (0 removes a limit)")]
+pub struct QosLimitArgs {
+    /// Requests per second, reads and writes together.
+    #[arg(long, value_parser = count_arg, value_name = "N")]
+    pub iops_total: Option<u64>,
+    /// Requests that may go at once above --iops-total.
+    #[arg(long, value_parser = count_arg, value_name = "N")]
+    pub iops_total_burst: Option<u64>,
+    /// Spread the --iops-total-burst over this many seconds.
+    #[arg(long, value_parser = count_arg, value_name = "SECS")]
+    pub iops_total_burst_secs: Option<u64>,
+    /// Read requests per second.
+    #[arg(long, value_parser = count_arg, value_name = "N")]
+    pub iops_read: Option<u64>,
+    /// Read requests that may go at once above --iops-read.
+    #[arg(long, value_parser = count_arg, value_name = "N")]
+    pub iops_read_burst: Option<u64>,
+    /// Spread the --iops-read-burst over this many seconds.
+    #[arg(long, value_parser = count_arg, value_name = "SECS")]
+    pub iops_read_burst_secs: Option<u64>,
+    /// Write requests per second (DISCARD and WRITE_ZEROES included).
+    #[arg(long, value_parser = count_arg, value_name = "N")]
+    pub iops_write: Option<u64>,
+    /// Write requests that may go at once above --iops-write.
+    #[arg(long, value_parser = count_arg, value_name = "N")]
+    pub iops_write_burst: Option<u64>,
+    /// Spread the --iops-write-burst over this many seconds.
+    #[arg(long, value_parser = count_arg, value_name = "SECS")]
+    pub iops_write_burst_secs: Option<u64>,
+    /// Bytes per second, read and written together (e.g. 200M).
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub bps_total: Option<u64>,
+    /// Bytes that may go at once above --bps-total.
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub bps_total_burst: Option<u64>,
+    /// Spread the --bps-total-burst over this many seconds.
+    #[arg(long, value_parser = count_arg, value_name = "SECS")]
+    pub bps_total_burst_secs: Option<u64>,
+    /// Bytes read per second.
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub bps_read: Option<u64>,
+    /// Bytes that may be read at once above --bps-read.
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub bps_read_burst: Option<u64>,
+    /// Spread the --bps-read-burst over this many seconds.
+    #[arg(long, value_parser = count_arg, value_name = "SECS")]
+    pub bps_read_burst_secs: Option<u64>,
+    /// Bytes written per second.
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub bps_write: Option<u64>,
+    /// Bytes that may be written at once above --bps-write.
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub bps_write_burst: Option<u64>,
+    /// Spread the --bps-write-burst over this many seconds.
+    #[arg(long, value_parser = count_arg, value_name = "SECS")]
+    pub bps_write_burst_secs: Option<u64>,
+    /// Requests larger than SIZE count as size / SIZE requests in the iops limits (0: each counts as one).
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub iops_size: Option<u64>,
+}
+
+impl QosLimitArgs {
+    /// Per limit kind.
+    pub fn by_kind(&self) -> [LimitOptions; 6] {
+        [
+            ("iops-total", self.iops_total, self.iops_total_burst, self.iops_total_burst_secs),
+            ("iops-read", self.iops_read, self.iops_read_burst, self.iops_read_burst_secs),
+            ("iops-write", self.iops_write, self.iops_write_burst, self.iops_write_burst_secs),
+            ("bps-total", self.bps_total, self.bps_total_burst, self.bps_total_burst_secs),
+            ("bps-read", self.bps_read, self.bps_read_burst, self.bps_read_burst_secs),
+            ("bps-write", self.bps_write, self.bps_write_burst, self.bps_write_burst_secs),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -440,6 +635,27 @@ mod tests {
         assert_eq!(parse_resize("+1G"), Ok(ResizeTo::GrowBy(1 << 30)));
         assert_eq!(parse_resize("-4K"), Ok(ResizeTo::ShrinkBy(4096)));
         assert!(parse_resize("+x").is_err());
+    }
+
+    #[test]
+    fn qos_options() {
+        let c = Cli::try_parse_from([
+            "vblk", "qos", "set", "vm1", "--iops-total", "2_000", "--iops-total-burst", "20000", "--bps-read", "100M", "--no-group",
+        ])
+        .unwrap();
+        let Command::Qos(QosCmd::Set { volume, limits, clear, group, no_group }) = c.command else { panic!() };
+        assert_eq!(volume, "vm1");
+        assert_eq!((limits.iops_total, limits.iops_total_burst, limits.bps_read), (Some(2000), Some(20000), Some(100 << 20)));
+        assert_eq!(limits.by_kind()[0], ("iops-total", Some(2000), Some(20000), None));
+        assert!(!clear && group.is_none() && no_group);
+        assert!(Cli::try_parse_from(["vblk", "qos", "set", "vm1", "--group", "g", "--no-group"]).is_err());
+        assert!(Cli::try_parse_from(["vblk", "qos", "set", "vm1", "--iops-read", "many"]).is_err());
+        let c = Cli::try_parse_from(["vblk", "vol", "create", "v", "1G", "--iops-write", "10", "--qos-group", "t"]).unwrap();
+        let Command::Vol(VolCmd::Create { qos, qos_group, .. }) = c.command else { panic!() };
+        assert_eq!((qos.iops_write, qos_group.as_deref()), (Some(10), Some("t")));
+        let c = Cli::try_parse_from(["vblk", "import", "f", "v", "--rate", "50M"]).unwrap();
+        let Command::Import(a) = c.command else { panic!() };
+        assert_eq!(a.rate, Some(50 << 20));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
-use crate::cli_args::{AttachArgs, CreateSize, DetachArgs, ExportArgs, ImportArgs, PoolCmd, ResizeTo, VolCmd};
+use crate::cli_args::{
+    AttachArgs, CreateSize, DetachArgs, ExportArgs, ImportArgs, PoolCmd, QosCmd, QosGroupCmd, QosLimitArgs, ResizeTo, VolCmd,
+};
 use crate::output;
 use crate::proto;
 use crate::proto::vblk_client::VblkClient;
@@ -76,9 +78,17 @@ pub async fn vol(socket: &Path, cmd: VolCmd, json: bool) -> anyhow::Result<ExitC
         }
     };
     match cmd {
-        VolCmd::Create { name, size } => {
-            let v = c.create_volume(proto::CreateVolumeRequest { name, size_bytes: size }).await.map_err(rpc_error)?.into_inner();
-            show(&v, format!("created volume {} ({})", v.name, format_size(v.size_bytes)))?;
+        VolCmd::Create { name, size, qos, qos_group } => {
+            let change = qos_change(&qos, false);
+            let limited = !change.limits.is_empty() || change.iops_size.is_some() || qos_group.is_some();
+            let req = proto::CreateVolumeRequest { name, size_bytes: size, qos: Some(change), qos_group: qos_group.unwrap_or_default() };
+            let v = c.create_volume(req).await.map_err(rpc_error)?.into_inner();
+            let mut msg = format!("created volume {} ({})", v.name, format_size(v.size_bytes));
+            if limited {
+                let q = c.qos_show(proto::QosShowRequest { volume: v.name.clone() }).await.map_err(rpc_error)?.into_inner();
+                msg.push_str(&format!("\nqos: {}", output::qos_summary(&q)));
+            }
+            show(&v, msg)?;
         }
         VolCmd::List => {
             let l = c.list_volumes(proto::ListVolumesRequest {}).await.map_err(rpc_error)?.into_inner();
@@ -206,6 +216,7 @@ pub async fn import(socket: &Path, a: ImportArgs, json: bool) -> anyhow::Result<
         },
         format: a.format,
         tmp_dir: absolute(&tmp_dir)?.display().to_string(),
+        rate_bytes_per_sec: a.rate.unwrap_or(0),
     };
     let mut c = connect(socket).await?;
     let stream = c.import(req).await.map_err(rpc_error)?.into_inner();
@@ -234,7 +245,12 @@ pub async fn import(socket: &Path, a: ImportArgs, json: bool) -> anyhow::Result<
 
 pub async fn export(socket: &Path, a: ExportArgs, json: bool) -> anyhow::Result<ExitCode> {
     let file = absolute(&a.file)?;
-    let req = proto::ExportRequest { volume: a.volume.clone(), path: file.display().to_string(), force: a.force };
+    let req = proto::ExportRequest {
+        volume: a.volume.clone(),
+        path: file.display().to_string(),
+        force: a.force,
+        rate_bytes_per_sec: a.rate.unwrap_or(0),
+    };
     let mut c = connect(socket).await?;
     let stream = c.export(req).await.map_err(rpc_error)?.into_inner();
     let last = follow(stream, json, "exporting").await.with_context(|| format!("exporting {} to {}", a.volume, file.display()))?;
@@ -246,6 +262,89 @@ pub async fn export(socket: &Path, a: ExportArgs, json: bool) -> anyhow::Result<
             s.push_str(&format!(", {} of data, the rest left as holes", format_size(last.written_bytes)));
         }
         println!("{s}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The API change for QoS options (`clear` first).
+fn qos_change(a: &QosLimitArgs, clear: bool) -> proto::QosChange {
+    proto::QosChange {
+        clear,
+        limits: a
+            .by_kind()
+            .into_iter()
+            .filter(|(_, r, b, s)| r.is_some() || b.is_some() || s.is_some())
+            .map(|(kind, rate, burst, burst_secs)| proto::QosLimitChange { kind: kind.into(), rate, burst, burst_secs })
+            .collect(),
+        iops_size: a.iops_size,
+    }
+}
+
+pub async fn qos(socket: &Path, cmd: QosCmd, json: bool) -> anyhow::Result<ExitCode> {
+    let mut c = connect(socket).await?;
+    match cmd {
+        QosCmd::Set { volume, limits, clear, group, no_group } => {
+            let req = proto::QosSetRequest {
+                volume,
+                change: Some(qos_change(&limits, clear)),
+                group: group.unwrap_or_default(),
+                leave_group: no_group,
+            };
+            let i = c.qos_set(req).await.map_err(rpc_error)?.into_inner();
+            if json {
+                output::json(&i)?;
+            } else {
+                println!("{}: {}", i.volume, output::qos_summary(&i));
+            }
+        }
+        QosCmd::Show { volume } => {
+            let i = c.qos_show(proto::QosShowRequest { volume }).await.map_err(rpc_error)?.into_inner();
+            if json {
+                output::json(&i)?;
+            } else {
+                println!("{}", output::qos_details(&i));
+            }
+        }
+        QosCmd::Group(QosGroupCmd::Create { name, limits }) => {
+            let g = c
+                .qos_group_create(proto::QosGroupCreateRequest { name, limits: Some(qos_change(&limits, false)) })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if json {
+                output::json(&g)?;
+            } else {
+                println!("created QoS group {}: {}", g.name, output::limits_text(g.limits.as_ref()));
+            }
+        }
+        QosCmd::Group(QosGroupCmd::Set { name, limits, clear }) => {
+            let g = c
+                .qos_group_set(proto::QosGroupSetRequest { name, change: Some(qos_change(&limits, clear)) })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if json {
+                output::json(&g)?;
+            } else {
+                println!("QoS group {}: {}", g.name, output::limits_text(g.limits.as_ref()));
+            }
+        }
+        QosCmd::Group(QosGroupCmd::Delete { name }) => {
+            c.qos_group_delete(proto::QosGroupDeleteRequest { name: name.clone() }).await.map_err(rpc_error)?;
+            if json {
+                output::json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted QoS group {name}");
+            }
+        }
+        QosCmd::Group(QosGroupCmd::List) => {
+            let l = c.qos_group_list(proto::QosGroupListRequest {}).await.map_err(rpc_error)?.into_inner();
+            if json {
+                output::json(&l.groups)?;
+            } else {
+                println!("{}", output::qos_groups_table(&l.groups));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@ mod attach;
 mod cli_args;
 mod client;
 mod output;
+mod qos;
 mod server;
 mod transfer;
 mod units;
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Command::Attach(a) => client::attach(&sock, a, json).await,
                 Command::Detach(a) => client::detach(&sock, a, json).await,
                 Command::Devices => client::devices(&sock, json).await,
+                Command::Qos(c) => client::qos(&sock, c, json).await,
                 Command::Check(_) => client::check(&sock, json).await,
                 Command::Import(a) => client::import(&sock, a, json).await,
                 Command::Export(a) => client::export(&sock, a, json).await,

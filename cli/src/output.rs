@@ -267,9 +267,93 @@ pub fn attachment(a: &proto::Attachment) -> String {
     )
 }
 
+/// QoS limits in one line: "iops-total 2000/s (burst 20000 over 10 s), bps-read 100.0 MiB/s".
+pub fn limits_text(l: Option<&proto::QosLimits>) -> String {
+    let Some(l) = l else { return "unlimited".into() };
+    let mut parts = Vec::new();
+    for (name, v, bytes) in [
+        ("iops-total", &l.iops_total, false),
+        ("iops-read", &l.iops_read, false),
+        ("iops-write", &l.iops_write, false),
+        ("bps-total", &l.bps_total, true),
+        ("bps-read", &l.bps_read, true),
+        ("bps-write", &l.bps_write, true),
+    ] {
+        let Some(v) = v else { continue };
+        let amount = |n: u64| if bytes { format_size(n) } else { n.to_string() };
+        let mut p = format!("{name} {}/s", amount(v.rate));
+        if v.burst > 0 {
+            p.push_str(&format!(" (burst {}", amount(v.burst)));
+            if v.burst_secs > 0 {
+                p.push_str(&format!(" over {} s", v.burst_secs));
+            }
+            p.push(')');
+        }
+        parts.push(p);
+    }
+    if parts.is_empty() {
+        return "unlimited".into();
+    }
+    if l.iops_size > 0 {
+        parts.push(format!("iops-size {}", format_size(l.iops_size)));
+    }
+    parts.join(", ")
+}
+
+/// A volume's QoS in one line: its limits and group.
+pub fn qos_summary(q: &proto::QosInfo) -> String {
+    let mut s = limits_text(q.limits.as_ref());
+    if !q.group.is_empty() {
+        s.push_str(&format!("; group {} ({})", q.group, limits_text(q.group_limits.as_ref())));
+    }
+    s
+}
+
+/// Seconds with millisecond precision from nanoseconds.
+fn secs(ns: u64) -> String {
+    format!("{:.3} s", ns as f64 / 1e9)
+}
+
+pub fn qos_details(q: &proto::QosInfo) -> String {
+    let st = q.stats.unwrap_or_default();
+    let group = if q.group.is_empty() { "-".into() } else { format!("{}: {}", q.group, limits_text(q.group_limits.as_ref())) };
+    kv(&[
+        ("volume", format!("{} (id {})", q.volume, q.volume_id)),
+        ("limits", limits_text(q.limits.as_ref())),
+        ("group", group),
+        ("reads", format!("{} ({})", st.read_ops, format_size(st.read_bytes))),
+        ("writes", format!("{} ({})", st.write_ops, format_size(st.write_bytes))),
+        ("throttled", format!("{} in {} wait(s)", secs(st.throttled_ns), st.throttle_events)),
+    ])
+}
+
+pub fn qos_groups_table(groups: &[proto::QosGroup]) -> String {
+    if groups.is_empty() {
+        return "no QoS groups".into();
+    }
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| vec![g.name.clone(), limits_text(g.limits.as_ref()), if g.volumes.is_empty() { "-".into() } else { g.volumes.join(",") }])
+        .collect();
+    table(&[("GROUP", Align::Left), ("LIMITS", Align::Left), ("VOLUMES", Align::Left)], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qos_limits_read_well() {
+        assert_eq!(limits_text(None), "unlimited");
+        assert_eq!(limits_text(Some(&proto::QosLimits::default())), "unlimited");
+        let l = proto::QosLimits {
+            iops_total: Some(proto::QosLimit { rate: 2000, burst: 20000, burst_secs: 10 }),
+            bps_read: Some(proto::QosLimit { rate: 100 << 20, burst: 0, burst_secs: 0 }),
+            iops_size: 65536,
+            ..Default::default()
+        };
+        assert_eq!(limits_text(Some(&l)), "iops-total 2000/s (burst 20000 over 10 s), bps-read 100.0 MiB/s, iops-size 64.0 KiB");
+    }
 
     #[test]
     fn tables_align() {

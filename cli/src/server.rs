@@ -19,6 +19,7 @@ use crate::attach;
 use crate::cli_args::{AttachSpec, DaemonArgs};
 use crate::proto;
 use crate::proto::vblk_server::{Vblk, VblkServer};
+use crate::qos::{GroupChange, QosRegistry};
 use crate::transfer;
 
 /// `Display` of an error and of each of its sources, joined by ": ".
@@ -81,6 +82,8 @@ pub struct DaemonState {
     devices: Mutex<BTreeMap<u64, Attached>>,
     /// Set on SIGTERM/SIGINT: running imports and exports stop.
     shutting_down: AtomicBool,
+    /// Volumes' and groups' QoS (persisted in the metadata directory).
+    qos: QosRegistry,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,8 +91,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DaemonState {
-    pub fn new(pool: Pool) -> DaemonState {
-        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false) }
+    pub fn new(pool: Pool, qos: QosRegistry) -> DaemonState {
+        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false), qos }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -110,6 +113,7 @@ impl DaemonState {
             read_only: a.read_only,
             connected: a.device.connected(),
             stats: Some(a.device.stats()),
+            qos: Some(self.qos.info(a.volume_id, name)),
         }
     }
 
@@ -145,7 +149,7 @@ impl DaemonState {
             return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
         }
         let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
-        let device = attach::start(vol, socket, num_queues, queue_size)?;
+        let device = attach::start(vol, socket, num_queues, queue_size, self.qos.volume(info.id, &info.name))?;
         info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
         let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, device };
         let msg = self.attachment_of(&a, &info.name);
@@ -182,6 +186,36 @@ impl DaemonState {
         remove_socket_if_present(&socket);
         info!(volume = %name, socket = %socket.display(), "detached");
         Ok(msg)
+    }
+
+    /// Create a volume with optional QoS settings (checked before the volume is created).
+    fn create_volume(&self, r: &proto::CreateVolumeRequest) -> Result<VolumeInfo, Status> {
+        let change = r.qos.clone().unwrap_or_default();
+        crate::qos::apply_change(vblk_vhost::qos::Limits::default(), &change)?;
+        let group = if r.qos_group.is_empty() {
+            GroupChange::Keep
+        } else if self.qos.group_exists(&r.qos_group) {
+            GroupChange::Join(r.qos_group.clone())
+        } else {
+            return Err(Status::not_found(format!("no QoS group {:?}", r.qos_group)));
+        };
+        let v = self.pool.create_volume(&r.name, r.size_bytes).map_err(engine_status)?;
+        if !change.limits.is_empty() || change.iops_size.is_some() || group != GroupChange::Keep {
+            if let Err(e) = self.qos.set(v.id, &v.name, &change, &group) {
+                // Leave no volume without the limits it was asked for.
+                if let Err(d) = self.pool.delete_volume(&r.name) {
+                    warn!(volume = %r.name, "removing the volume whose QoS could not be set: {d}");
+                }
+                return Err(e);
+            }
+        }
+        Ok(v)
+    }
+
+    /// The QoS view of a volume, by name.
+    fn qos_info(&self, volume: &str) -> Result<proto::QosInfo, Status> {
+        let v = self.pool.volume_info(volume).map_err(engine_status)?;
+        Ok(self.qos.info(v.id, &v.name))
     }
 
     fn name_of(&self, id: u64) -> String {
@@ -265,7 +299,7 @@ impl Vblk for Service {
         let r = req.into_inner();
         let st = self.st.clone();
         let v = blocking(move || {
-            let v = st.pool.create_volume(&r.name, r.size_bytes).map_err(engine_status)?;
+            let v = st.create_volume(&r)?;
             info!(volume = %r.name, size = r.size_bytes, "volume created");
             Ok(st.volume_msg(v))
         })
@@ -315,6 +349,7 @@ impl Vblk for Service {
         let st = self.st.clone();
         let v = blocking(move || {
             let v = st.pool.rename_volume(&r.name, &r.new_name).map_err(engine_status)?;
+            st.qos.renamed(v.id, &v.name);
             info!(volume = %r.name, new_name = %r.new_name, "volume renamed");
             Ok(st.volume_msg(v))
         })
@@ -326,8 +361,13 @@ impl Vblk for Service {
         let r = req.into_inner();
         let st = self.st.clone();
         blocking(move || {
+            let id = st.pool.volume_info(&r.name).map_err(engine_status)?.id;
             st.pool.delete_volume(&r.name).map_err(engine_status)?;
             info!(volume = %r.name, "volume deleted");
+            if let Err(e) = st.qos.forget(id) {
+                // The volume is gone; its stale entry is dropped at the next daemon start.
+                warn!(volume = %r.name, "forgetting its QoS settings: {}", e.message());
+            }
             Ok(())
         })
         .await?;
@@ -398,6 +438,55 @@ impl Vblk for Service {
         let r = req.into_inner();
         Ok(Response::new(self.transfer(move |st, p| transfer::export(st, &r, p))))
     }
+
+    async fn qos_set(&self, req: Request<proto::QosSetRequest>) -> Result<Response<proto::QosInfo>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let i = blocking(move || {
+            let v = st.pool.volume_info(&r.volume).map_err(engine_status)?;
+            let group = match (r.group.is_empty(), r.leave_group) {
+                (true, false) => GroupChange::Keep,
+                (true, true) => GroupChange::Leave,
+                (false, false) => GroupChange::Join(r.group.clone()),
+                (false, true) => return Err(Status::invalid_argument("join a group or leave it, not both")),
+            };
+            st.qos.set(v.id, &v.name, &r.change.unwrap_or_default(), &group)?;
+            Ok(st.qos.info(v.id, &v.name))
+        })
+        .await?;
+        Ok(Response::new(i))
+    }
+
+    async fn qos_show(&self, req: Request<proto::QosShowRequest>) -> Result<Response<proto::QosInfo>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        Ok(Response::new(blocking(move || st.qos_info(&r.volume)).await?))
+    }
+
+    async fn qos_group_create(&self, req: Request<proto::QosGroupCreateRequest>) -> Result<Response<proto::QosGroup>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        Ok(Response::new(blocking(move || st.qos.group_create(&r.name, &r.limits.unwrap_or_default())).await?))
+    }
+
+    async fn qos_group_set(&self, req: Request<proto::QosGroupSetRequest>) -> Result<Response<proto::QosGroup>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        Ok(Response::new(blocking(move || st.qos.group_set(&r.name, &r.change.unwrap_or_default())).await?))
+    }
+
+    async fn qos_group_delete(&self, req: Request<proto::QosGroupDeleteRequest>) -> Result<Response<proto::QosGroupDeleteResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        blocking(move || st.qos.group_delete(&r.name)).await?;
+        Ok(Response::new(proto::QosGroupDeleteResponse {}))
+    }
+
+    async fn qos_group_list(&self, _req: Request<proto::QosGroupListRequest>) -> Result<Response<proto::QosGroupListResponse>, Status> {
+        let st = self.st.clone();
+        let groups = blocking(move || Ok(st.qos.groups())).await?;
+        Ok(Response::new(proto::QosGroupListResponse { groups }))
+    }
 }
 
 impl Service {
@@ -449,8 +538,18 @@ pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
         .await
         .context("opening the pool")?
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    info!(pool = %shown.display(), uuid = %vblk_engine::uuid_string(&pool.superblock().uuid), "pool opened");
-    let st = Arc::new(DaemonState::new(pool));
+    let uuid = vblk_engine::uuid_string(&pool.superblock().uuid);
+    info!(pool = %shown.display(), uuid = %uuid, "pool opened");
+    let meta_dir = pool.status().meta_dir;
+    let vols: Vec<(u64, String)> = pool.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
+    let qos = match QosRegistry::load(&meta_dir, &uuid, &vols) {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(pool)).await;
+            return Err(e.context("loading the QoS settings"));
+        }
+    };
+    let st = Arc::new(DaemonState::new(pool, qos));
 
     let listener = match prepare_api_socket(&api_socket) {
         Ok(l) => l,

@@ -5,6 +5,9 @@
 //! zeros. Into an existing volume the skipped ranges are discarded instead, so the volume reads
 //! back exactly as the image. Other formats go through `qemu-img convert -O raw` first.
 //! Export writes a new raw file, seeking over all-zero blocks so they stay holes.
+//!
+//! Guest QoS limits do not apply here; `rate_bytes_per_sec` paces the pool I/O of a copy
+//! instead (bytes written by an import, read by an export), sleeping on this blocking thread.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -19,6 +22,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::{info, warn};
 use vblk_engine::{SyncIo, BLOCK_SIZE};
+use vblk_vhost::qos::Pacer;
 
 use crate::proto::{ImportRequest, ExportRequest, TransferProgress};
 use crate::server::{engine_status, DaemonState};
@@ -35,11 +39,13 @@ pub struct Progress {
     st: Arc<DaemonState>,
     last_sent: Instant,
     cur: TransferProgress,
+    /// Paces the copy's pool I/O (`rate_bytes_per_sec`), if asked to.
+    pacer: Option<Pacer>,
 }
 
 impl Progress {
     pub fn new(tx: mpsc::Sender<Result<TransferProgress, Status>>, st: Arc<DaemonState>) -> Progress {
-        Progress { tx, st, last_sent: Instant::now(), cur: TransferProgress::default() }
+        Progress { tx, st, last_sent: Instant::now(), cur: TransferProgress::default(), pacer: None }
     }
 
     fn check(&self) -> Result<(), Status> {
@@ -79,6 +85,20 @@ impl Progress {
     /// Poll for cancellation without sending anything.
     fn poll(&self) -> Result<(), Status> {
         self.check()
+    }
+
+    /// Account `bytes` of pool I/O with the pacer and sleep as long as it says (in slices, so
+    /// that cancellation is still noticed).
+    fn pace(&mut self, bytes: u64) -> Result<(), Status> {
+        let Some(p) = self.pacer.as_mut() else { return Ok(()) };
+        let mut left = p.take(bytes);
+        while !left.is_zero() {
+            let d = left.min(Duration::from_millis(100));
+            std::thread::sleep(d);
+            left -= d;
+            self.check()?;
+        }
+        Ok(())
     }
 }
 
@@ -403,6 +423,7 @@ fn copy_in(st: &DaemonState, req: &ImportRequest, f: &File, path: &Path, size: u
     }
     let io = vol.sync_io().map_err(engine_status)?;
     let mut w = Writer { io, discard_zeros: !created, pending_discard: None, written: 0 };
+    p.pacer = Pacer::new(req.rate_bytes_per_sec);
     p.cur.total_bytes = size;
     p.phase("copying", "")?;
     let end = round_up(size);
@@ -421,7 +442,9 @@ fn copy_in(st: &DaemonState, req: &ImportRequest, f: &File, path: &Path, size: u
         while off < de {
             let n = ((de - off) as usize).min(CHUNK);
             read_full(f, off, &mut buf[..n], path)?;
+            let before = w.written;
             w.write_sparse(off, &buf[..n])?;
+            p.pace(w.written - before)?;
             off += n as u64;
             p.update(off.min(size), w.written)?;
         }
@@ -470,6 +493,7 @@ pub fn export(st: &DaemonState, req: &ExportRequest, p: &mut Progress) -> Result
         oo.create_new(true);
     }
     let f = oo.open(&dst).map_err(io_err(format!("creating {}", dst.display())))?;
+    p.pacer = Pacer::new(req.rate_bytes_per_sec);
     let r = copy_out(&vol, &f, &dst, p);
     if r.is_err() {
         drop(f);
@@ -503,6 +527,7 @@ fn copy_out(vol: &vblk_engine::Volume, f: &File, dst: &Path, p: &mut Progress) -
     while off < size {
         let n = ((size - off) as usize).min(CHUNK);
         io.read_at(off, &mut buf[..n]).map_err(engine_status)?;
+        p.pace(n as u64)?;
         let mut i = 0;
         while i < n {
             let zero = is_zero(&buf[i..i + bs]);

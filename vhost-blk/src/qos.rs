@@ -438,8 +438,7 @@ impl Limiter {
         }
         self.limits = limits;
         self.waiters.clear();
-        self.granularity_ns =
-            self.buckets.iter().flatten().map(Bucket::granularity_ns).min().unwrap_or(MIN_RECHECK.as_nanos() as u64);
+        self.granularity_ns = self.buckets.iter().flatten().map(Bucket::granularity_ns).min().unwrap_or(MIN_RECHECK.as_nanos() as u64);
     }
 
     fn leak(&mut self, now_ns: u64) {
@@ -872,9 +871,7 @@ mod tests {
 
     #[test]
     fn read_write_and_total_limits_apply_by_direction() {
-        let l = Limits::default()
-            .with(LimitKind::IopsRead, Limit::rate(100))
-            .with(LimitKind::BpsWrite, Limit::rate(1 << 20));
+        let l = Limits::default().with(LimitKind::IopsRead, Limit::rate(100)).with(LimitKind::BpsWrite, Limit::rate(1 << 20));
         let q = VolumeQos::new(l).unwrap();
         // Reads: 10 ops of burst. Writes: 100 KiB of burst, not limited in ops.
         let r = (0..50).filter(|_| q.admit_at(1, read(1 << 20), 0) == Admission::Go).count();
