@@ -780,6 +780,28 @@ fn qos_io(p: &ParsedRequest) -> Option<Io> {
     }
 }
 
+/// Every file-backed region must lie within its file (see `update_memory`).
+fn check_regions_backed(mem: &GuestMemoryMmap) -> Result<(), String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in mem.iter() {
+        let Some(fo) = r.file_offset() else {
+            return Err(format!("region at guest address {:#x} has no file", r.start_addr().0));
+        };
+        let size = fo.file().metadata().map_err(|e| format!("fstat of a region's fd: {e}"))?.len();
+        let end = fo.start().checked_add(r.len());
+        if end.is_none_or(|e| e > size) {
+            return Err(format!(
+                "region at guest address {:#x}: offset {} + size {} is past the end of its file ({} bytes)",
+                r.start_addr().0,
+                fo.start(),
+                r.len(),
+                size
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn needs_bounce(iov: &[IoVec]) -> bool {
     iov.iter().any(|v| !(v.ptr as usize).is_multiple_of(DIO_ALIGN) || !v.len.is_multiple_of(DIO_ALIGN))
 }
@@ -865,9 +887,20 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
-    fn update_memory(&self, _mem: Gm) -> io::Result<()> {
+    fn update_memory(&self, mem: Gm) -> io::Result<()> {
         // `self.mem` is the same GuestMemoryAtomic the handler just updated; in-flight chains
         // keep the previous mapping alive through their own guard.
+        //
+        // vm-memory maps a region without checking that its file is large enough: a frontend
+        // could describe a region larger than its memfd, and the first access past the file's
+        // end (the handler reads the used index on SET_VRING_ADDR) would be a SIGBUS that kills
+        // the daemon with every volume. Check every region against its file; on a bad table,
+        // swap in an empty memory map (every later guest access then fails cleanly) and refuse.
+        if let Err(why) = check_regions_backed(&mem.memory()) {
+            mem.lock().map_err(|_| io::Error::other("guest memory lock poisoned"))?.replace(GuestMemoryMmap::new());
+            tracing::warn!(volume = %self.dev.name, "refused a guest memory table: {why}");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
         tracing::debug!(volume = %self.dev.name, "guest memory table updated");
         Ok(())
     }
