@@ -2,9 +2,20 @@
 # The test command (README "Tests"; CI runs exactly this). Installs missing Debian packages,
 # builds everything (binaries, tests, benches, so nothing rots), runs the whole test suite
 # including the QEMU guest tests (TCG where KVM is not usable; never skipped).
-#   VBLK_SOAK=1 scripts/test.sh   also runs the long soak tests (hours)
+#   VBLK_SOAK=1 scripts/test.sh   also runs the soak: the engine's model-based property test with
+#                                 20 000 cases (VBLK_SOAK_CASES) and the kill -9 crash test in a
+#                                 loop (VBLK_SOAK_ROUNDS, default 50); about an hour
+#   VBLK_FUZZ=1 scripts/test.sh   also builds the fuzz targets and fuzzes each for $FUZZ_SECS s
+#                                 (fuzz/run-ci.sh, default 60; needs cargo-fuzz, see fuzz/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --workspace --bins --tests --benches
 cargo test --workspace --no-fail-fast -- --test-threads=2
+if [ "${VBLK_FUZZ:-0}" = 1 ]; then bash fuzz/run-ci.sh; fi
+if [ "${VBLK_SOAK:-0}" = 1 ]; then
+    VBLK_SOAK_CASES=${VBLK_SOAK_CASES:-20000} cargo test --release -p vblk-engine --test model
+    for i in $(seq "${VBLK_SOAK_ROUNDS:-50}"); do
+        VBLK_KILL9_SEED=$i cargo test --release -p vblk-engine --test engine kill9 -- --test-threads=1
+    done
+fi

@@ -347,6 +347,9 @@ impl VolumeRecord {
         let name = std::str::from_utf8(&b[vol_rec::NAME..])
             .map_err(|_| corrupt(key, "volume name is not UTF-8"))?
             .to_string();
+        if validate_name(&name).is_err() {
+            return Err(corrupt(key, "volume name breaks the naming rules"));
+        }
         let r = VolumeRecord {
             id: get_u64(b, vol_rec::ID),
             size_bytes: get_u64(b, vol_rec::SIZE_BYTES),

@@ -238,7 +238,8 @@ fn crash_child(dir: &Path, seed: u64) {
     let pool = open(&p);
     let v = pool.open_volume("v", false).unwrap();
     let mut io = v.sync_io().unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let salt: u64 = std::env::var("VBLK_CRASH_RNG").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (salt << 32));
     let mut journal = std::fs::OpenOptions::new().append(true).create(true).open(dir.join(format!("journal-{seed}"))).unwrap();
     // Round numbers are unique across children, so a block's content names its round.
     for round in seed * 1_000_000 + 1.. {
@@ -280,7 +281,9 @@ fn kill9_keeps_every_flushed_write() {
     let d = tempfile::tempdir().unwrap();
     let p = new_pool(d.path(), 64 * MIB);
     open(&p).create_volume("v", CRASH_BLOCKS * 4096).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xc0ffee);
+    // VBLK_KILL9_SEED varies the kill times and the children's operations (the soak loop).
+    let base: u64 = std::env::var("VBLK_KILL9_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xc0ffee ^ base);
     // The state the pool must hold: the round number whose content each block has (0 = zeros).
     let mut expect = vec![0u64; CRASH_BLOCKS as usize];
     for iter in 1..7u64 {
@@ -288,6 +291,7 @@ fn kill9_keeps_every_flushed_write() {
             .args(["--exact", "crash_child_entry", "--nocapture", "--test-threads=1"])
             .env("VBLK_CRASH_DIR", d.path())
             .env("VBLK_CRASH_SEED", iter.to_string())
+            .env("VBLK_CRASH_RNG", base.to_string())
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();

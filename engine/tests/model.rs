@@ -48,7 +48,11 @@ struct Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    // VBLK_SOAK_CASES=N runs N cases (scripts/test.sh with VBLK_SOAK=1 runs 20 000).
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("VBLK_SOAK_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(32),
+        ..ProptestConfig::default()
+    })]
     #[test]
     fn engine_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
         let d = tempfile::tempdir().unwrap();

@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use vblk_engine::format::{BLOCK_SIZE, DATA_START};
 use vblk_engine::{create_pool, CreateOptions, Pool, PoolOptions, Preallocate};
@@ -120,7 +120,13 @@ fn private_mount_namespace() -> std::io::Result<()> {
     // Do not propagate our mounts back to the parent namespace.
     // SAFETY: mount(2) with valid NUL-terminated strings and null fs type/data.
     let r = unsafe {
-        libc::mount(c"none".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
     };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
@@ -145,7 +151,9 @@ fn inject_bad_blocks(pool_file: &Path, mount: &Path, data_blocks: u64) -> std::i
     let used = (st.f_blocks - st.f_bfree) * st.f_frsize;
     let data = CString::new(format!("size={used}")).expect("no NUL");
     // SAFETY: mount(2) remount with valid NUL-terminated strings.
-    let r = unsafe { libc::mount(c"tmpfs".as_ptr(), m.as_ptr(), c"tmpfs".as_ptr(), libc::MS_REMOUNT, data.as_ptr().cast()) };
+    let r = unsafe {
+        libc::mount(c"tmpfs".as_ptr(), m.as_ptr(), c"tmpfs".as_ptr(), libc::MS_REMOUNT, data.as_ptr().cast())
+    };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -194,7 +202,12 @@ fn create(opts: &EnvOptions) -> PoolEnv {
     let size = DATA_START + opts.data_blocks * BLOCK_SIZE;
     create_pool(
         &path,
-        &CreateOptions { size_bytes: Some(size), meta_dir: Some(meta.clone()), force: false, preallocate: Preallocate::Off },
+        &CreateOptions {
+            size_bytes: Some(size),
+            meta_dir: Some(meta.clone()),
+            force: false,
+            preallocate: Preallocate::Off,
+        },
     )
     .unwrap_or_else(|e| panic!("creating the fuzz pool: {e}"));
     if faults {
@@ -213,25 +226,35 @@ fn create(opts: &EnvOptions) -> PoolEnv {
     PoolEnv { pool: Some(pool), path, meta, faults, mounts, _dir: dir }
 }
 
-static ENV: OnceLock<Mutex<Option<PoolEnv>>> = OnceLock::new();
+/// Pools of this process, one per set of options (each fuzz binary uses one; the replay tests
+/// run several targets in one process).
+static ENVS: Mutex<Vec<(EnvOptions, PoolEnv)>> = Mutex::new(Vec::new());
 
 extern "C" fn close_at_exit() {
-    if let Some(m) = ENV.get() {
-        // try_lock: exit() from inside an input (a panic hook, say) must not deadlock.
-        if let Ok(mut g) = m.try_lock() {
-            drop(g.take());
-        }
+    // try_lock: exit() from inside an input (a panic hook, say) must not deadlock.
+    if let Ok(mut g) = ENVS.try_lock() {
+        g.clear();
     }
 }
 
-/// Run `f` with this process's pool, creating it on first use (one set of options per process).
+/// Run `f` with this process's pool for `opts`, creating it on first use.
 pub fn with_pool<R>(opts: &EnvOptions, f: impl FnOnce(&mut PoolEnv) -> R) -> R {
-    let m = ENV.get_or_init(|| {
-        // SAFETY: registers a plain extern "C" fn; atexit has no other memory effects.
-        unsafe { libc::atexit(close_at_exit) };
-        Mutex::new(None)
-    });
-    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-    let env = g.get_or_insert_with(|| create(opts));
-    f(env)
+    let mut g = ENVS.lock().unwrap_or_else(|e| e.into_inner());
+    let i = match g.iter().position(|(o, _)| o == opts) {
+        Some(i) => i,
+        None => {
+            let env = create(opts);
+            if g.is_empty() {
+                // Registered after RocksDB has been used, so that the function-local statics it
+                // initialised on first use (registered with __cxa_atexit then) are destroyed
+                // after this hook has closed the pool, not before: closing a DB after its
+                // logger's statics are gone crashes.
+                // SAFETY: registers a plain extern "C" fn; atexit has no other memory effects.
+                unsafe { libc::atexit(close_at_exit) };
+            }
+            g.push((*opts, env));
+            g.len() - 1
+        }
+    };
+    f(&mut g[i].1)
 }

@@ -40,7 +40,7 @@ fn name_oracle(n: &str) -> bool {
 }
 
 fn size_oracle(s: u64) -> bool {
-    s > 0 && s % BLOCK_SIZE == 0 && s <= MAX_VOLUME_SIZE
+    s > 0 && s.is_multiple_of(BLOCK_SIZE) && s <= MAX_VOLUME_SIZE
 }
 
 pub fn run(data: &[u8]) {
@@ -183,7 +183,10 @@ fn pool_ops(c: &mut Cursor) {
                     };
                     expect(op, &r, want);
                     if let Ok(info) = r {
-                        assert_eq!((info.name.as_str(), info.size_bytes, info.allocated_bytes), (name.as_str(), *size, 0));
+                        assert_eq!(
+                            (info.name.as_str(), info.size_bytes, info.allocated_bytes),
+                            (name.as_str(), *size, 0)
+                        );
                         m.vols.insert(name.clone(), *size);
                     }
                 }
@@ -271,7 +274,8 @@ fn pool_ops(c: &mut Cursor) {
                     }
                 }
             }
-            let listed: BTreeMap<String, u64> = pool.list_volumes().into_iter().map(|i| (i.name, i.size_bytes)).collect();
+            let listed: BTreeMap<String, u64> =
+                pool.list_volumes().into_iter().map(|i| (i.name, i.size_bytes)).collect();
             assert_eq!(listed, m.vols, "after {op:?}");
         }
         attached.clear();

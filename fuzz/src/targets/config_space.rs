@@ -92,7 +92,10 @@ pub fn run(data: &[u8]) {
             let seg_max = u32_at(12);
             assert_eq!(seg_max, seg_max_for(*queue_size));
             assert!((1..=SEG_MAX_CAP).contains(&seg_max), "seg_max {seg_max}");
-            assert!(u32::from(*queue_size) < 3 || seg_max <= u32::from(*queue_size) - 2, "seg_max leaves room for header and status");
+            assert!(
+                u32::from(*queue_size) < 3 || seg_max <= u32::from(*queue_size) - 2,
+                "seg_max leaves room for header and status"
+            );
             assert_eq!(u32_at(20), 512, "blk_size");
             assert_eq!(b[WCE_OFFSET as usize], u8::from(*writeback));
             assert_eq!(u16_at(34), *num_queues);

@@ -103,7 +103,11 @@ pub fn run(data: &[u8]) {
             match VolumeRecord::decode(&key, &v) {
                 Ok(r) => {
                     assert_eq!(key, volume_key(r.id), "volume record accepted under another key");
-                    assert!(r.size_bytes > 0 && r.size_bytes % BLOCK_SIZE == 0 && r.size_bytes <= MAX_VOLUME_SIZE, "size {}", r.size_bytes);
+                    assert!(
+                        r.size_bytes > 0 && r.size_bytes % BLOCK_SIZE == 0 && r.size_bytes <= MAX_VOLUME_SIZE,
+                        "size {}",
+                        r.size_bytes
+                    );
                     assert!((1..=MAX_NAME_LEN).contains(&r.name.len()), "name length {}", r.name.len());
                     assert_eq!(r.flags & !format::vol_flags::KNOWN, 0);
                     assert_eq!((r.layer, r.origin_layer, r.origin_gen), (r.id, 0, 0), "fields reserved in v1");
@@ -132,7 +136,8 @@ pub fn run(data: &[u8]) {
             match decode_name_value(&key, &v) {
                 Ok(id) => {
                     assert_eq!(v, seal(&key, &id.to_le_bytes()), "name value is not canonical");
-                    if let Some(name) = key.strip_prefix(&[format::key::NAME]).and_then(|n| std::str::from_utf8(n).ok()) {
+                    if let Some(name) = key.strip_prefix(&[format::key::NAME]).and_then(|n| std::str::from_utf8(n).ok())
+                    {
                         assert_eq!(encode_name_value(name, id), v);
                     }
                 }
@@ -189,12 +194,15 @@ pub enum Mirror {
     Map { layer: u64, lba: u64, pba: u64, birth_gen: u64, nonce: [u8; 12], tag: [u8; 16] },
 }
 
-/// A valid record: its key (empty for the superblock), its encoding, and a decoder that
-/// re-encodes what it decodes (None on refusal).
+/// Decodes `(key, value)` and re-encodes what it decoded (None on refusal).
+type Redecode = Box<dyn Fn(&[u8], &[u8]) -> Option<Vec<u8>>>;
+
+/// A valid record: its key (empty when the record is not bound to one), its encoding, and its
+/// decoder.
 struct Encoded {
     key: Vec<u8>,
     value: Vec<u8>,
-    decode: Box<dyn Fn(&[u8], &[u8]) -> Option<Vec<u8>>>,
+    decode: Redecode,
 }
 
 /// Map arbitrary bytes onto the volume-name alphabet, never starting with '.' or '-'.
@@ -212,7 +220,7 @@ impl Mirror {
         match self.clone() {
             Mirror::Superblock { version, compat, autoclear, uuid, total_blocks, created_ns } => {
                 let s = Superblock {
-                    version: 1 + version % FORMAT_VERSION,
+                    version: version.clamp(1, FORMAT_VERSION),
                     incompat: 0,
                     compat,
                     autoclear,
@@ -224,14 +232,22 @@ impl Mirror {
                 };
                 let value = s.encode().to_vec();
                 assert_eq!(Superblock::decode(&value).as_ref(), Ok(&s), "superblock round trip");
-                Encoded { key: Vec::new(), value, decode: Box::new(|_, v| Superblock::decode(v).ok().map(|s| s.encode().to_vec())) }
+                Encoded {
+                    key: Vec::new(),
+                    value,
+                    decode: Box::new(|_, v| Superblock::decode(v).ok().map(|s| s.encode().to_vec())),
+                }
             }
             Mirror::Pool { uuid, next_id, generation } => {
                 let r = PoolRecord { uuid, next_id, generation };
                 let value = r.encode();
                 assert_eq!(PoolRecord::decode(&value).ok().as_ref(), Some(&r), "pool record round trip");
                 // The key is the constant POOL_KEY (not stored with the record): nothing to flip.
-                Encoded { key: Vec::new(), value, decode: Box::new(|_, v| PoolRecord::decode(v).ok().map(|r| r.encode())) }
+                Encoded {
+                    key: Vec::new(),
+                    value,
+                    decode: Box::new(|_, v| PoolRecord::decode(v).ok().map(|r| r.encode())),
+                }
             }
             Mirror::Volume { id, size_blocks, created_ns, name } => {
                 let r = VolumeRecord {
@@ -255,7 +271,11 @@ impl Mirror {
                 let key = name_key(&name);
                 let value = encode_name_value(&name, id);
                 assert_eq!(decode_name_value(&key, &value).ok(), Some(id), "name value round trip");
-                Encoded { key, value, decode: Box::new(|k, v| decode_name_value(k, v).ok().map(|id| seal(k, &id.to_le_bytes()))) }
+                Encoded {
+                    key,
+                    value,
+                    decode: Box::new(|k, v| decode_name_value(k, v).ok().map(|id| seal(k, &id.to_le_bytes()))),
+                }
             }
             Mirror::Map { layer, lba, pba, birth_gen, nonce, tag } => {
                 let e = MapEntry { pba, birth_gen, flags: 0, nonce, tag };
@@ -279,7 +299,11 @@ fn round_trip(data: &[u8]) {
         eprintln!("{m:#?} flip bit {flip} in key: {in_key}");
     }
     let enc = m.valid();
-    assert_eq!((enc.decode)(&enc.key, &enc.value).as_deref(), Some(&enc.value[..]), "decode(encode(x)) re-encodes to x");
+    assert_eq!(
+        (enc.decode)(&enc.key, &enc.value).as_deref(),
+        Some(&enc.value[..]),
+        "decode(encode(x)) re-encodes to x"
+    );
     // A single flipped bit anywhere in the stored value, or in the key it is bound to, must be
     // refused (crc32c detects every 1-bit error; the superblock's is over bytes 0..4092 and
     // magic/version are checked first, which refuse as well).
@@ -287,7 +311,12 @@ fn round_trip(data: &[u8]) {
     let target = if in_key && !key.is_empty() { &mut key } else { &mut value };
     let bit = flip as usize % (target.len() * 8);
     target[bit / 8] ^= 1 << (bit % 8);
-    assert_eq!((enc.decode)(&key, &value), None, "bit {bit} flipped (in key: {}) was not detected", in_key && !enc.key.is_empty());
+    assert_eq!(
+        (enc.decode)(&key, &value),
+        None,
+        "bit {bit} flipped (in key: {}) was not detected",
+        in_key && !enc.key.is_empty()
+    );
 }
 
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
@@ -332,7 +361,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("map-key", w.u8(10).bytes(&k).finish()));
     // Round-trip mode: `arbitrary` picks the enum variant from the first u32 (index =
     // u32 * variants >> 32), the fields from what follows.
-    for (name, v) in [("roundtrip-sb", 0u64), ("roundtrip-pool", 1), ("roundtrip-volume", 2), ("roundtrip-name", 3), ("roundtrip-map", 4)] {
+    for (name, v) in [
+        ("roundtrip-sb", 0u64),
+        ("roundtrip-pool", 1),
+        ("roundtrip-volume", 2),
+        ("roundtrip-name", 3),
+        ("roundtrip-map", 4),
+    ] {
         let pick = ((v << 32) / 5 + 1) as u32;
         let mut b = vec![11u8];
         b.extend_from_slice(&pick.to_le_bytes());

@@ -437,7 +437,10 @@ fn check(mem: &Mem, head: u16, descs: &[Descriptor], limits: &RequestLimits, p: 
             assert!(buf.segs.iter().all(|s| s.len <= limits.size_max), "size_max");
             for s in &buf.segs {
                 assert!(s.len > 0, "empty data segment");
-                assert!(GuestMemoryBackend::check_range(mem, s.addr, s.len as usize), "segment {s:?} outside guest memory");
+                assert!(
+                    GuestMemoryBackend::check_range(mem, s.addr, s.len as usize),
+                    "segment {s:?} outside guest memory"
+                );
             }
             assert!(buf.iov.len() <= MAX_IOVECS);
             let iov_sum: u64 = buf.iov.iter().map(|v| v.len as u64).sum();
@@ -515,14 +518,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         b.extend_from_slice(&flags.to_le_bytes());
         b
     };
-    let mut out = Vec::new();
-    out.push((
+    let mut out = vec![(
         "in-2seg",
         base(
             vec![d(HDR, 16, N, 1), d(DATA, 4096, W | N, 2), d(DATA + 4096, 4096, W | N, 3), d(STATUS, 1, W, 0)],
             vec![header(VIRTIO_BLK_T_IN, 8)],
         ),
-    ));
+    )];
     out.push((
         "out",
         base(vec![d(HDR, 16, N, 1), d(DATA, 8192, N, 2), d(STATUS, 1, W, 0)], vec![header(VIRTIO_BLK_T_OUT, 16)]),
@@ -548,7 +550,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         base(vec![d(HDR, 8, N, 1), d(HDR + 8, 8, N, 2), d(DATA, 4097, W, 0)], vec![header(VIRTIO_BLK_T_IN, 0)]),
     ));
     // A read whose buffer spans the boundary between regions 1 and 2.
-    let mut span = base(
+    let span = base(
         vec![d(HDR, 16, N, 1), d(15 * 4096, 8192, W | N, 2), d(STATUS, 1, W, 0)],
         vec![header(VIRTIO_BLK_T_IN, 0)],
     );
@@ -570,7 +572,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
     ));
     out.push(("short-header", base(vec![d(HDR, 8, N, 1), d(STATUS, 1, W, 0)], vec![header(VIRTIO_BLK_T_IN, 0)])));
-    let mut ro = base(vec![d(HDR, 16, N, 1), d(DATA, 4096, N, 2), d(STATUS, 1, W, 0)], vec![header(VIRTIO_BLK_T_OUT, 0)]);
+    let mut ro =
+        base(vec![d(HDR, 16, N, 1), d(DATA, 4096, N, 2), d(STATUS, 1, W, 0)], vec![header(VIRTIO_BLK_T_OUT, 0)]);
     ro.read_only = true;
     out.push(("read-only-write", ro));
     let mut custom = base(
@@ -588,10 +591,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     out.push(("custom-limits", custom));
     // Queue mode: a NEXT chain in the queue's own table, and an indirect table in region 1.
-    let mut q = base(
-        vec![d(HDR, 16, N, 1), d(DATA, 4096, W | N, 2), d(STATUS, 1, W, 0)],
-        vec![header(VIRTIO_BLK_T_IN, 0)],
-    );
+    let mut q =
+        base(vec![d(HDR, 16, N, 1), d(DATA, 4096, W | N, 2), d(STATUS, 1, W, 0)], vec![header(VIRTIO_BLK_T_IN, 0)]);
     q.queue_mode = true;
     q.regions[0].pages = 1;
     out.push(("queue-chain", q.clone()));
@@ -628,7 +629,12 @@ mod tests {
                 let ok = p.op.is_ok();
                 let want_ok = !matches!(
                     name,
-                    "no-status" | "status-unmapped" | "bad-layout" | "short-header" | "read-only-write" | "custom-limits"
+                    "no-status"
+                        | "status-unmapped"
+                        | "bad-layout"
+                        | "short-header"
+                        | "read-only-write"
+                        | "custom-limits"
                 );
                 assert_eq!(ok, want_ok, "{name}: {:?}", p.op);
             }
