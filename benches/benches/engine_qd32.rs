@@ -68,7 +68,11 @@ fn engine(q: &mut Queue, span: u64, kind: ReqKind, dur: Duration, fresh_base: Op
     let mut fresh = fresh_base;
     let mut next_off = |rng: &mut Rng| match fresh.as_deref_mut() {
         Some(n) => {
-            let o = *n * BS as u64;
+            // The fresh volume has 2 x span blocks; past that writes would be overwrites.
+            if *n == 2 * span {
+                eprintln!("warning: the fresh volume is full; later 'allocating' writes are overwrites");
+            }
+            let o = (*n % (2 * span)) * BS as u64;
             *n += 1;
             o
         }
@@ -90,7 +94,7 @@ fn engine(q: &mut Queue, span: u64, kind: ReqKind, dur: Duration, fresh_base: Op
         out.clear();
         q.reap(&mut out);
         for c in &out {
-            assert!(c.result.is_ok(), "{c:?}");
+            assert!(c.result.is_ok(), "{c:?} kind {kind:?} span {span}");
             let off = next_off(&mut rng);
             let s = c.tag as usize;
             // SAFETY: as above.
@@ -120,7 +124,7 @@ fn main() {
     create_pool(&path, &CreateOptions { size_bytes: Some((gib * 3 + 1) << 30), ..Default::default() }).unwrap();
     let pool = Pool::open(&path, &PoolOptions::default()).unwrap();
     pool.create_volume("full", gib << 30).unwrap();
-    pool.create_volume("fresh", gib << 30).unwrap();
+    pool.create_volume("fresh", 2 * gib << 30).unwrap();
     let full = pool.open_volume("full", false).unwrap();
     {
         eprintln!("filling {gib} GiB ...");
@@ -148,10 +152,10 @@ fn main() {
         if on(2) { res[2].push(raw(&path, span, true, dur)); }
         if on(3) { res[3].push(engine(&mut q, span, ReqKind::Write, dur, None)); }
         if !on(4) { eprintln!("repeat {} done", rep + 1); continue; }
-        if fresh_next + 400_000 > span {
+        if fresh_next > 0 {
             fresh_next = 0;
             let mut io = fresh_vol.sync_io().unwrap();
-            io.discard(0, gib << 30).unwrap();
+            io.discard(0, 2 * gib << 30).unwrap();
             io.flush().unwrap();
         }
         res[4].push(engine(&mut fq, span, ReqKind::Write, dur, Some(&mut fresh_next)));
