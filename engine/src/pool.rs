@@ -427,6 +427,23 @@ impl Shared {
         Ok(out)
     }
 
+    /// The first `limit` committed entries of `vol` (from lba 0).
+    pub(crate) fn committed_range_limit(&self, vol: &VolumeState, limit: usize) -> Result<Vec<Committed>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(vol.map_key(u64::MAX).to_vec());
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(vol.map_key(0));
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+            let Some((_, lba)) = parse_map_key(k) else { break };
+            out.push(Committed { lba, entry: MapEntry::decode(k, v)? });
+            it.next();
+        }
+        it.status().map_err(Error::meta("iterate"))?;
+        Ok(out)
+    }
+
     /// Resolve `n` blocks from `lba` for a read.
     pub(crate) fn resolve_read(&self, vol: &VolumeState, lba: u64, n: u64, out: &mut Vec<ReadRes>) -> Result<()> {
         out.clear();
@@ -1245,12 +1262,29 @@ impl Pool {
             }
             frees.append(&mut p.frees);
         }
-        let committed = self.shared.committed_range(&v, 0, u64::MAX)?;
+        // Point deletes, not a DeleteRange: RocksDB 7.x makes every later point lookup pay for
+        // range tombstones until they are compacted away (measured: 4 KiB random reads of other
+        // volumes fell from 56k to 4k IOPS after three volume deletes). Big maps go in chunks
+        // of DELETE_CHUNK keys; the volume record goes in the last batch, so a crash in between
+        // leaves the volume with part of its blocks unmapped (zeros) — still a valid state, and
+        // the delete can be repeated.
+        const DELETE_CHUNK: usize = 1 << 18;
         let mut b = WriteBatch::default();
-        for c in committed {
-            frees.push(c.entry.pba);
+        let mut n = 0usize;
+        loop {
+            let chunk = self.shared.committed_range_limit(&v, DELETE_CHUNK)?;
+            let last = chunk.len() < DELETE_CHUNK;
+            for c in &chunk {
+                frees.push(c.entry.pba);
+                b.delete(v.map_key(c.lba));
+            }
+            n += chunk.len();
+            if last {
+                break;
+            }
+            self.shared.db.write_opt(std::mem::take(&mut b), &sync_write()).map_err(Error::meta("delete volume"))?;
         }
-        b.delete_range(v.map_key(0), v.map_key(u64::MAX));
+        tracing::debug!(volume = name, blocks = n, "deleting volume");
         b.delete(volume_key(v.id));
         b.delete(name_key(name));
         self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("delete volume"))?;

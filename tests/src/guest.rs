@@ -384,7 +384,12 @@ pub fn qemu_args(run: &GuestRun, art: &GuestArtifacts) -> Vec<String> {
         "-kernel".to_string(),
         art.kernel.display().to_string(),
         "-initrd".to_string(),
-        art.initrd.display().to_string(),
+        // Scenarios named fio* boot the initramfs that also carries fio (see build.sh).
+        if run.scenario.starts_with("fio") {
+            art.dir.join("initramfs-fio.cpio.gz").display().to_string()
+        } else {
+            art.initrd.display().to_string()
+        },
         "-append".to_string(),
         kernel_cmdline(run),
     ]);
