@@ -259,6 +259,10 @@ fn export_rate_paces_the_copy() {
     let pool = Daemon::create_pool(d.path(), "256M").unwrap();
     let daemon = Daemon::start(d.path(), &pool, &[]).unwrap();
     daemon.cli(&["vol", "create", "v", "32M", "--iops-total", "10"]).unwrap();
+    // Export reads only allocated data (holes are skipped), so fill the volume first.
+    let src = d.path().join("src.raw");
+    std::fs::write(&src, vec![0xabu8; 32 << 20]).unwrap();
+    daemon.cli(&["import", src.to_str().unwrap(), "v"]).unwrap();
     let out = d.path().join("v.raw");
     let t0 = Instant::now();
     daemon.cli(&["export", "v", out.to_str().unwrap(), "--rate", "16M"]).unwrap();
@@ -266,6 +270,12 @@ fn export_rate_paces_the_copy() {
     // 32 MiB at 16 MiB/s after 1.6 MiB of headroom: ~1.9 s (guest limits do not apply).
     eprintln!("export of 32 MiB at --rate 16M took {took:?}");
     assert!(took >= S(1.7) && took <= S(4.0), "{took:?}");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    daemon.cli(&["vol", "delete", "v"]).unwrap();
+    daemon.cli(&["vol", "create", "v", "32M"]).unwrap();
+    let sparse = d.path().join("sparse.raw");
+    std::fs::File::create(&sparse).unwrap().set_len(32 << 20).unwrap();
+    let out = sparse;
     let t0 = Instant::now();
     daemon.cli(&["import", out.to_str().unwrap(), "v", "--rate", "1M"]).unwrap();
     // A sparse image writes nothing: nothing to pace.
