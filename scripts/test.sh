@@ -11,7 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --workspace --bins --tests --benches
-cargo test --workspace --no-fail-fast -- --test-threads=2
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 if [ "${VBLK_FUZZ:-0}" = 1 ]; then bash fuzz/run-ci.sh; fi
 if [ "${VBLK_SOAK:-0}" = 1 ]; then
     VBLK_SOAK_CASES=${VBLK_SOAK_CASES:-20000} cargo test --release -p vblk-engine --test model
@@ -19,3 +22,5 @@ if [ "${VBLK_SOAK:-0}" = 1 ]; then
         VBLK_KILL9_SEED=$i cargo test --release -p vblk-engine --test engine kill9 -- --test-threads=1
     done
 fi
+# One summary line for humans and CI: the totals of every test binary above.
+awk '/^test result:/ {p += $4; f += $6; i += $8} END {printf "%d passed, %d failed, %d skipped\n", p, f, i}' "$LOG"
