@@ -412,27 +412,20 @@ impl Shared {
 
     /// Committed entries of `vol` in [start, end).
     pub(crate) fn committed_range(&self, vol: &VolumeState, start: u64, end: u64) -> Result<Vec<Committed>> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(vol.map_key(end).to_vec());
-        let mut it = self.db.raw_iterator_opt(ro);
-        it.seek(vol.map_key(start));
-        let mut out = Vec::new();
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
-            let Some((_, lba)) = parse_map_key(k) else { break };
-            out.push(Committed { lba, entry: MapEntry::decode(k, v)? });
-            it.next();
-        }
-        it.status().map_err(Error::meta("iterate"))?;
-        Ok(out)
+        self.committed_entries(vol, start, end, usize::MAX)
     }
 
     /// The first `limit` committed entries of `vol` (from lba 0).
     pub(crate) fn committed_range_limit(&self, vol: &VolumeState, limit: usize) -> Result<Vec<Committed>> {
+        self.committed_entries(vol, 0, u64::MAX, limit)
+    }
+
+    /// At most `limit` committed entries of `vol` in [start, end), in lba order.
+    fn committed_entries(&self, vol: &VolumeState, start: u64, end: u64, limit: usize) -> Result<Vec<Committed>> {
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(vol.map_key(u64::MAX).to_vec());
+        ro.set_iterate_upper_bound(vol.map_key(end).to_vec());
         let mut it = self.db.raw_iterator_opt(ro);
-        it.seek(vol.map_key(0));
+        it.seek(vol.map_key(start));
         let mut out = Vec::new();
         while it.valid() && out.len() < limit {
             let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
