@@ -64,6 +64,42 @@ pub enum Command {
     #[command(subcommand, visible_alias = "volume")]
     Vol(VolCmd),
 
+    /// Snapshots of volumes: create, list, delete, roll back.
+    #[command(subcommand, visible_alias = "snapshot", long_about = SNAP_ABOUT)]
+    Snap(SnapCmd),
+
+    /// Create a writable volume from a snapshot (a clone), or flatten a clone.
+    #[command(
+        name = "clone",
+        long_about = CLONE_ABOUT,
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true,
+        after_help = "`vblk clone VOL@SNAP NEWVOL` is short for `vblk clone create VOL@SNAP NEWVOL`.\n\n\
+                      Examples:\n  \
+                      vblk snap create golden@v1\n  \
+                      vblk clone golden@v1 vm1\n  \
+                      vblk clone golden@v1 vm2 --json\n  \
+                      vblk clone flatten vm1"
+    )]
+    CloneVol(CloneArgs),
+
+    /// Show the byte ranges that changed between two snapshots, or a snapshot and the live volume.
+    #[command(
+        long_about = "Show the byte ranges of a volume that changed between two of its snapshots, \
+                      or between a snapshot and the live volume when the second argument is \
+                      omitted (the order of the two does not matter).\n\n\
+                      The ranges come from the block map's history, without reading data, so they \
+                      are a superset of the bytes that really differ: a block written again with \
+                      the same data, or discarded, counts as changed. Ranges are whole 4 KiB \
+                      blocks, merged, in order. Both snapshots must be of the same volume and on \
+                      the same line of its history (a rollback in between starts a new one).",
+        after_help = "Examples:\n  \
+                      vblk diff vm1@monday vm1@tuesday\n  \
+                      vblk diff vm1@monday                 # changes since monday\n  \
+                      vblk diff vm1@monday --json          # {\"ranges\":[{\"offset\":..,\"length\":..}],\"changed_bytes\":..}"
+    )]
+    Diff(DiffArgs),
+
     /// Expose a volume to a VM as a vhost-user-blk socket.
     #[command(
         long_about = "Expose a volume to a VM as a vhost-user-blk socket.\n\n\
@@ -309,11 +345,187 @@ pub enum VolCmd {
         new: String,
     },
     /// Delete a detached volume and free its space (does not ask).
-    #[command(visible_alias = "rm", after_help = "Attached volumes are refused: detach them first.\n\nExamples:\n  vblk vol delete vm1")]
+    #[command(
+        visible_alias = "rm",
+        long_about = "Delete a detached volume and free its space (does not ask).\n\n\
+                      A volume with snapshots or clones is refused unless --recursive, which deletes \
+                      its clones (and theirs, recursively) and its snapshots too. A clone that was \
+                      flattened no longer depends on the volume and is kept.",
+        after_help = "Attached volumes are refused: detach them first (with --recursive, its clones too).\n\n\
+                      Examples:\n  vblk vol delete vm1\n  vblk vol delete golden --recursive"
+    )]
     Delete {
         /// Volume name.
         name: String,
+        /// Also delete the volume's clones and snapshots.
+        #[arg(long, short = 'r')]
+        recursive: bool,
     },
+}
+
+const SNAP_ABOUT: &str = "Snapshots of volumes: create, list, delete, roll back.\n\n\
+    A snapshot is a read-only point in a volume's history, named VOL@SNAP. Taking one copies \
+    nothing and is allowed while a guest writes: it holds exactly the requests completed before \
+    it (like a power cut at that moment, so the guest's file systems recover as after a crash). \
+    Afterwards, blocks the volume overwrites or discards are kept for the snapshot, so snapshots \
+    cost space as the volume changes: `vblk snap list` shows what each one would free \
+    (EXCLUSIVE), `vblk pool status` what they hold together. `vblk clone` makes a writable \
+    volume of a snapshot, `vblk diff` lists the ranges changed between two of them.";
+
+/// `VOL@SNAP` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapSpec {
+    pub volume: String,
+    pub snapshot: String,
+}
+
+impl std::fmt::Display for SnapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.volume, self.snapshot)
+    }
+}
+
+/// `VOL@SNAP` (split by the engine's own rule; the names are checked by the daemon).
+pub fn parse_snap_spec(s: &str) -> Result<SnapSpec, String> {
+    let (volume, snapshot) =
+        vblk_engine::parse_snap_spec(s).map_err(|_| format!("{s:?}: expected VOL@SNAP, a volume and a snapshot name, e.g. vm1@before-upgrade"))?;
+    Ok(SnapSpec { volume: volume.into(), snapshot: snapshot.into() })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapCmd {
+    /// Take a snapshot of a volume (instant; allowed while attached).
+    #[command(
+        long_about = "Take a snapshot of a volume, named VOL@SNAP.\n\n\
+                      Instant whatever the volume's size, and allowed while a guest writes: new \
+                      writes wait while those in flight finish and are committed, so the snapshot \
+                      holds exactly the requests completed before it (crash-consistent; freeze the \
+                      guest's file systems first for more). Snapshot names follow the volume name \
+                      rules and are unique per volume.",
+        after_help = "Examples:\n  vblk snap create vm1@before-upgrade\n  vblk snap create vm1@$(date +%F) --json"
+    )]
+    Create {
+        /// Volume and new snapshot name.
+        #[arg(value_name = "VOL@SNAP", value_parser = parse_snap_spec)]
+        snapshot: SnapSpec,
+    },
+    /// List snapshots (of one volume or all): creation time, space, clones.
+    #[command(
+        visible_alias = "ls",
+        long_about = "List snapshots, of VOL or of every volume, oldest first.\n\n\
+                      SIZE is the volume's virtual size when the snapshot was taken, REFERENCED the \
+                      data the volume held then, EXCLUSIVE what deleting the snapshot would free \
+                      now (blocks no other snapshot or volume uses), CLONES the volumes cloned from \
+                      it. --json prints every field, bytes as integers and the creation time as \
+                      created_ns (nanoseconds since the Unix epoch).",
+        after_help = "Examples:\n  vblk snap list\n  vblk snap list vm1\n  vblk snap list vm1 --json"
+    )]
+    List {
+        /// Only this volume's snapshots.
+        volume: Option<String>,
+    },
+    /// Delete a snapshot and free the space only it holds.
+    #[command(
+        visible_alias = "rm",
+        long_about = "Delete a snapshot and free the blocks only it holds (time proportional to \
+                      those; the volume may stay attached).\n\n\
+                      A snapshot that clones were made from disappears from the list at once but \
+                      keeps its blocks until the last of those clones is deleted or flattened \
+                      (`vblk clone flatten`).",
+        after_help = "Examples:\n  vblk snap delete vm1@before-upgrade"
+    )]
+    Delete {
+        /// The snapshot.
+        #[arg(value_name = "VOL@SNAP", value_parser = parse_snap_spec)]
+        snapshot: SnapSpec,
+    },
+    /// Make a detached volume read again what it held when the snapshot was taken.
+    #[command(
+        long_about = "Make a volume read again exactly what it held when the snapshot was taken \
+                      (its size too). What was written since the volume's newest snapshot is \
+                      discarded; the snapshot itself and any later snapshots stay, so you can roll \
+                      forward again to a later one. Instant whatever the volume's size.\n\n\
+                      Refused while the volume is attached (the guest would see its disk change \
+                      under it): detach it, roll back, attach it again.",
+        after_help = "Examples:\n  vblk detach vm1\n  vblk snap rollback vm1@before-upgrade\n  vblk attach vm1 --socket /run/vblk/vm1.sock"
+    )]
+    Rollback {
+        /// The snapshot to go back to.
+        #[arg(value_name = "VOL@SNAP", value_parser = parse_snap_spec)]
+        snapshot: SnapSpec,
+    },
+}
+
+const CLONE_ABOUT: &str = "Create a writable volume from a snapshot (a clone), or flatten a clone.\n\n\
+    A clone is instant and takes no space at first: its unwritten blocks read the snapshot's \
+    data, its writes go to its own blocks. While clones depend on a snapshot, deleting the \
+    snapshot hides it but keeps its blocks, and deleting the origin volume needs --recursive \
+    (which deletes the clones too). `vblk clone flatten` copies into a clone every block it still \
+    reads from the snapshot and cuts the link, after which the clone is an independent volume.";
+
+/// `vblk clone`: the short form (VOL@SNAP NEWVOL) or a subcommand.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    #[command(subcommand)]
+    pub cmd: Option<CloneCmd>,
+    /// The snapshot to clone.
+    #[arg(value_name = "VOL@SNAP", value_parser = parse_snap_spec, required = true)]
+    pub snapshot: Option<SnapSpec>,
+    /// Name of the new volume.
+    #[arg(value_name = "NEWVOL", required = true)]
+    pub new_name: Option<String>,
+}
+
+impl CloneArgs {
+    /// The command meant: the short form is `create`.
+    pub fn into_cmd(self) -> CloneCmd {
+        match (self.cmd, self.snapshot, self.new_name) {
+            (Some(c), _, _) => c,
+            (None, Some(snapshot), Some(new_name)) => CloneCmd::Create { snapshot, new_name },
+            // clap requires both positionals when no subcommand is given.
+            (None, _, _) => unreachable!("clone without a subcommand or VOL@SNAP NEWVOL"),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CloneCmd {
+    /// Create a writable volume NEWVOL from snapshot VOL@SNAP (instant, copies nothing).
+    #[command(
+        long_about = CLONE_ABOUT,
+        after_help = "Examples:\n  vblk clone create golden@v1 vm1\n  vblk clone golden@v1 vm1      # the same"
+    )]
+    Create {
+        /// The snapshot to clone.
+        #[arg(value_name = "VOL@SNAP", value_parser = parse_snap_spec)]
+        snapshot: SnapSpec,
+        /// Name of the new volume.
+        #[arg(value_name = "NEWVOL")]
+        new_name: String,
+    },
+    /// Make a detached clone independent of its origin snapshot (copies the blocks it shares).
+    #[command(
+        long_about = "Make a clone independent of the snapshot it was made from: copy into it every \
+                      block it still reads from the snapshot, then cut the link. Takes time and space \
+                      in proportion to the data the clone shares. Afterwards the origin snapshot can \
+                      be deleted (and its volume deleted without --recursive) without affecting the \
+                      clone. Refused while the clone is attached.",
+        after_help = "Examples:\n  vblk clone flatten vm1\n  vblk snap delete golden@v1"
+    )]
+    Flatten {
+        /// The clone.
+        volume: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// A snapshot.
+    #[arg(value_name = "VOL@SNAP1", value_parser = parse_snap_spec)]
+    pub from: SnapSpec,
+    /// Another snapshot of the same volume [default: the live volume].
+    #[arg(value_name = "VOL@SNAP2", value_parser = parse_snap_spec)]
+    pub to: Option<SnapSpec>,
 }
 
 /// Target of `vol resize`.
@@ -658,6 +870,49 @@ mod tests {
         let c = Cli::try_parse_from(["vblk", "import", "f", "v", "--rate", "50M"]).unwrap();
         let Command::Import(a) = c.command else { panic!() };
         assert_eq!(a.rate, Some(50 << 20));
+    }
+
+    #[test]
+    fn snapshot_commands() {
+        let c = Cli::try_parse_from(["vblk", "snap", "create", "vm1@s1"]).unwrap();
+        let Command::Snap(SnapCmd::Create { snapshot }) = c.command else { panic!() };
+        assert_eq!(snapshot, SnapSpec { volume: "vm1".into(), snapshot: "s1".into() });
+        assert_eq!(snapshot.to_string(), "vm1@s1");
+        for bad in ["vm1", "@s", "vm1@", ""] {
+            let e = Cli::try_parse_from(["vblk", "snap", "create", bad]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+        }
+        let c = Cli::try_parse_from(["vblk", "snapshot", "ls"]).unwrap();
+        assert!(matches!(c.command, Command::Snap(SnapCmd::List { volume: None })));
+        let c = Cli::try_parse_from(["vblk", "vol", "rm", "v", "--recursive"]).unwrap();
+        assert!(matches!(c.command, Command::Vol(VolCmd::Delete { recursive: true, .. })));
+        let c = Cli::try_parse_from(["vblk", "diff", "v@a"]).unwrap();
+        let Command::Diff(d) = c.command else { panic!() };
+        assert_eq!((d.from.snapshot.as_str(), d.to), ("a", None));
+    }
+
+    #[test]
+    fn clone_short_and_subcommand_forms() {
+        let create = |args: &[&str]| {
+            let c = Cli::try_parse_from(args).unwrap();
+            let Command::CloneVol(a) = c.command else { panic!() };
+            a.into_cmd()
+        };
+        let want = |s: &str, n: &str| match create(&["vblk", "clone", "create", s, n]) {
+            CloneCmd::Create { snapshot, new_name } => (snapshot.to_string(), new_name),
+            CloneCmd::Flatten { .. } => panic!(),
+        };
+        assert_eq!(want("g@v1", "vm1"), ("g@v1".into(), "vm1".into()));
+        let CloneCmd::Create { snapshot, new_name } = create(&["vblk", "clone", "g@v1", "vm1"]) else { panic!() };
+        assert_eq!((snapshot.to_string(), new_name.as_str()), ("g@v1".into(), "vm1"));
+        // A snapshot spec always has '@', so it never reads as a subcommand name.
+        let CloneCmd::Create { snapshot, .. } = create(&["vblk", "clone", "flatten@x", "vm1"]) else { panic!() };
+        assert_eq!(snapshot.volume, "flatten");
+        let CloneCmd::Flatten { volume } = create(&["vblk", "clone", "flatten", "vm1"]) else { panic!() };
+        assert_eq!(volume, "vm1");
+        for bad in [&["vblk", "clone"][..], &["vblk", "clone", "g@v1"], &["vblk", "clone", "g", "vm1"], &["vblk", "clone", "flatten"]] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
 use crate::cli_args::{
-    AttachArgs, CreateSize, DetachArgs, ExportArgs, ImportArgs, PoolCmd, QosCmd, QosGroupCmd, QosLimitArgs, ResizeTo, VolCmd,
+    AttachArgs, CloneArgs, CloneCmd, CreateSize, DetachArgs, DiffArgs, ExportArgs, ImportArgs, PoolCmd, QosCmd, QosGroupCmd,
+    QosLimitArgs, ResizeTo, SnapCmd, VolCmd,
 };
 use crate::output;
 use crate::proto;
@@ -120,14 +121,112 @@ pub async fn vol(socket: &Path, cmd: VolCmd, json: bool) -> anyhow::Result<ExitC
             let v = c.rename_volume(proto::RenameVolumeRequest { name: old.clone(), new_name: new }).await.map_err(rpc_error)?.into_inner();
             show(&v, format!("renamed volume {old} to {}", v.name))?;
         }
-        VolCmd::Delete { name } => {
-            c.delete_volume(proto::DeleteVolumeRequest { name: name.clone() }).await.map_err(rpc_error)?;
+        VolCmd::Delete { name, recursive } => {
+            c.delete_volume(proto::DeleteVolumeRequest { name: name.clone(), recursive }).await.map_err(rpc_error)?;
             if json {
                 output::json(&serde_json::json!({ "deleted": name }))?;
             } else {
                 println!("deleted volume {name}");
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn snap(socket: &Path, cmd: SnapCmd, json: bool) -> anyhow::Result<ExitCode> {
+    let mut c = connect(socket).await?;
+    match cmd {
+        SnapCmd::Create { snapshot } => {
+            let req = proto::SnapshotCreateRequest { volume: snapshot.volume, name: snapshot.snapshot };
+            let s = c.snapshot_create(req).await.map_err(rpc_error)?.into_inner();
+            if json {
+                output::json(&s)?;
+            } else {
+                println!("created snapshot {}\n{}", output::snap_name(&s), output::snapshot_details(&s));
+            }
+        }
+        SnapCmd::List { volume } => {
+            let l = c
+                .snapshot_list(proto::SnapshotListRequest { volume: volume.unwrap_or_default() })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if json {
+                output::json(&l.snapshots)?;
+            } else {
+                println!("{}", output::snapshots_table(&l.snapshots));
+            }
+        }
+        SnapCmd::Delete { snapshot } => {
+            let req = proto::SnapshotDeleteRequest { volume: snapshot.volume.clone(), name: snapshot.snapshot.clone() };
+            c.snapshot_delete(req).await.map_err(rpc_error)?;
+            if json {
+                output::json(&serde_json::json!({ "deleted": snapshot.to_string() }))?;
+            } else {
+                println!("deleted snapshot {snapshot}");
+            }
+        }
+        SnapCmd::Rollback { snapshot } => {
+            let req = proto::SnapshotRollbackRequest { volume: snapshot.volume.clone(), name: snapshot.snapshot.clone() };
+            let v = c.snapshot_rollback(req).await.map_err(rpc_error)?.into_inner();
+            if json {
+                output::json(&v)?;
+            } else {
+                println!("rolled back volume {} to snapshot {snapshot}\n{}", v.name, output::volume_details(&v));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn clone(socket: &Path, a: CloneArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let mut c = connect(socket).await?;
+    let (v, human) = match a.into_cmd() {
+        CloneCmd::Create { snapshot, new_name } => {
+            let req = proto::CloneVolumeRequest { volume: snapshot.volume.clone(), snapshot: snapshot.snapshot.clone(), new_name };
+            let v = c.clone_volume(req).await.map_err(rpc_error)?.into_inner();
+            let msg = format!("created volume {} ({}) as a clone of {snapshot}", v.name, format_size(v.size_bytes));
+            (v, msg)
+        }
+        CloneCmd::Flatten { volume } => {
+            let v = c.clone_flatten(proto::CloneFlattenRequest { volume }).await.map_err(rpc_error)?.into_inner();
+            let msg = format!(
+                "flattened volume {}: it no longer depends on its origin snapshot ({} allocated)",
+                v.name,
+                format_size(v.allocated_bytes)
+            );
+            (v, msg)
+        }
+    };
+    if json {
+        output::json(&v)?;
+    } else {
+        println!("{human}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn diff(socket: &Path, a: DiffArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if let Some(to) = &a.to {
+        if to.volume != a.from.volume {
+            return Err(anyhow!(
+                "{} and {to} are snapshots of different volumes; diff compares two snapshots of one volume \
+                 (or, with one argument, a snapshot and the live volume)",
+                a.from
+            ));
+        }
+    }
+    let req = proto::DiffRequest {
+        volume: a.from.volume.clone(),
+        from_snapshot: a.from.snapshot.clone(),
+        to_snapshot: a.to.map(|t| t.snapshot).unwrap_or_default(),
+    };
+    let mut c = connect(socket).await?;
+    let d = c.diff(req).await.map_err(rpc_error)?.into_inner();
+    if json {
+        output::json(&d)?;
+    } else {
+        println!("{}", output::diff_table(&d));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -48,6 +48,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match cmd {
                 Command::Pool(c) => client::pool(&sock, c, json).await,
                 Command::Vol(c) => client::vol(&sock, c, json).await,
+                Command::Snap(c) => client::snap(&sock, c, json).await,
+                Command::CloneVol(a) => client::clone(&sock, a, json).await,
+                Command::Diff(a) => client::diff(&sock, a, json).await,
                 Command::Attach(a) => client::attach(&sock, a, json).await,
                 Command::Detach(a) => client::detach(&sock, a, json).await,
                 Command::Devices => client::devices(&sock, json).await,

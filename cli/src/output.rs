@@ -86,6 +86,36 @@ pub fn format_time(ns: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// "2026-11-26 19:04:05 CET": local time (TZ, else /etc/localtime) from nanoseconds since the
+/// epoch, with the zone's abbreviation; UTC ([`format_time`]) if the conversion fails.
+pub fn format_local_time(ns: u64) -> String {
+    let Ok(secs) = libc::time_t::try_from(ns / 1_000_000_000) else { return format_time(ns) };
+    // SAFETY: `libc::tm` is plain old data (integers and a pointer), for which all zeros is valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to locals that outlive the call; localtime_r (unlike localtime)
+    // writes only into `tm`.
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return format_time(ns);
+    }
+    let zone = if tm.tm_zone.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a non-null tm_zone points to a NUL-terminated zone abbreviation that libc
+        // keeps alive (its tzname storage); we copy it at once.
+        unsafe { std::ffi::CStr::from_ptr(tm.tm_zone) }.to_string_lossy().into_owned()
+    };
+    let s = format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} {zone}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    );
+    s.trim_end().to_string()
+}
+
 fn attachment_short(v: &proto::Volume) -> String {
     match &v.attachment {
         Some(a) => format!("{} {}", if a.read_only { "ro" } else { "rw" }, a.socket),
@@ -161,6 +191,7 @@ pub fn pool_status(s: &proto::PoolStatusResponse) -> String {
         ("used", bytes_exact_and(s.used_bytes, &percent(s.used_bytes, s.total_bytes))),
         ("free", bytes_exact(s.free_bytes)),
         ("pending free", bytes_exact(s.pending_free_bytes)),
+        ("snapshots", bytes_exact_and(s.snapshot_bytes, "held only by snapshots")),
         (
             "volumes",
             format!("{} ({} provisioned, {} of the pool)", s.volumes.len(), format_size(provisioned), percent(provisioned, s.total_bytes)),
@@ -186,6 +217,66 @@ pub fn pool_status(s: &proto::PoolStatusResponse) -> String {
         ));
     }
     out
+}
+
+/// `VOL@SNAP`.
+pub fn snap_name(s: &proto::Snapshot) -> String {
+    format!("{}@{}", s.volume, s.name)
+}
+
+pub fn snapshots_table(snaps: &[proto::Snapshot]) -> String {
+    if snaps.is_empty() {
+        return "no snapshots".into();
+    }
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.volume.clone(),
+                s.name.clone(),
+                format_local_time(s.created_ns),
+                format_size(s.size_bytes),
+                format_size(s.referenced_bytes),
+                format_size(s.exclusive_bytes),
+                if s.clones.is_empty() { "-".into() } else { s.clones.join(",") },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("VOLUME", Align::Left),
+            ("SNAPSHOT", Align::Left),
+            ("CREATED", Align::Left),
+            ("SIZE", Align::Right),
+            ("REFERENCED", Align::Right),
+            ("EXCLUSIVE", Align::Right),
+            ("CLONES", Align::Left),
+        ],
+        &rows,
+    )
+}
+
+/// One snapshot in a few lines (`snap create`).
+pub fn snapshot_details(s: &proto::Snapshot) -> String {
+    kv(&[
+        ("snapshot", snap_name(s)),
+        ("created", format_local_time(s.created_ns)),
+        ("size", bytes_exact(s.size_bytes)),
+        ("referenced", bytes_exact(s.referenced_bytes)),
+        ("exclusive", bytes_exact(s.exclusive_bytes)),
+        ("clones", if s.clones.is_empty() { "-".into() } else { s.clones.join(", ") }),
+    ])
+}
+
+/// Changed ranges (bytes) and a total line.
+pub fn diff_table(d: &proto::DiffResponse) -> String {
+    let n = d.ranges.len();
+    let total = format!("total: {n} range{}, {} changed", if n == 1 { "" } else { "s" }, bytes_exact(d.changed_bytes));
+    if d.ranges.is_empty() {
+        return format!("no changes\n{total}");
+    }
+    let rows: Vec<Vec<String>> = d.ranges.iter().map(|r| vec![r.offset.to_string(), r.length.to_string()]).collect();
+    format!("{}\n{total}", table(&[("OFFSET", Align::Right), ("LENGTH", Align::Right)], &rows))
 }
 
 pub fn check_report(c: &proto::CheckResponse) -> String {
@@ -369,6 +460,24 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_time(951_782_400_000_000_000), "2000-02-29 00:00:00 UTC");
         assert_eq!(format_time(1_795_716_245_000_000_000), "2026-11-26 18:04:05 UTC");
+    }
+
+    #[test]
+    fn local_times_look_like_utc_ones() {
+        let t = format_local_time(1_795_716_245_000_000_000);
+        assert!(t.starts_with("2026-11-2"), "{t}");
+        assert_eq!(t.as_bytes()[10], b' ', "{t}");
+        assert_eq!(&t[13..14], ":", "{t}");
+    }
+
+    #[test]
+    fn diffs_read_well() {
+        let d = proto::DiffResponse {
+            ranges: vec![proto::DiffRange { offset: 0, length: 8192 }, proto::DiffRange { offset: 1 << 20, length: 4096 }],
+            changed_bytes: 12288,
+        };
+        assert_eq!(diff_table(&d), " OFFSET  LENGTH\n      0    8192\n1048576    4096\ntotal: 2 ranges, 12.0 KiB (12288 bytes) changed");
+        assert_eq!(diff_table(&proto::DiffResponse::default()), "no changes\ntotal: 0 ranges, 0 B (0 bytes) changed");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Code, Request, Response, Status};
 use tracing::{error, info, warn};
-use vblk_engine::{Pool, PoolOptions, VolumeInfo};
+use vblk_engine::{Pool, PoolOptions, SnapshotInfo, VolumeInfo};
 
 use crate::attach;
 use crate::cli_args::{AttachSpec, DaemonArgs};
@@ -42,9 +42,11 @@ pub fn code_of(e: &vblk_engine::Error) -> Code {
     use vblk_engine::Error as E;
     match e {
         e if e.is_not_found() => Code::NotFound,
-        E::VolumeExists(_) | E::AlreadyExists { .. } => Code::AlreadyExists,
+        E::NoSuchSnapshot(_) => Code::NotFound,
+        E::VolumeExists(_) | E::AlreadyExists { .. } | E::SnapshotExists(_) => Code::AlreadyExists,
         e if e.is_invalid_input() => Code::InvalidArgument,
-        E::Busy { .. } | E::ReadOnly | E::Locked { .. } => Code::FailedPrecondition,
+        E::Invalid(_) => Code::InvalidArgument,
+        E::Busy { .. } | E::ReadOnly | E::Locked { .. } | E::HasDependents { .. } => Code::FailedPrecondition,
         E::NoSpace => Code::ResourceExhausted,
         E::ShuttingDown => Code::Unavailable,
         _ => Code::Internal,
@@ -203,7 +205,7 @@ impl DaemonState {
         if !change.limits.is_empty() || change.iops_size.is_some() || group != GroupChange::Keep {
             if let Err(e) = self.qos.set(v.id, &v.name, &change, &group) {
                 // Leave no volume without the limits it was asked for.
-                if let Err(d) = self.pool.delete_volume(&r.name) {
+                if let Err(d) = self.pool.delete_volume(&r.name, false) {
                     warn!(volume = %r.name, "removing the volume whose QoS could not be set: {d}");
                 }
                 return Err(e);
@@ -361,14 +363,19 @@ impl Vblk for Service {
         let r = req.into_inner();
         let st = self.st.clone();
         blocking(move || {
-            let id = st.pool.volume_info(&r.name).map_err(engine_status)?.id;
-            st.pool.delete_volume(&r.name).map_err(engine_status)?;
-            info!(volume = %r.name, "volume deleted");
-            if let Err(e) = st.qos.forget(id) {
-                // The volume is gone; its stale entry is dropped at the next daemon start.
-                warn!(volume = %r.name, "forgetting its QoS settings: {}", e.message());
+            // A recursive delete removes clones too: forget the QoS of every volume that went.
+            let before = st.pool.list_volumes();
+            let res = st.pool.delete_volume(&r.name, r.recursive);
+            // Even on failure: a recursive delete may have removed some clones before stopping.
+            let after: std::collections::BTreeSet<u64> = st.pool.list_volumes().into_iter().map(|v| v.id).collect();
+            for v in before.into_iter().filter(|v| !after.contains(&v.id)) {
+                info!(volume = %v.name, recursive = r.recursive, "volume deleted");
+                if let Err(e) = st.qos.forget(v.id) {
+                    // The volume is gone; its stale entry is dropped at the next daemon start.
+                    warn!(volume = %v.name, "forgetting its QoS settings: {}", e.message());
+                }
             }
-            Ok(())
+            res.map_err(engine_status)
         })
         .await?;
         Ok(Response::new(proto::DeleteVolumeResponse {}))
@@ -388,6 +395,7 @@ impl Vblk for Service {
                 free_bytes: s.free_bytes,
                 pending_free_bytes: s.pending_free_bytes,
                 volumes: s.volumes.into_iter().map(|v| st.volume_msg(v)).collect(),
+                snapshot_bytes: s.snapshot_bytes,
             })
         })
         .await?;
@@ -486,6 +494,109 @@ impl Vblk for Service {
         let st = self.st.clone();
         let groups = blocking(move || Ok(st.qos.groups())).await?;
         Ok(Response::new(proto::QosGroupListResponse { groups }))
+    }
+
+    async fn snapshot_create(&self, req: Request<proto::SnapshotCreateRequest>) -> Result<Response<proto::Snapshot>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let s = blocking(move || {
+            let s = st.pool.snapshot_create(&r.volume, &r.name).map_err(engine_status)?;
+            info!(volume = %r.volume, snapshot = %r.name, generation = s.generation, "snapshot created");
+            Ok(snapshot_msg(s))
+        })
+        .await?;
+        Ok(Response::new(s))
+    }
+
+    async fn snapshot_list(&self, req: Request<proto::SnapshotListRequest>) -> Result<Response<proto::SnapshotListResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let snapshots = blocking(move || {
+            let vol = Some(r.volume.as_str()).filter(|v| !v.is_empty());
+            Ok(st.pool.snapshot_list(vol).map_err(engine_status)?.into_iter().map(snapshot_msg).collect())
+        })
+        .await?;
+        Ok(Response::new(proto::SnapshotListResponse { snapshots }))
+    }
+
+    async fn snapshot_delete(&self, req: Request<proto::SnapshotDeleteRequest>) -> Result<Response<proto::SnapshotDeleteResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        blocking(move || {
+            st.pool.snapshot_delete(&r.volume, &r.name).map_err(engine_status)?;
+            info!(volume = %r.volume, snapshot = %r.name, "snapshot deleted");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(proto::SnapshotDeleteResponse {}))
+    }
+
+    async fn snapshot_rollback(&self, req: Request<proto::SnapshotRollbackRequest>) -> Result<Response<proto::Volume>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || {
+            let v = st.pool.snapshot_rollback(&r.volume, &r.name).map_err(engine_status)?;
+            info!(volume = %r.volume, snapshot = %r.name, "volume rolled back");
+            Ok(st.volume_msg(v))
+        })
+        .await?;
+        Ok(Response::new(v))
+    }
+
+    async fn clone_volume(&self, req: Request<proto::CloneVolumeRequest>) -> Result<Response<proto::Volume>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || {
+            let v = st.pool.clone_volume(&r.volume, &r.snapshot, &r.new_name).map_err(engine_status)?;
+            info!(volume = %r.new_name, origin = %format!("{}@{}", r.volume, r.snapshot), "clone created");
+            Ok(st.volume_msg(v))
+        })
+        .await?;
+        Ok(Response::new(v))
+    }
+
+    async fn clone_flatten(&self, req: Request<proto::CloneFlattenRequest>) -> Result<Response<proto::Volume>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let v = blocking(move || {
+            let v = st.pool.clone_flatten(&r.volume).map_err(engine_status)?;
+            info!(volume = %r.volume, allocated = v.allocated_bytes, "clone flattened");
+            Ok(st.volume_msg(v))
+        })
+        .await?;
+        Ok(Response::new(v))
+    }
+
+    async fn diff(&self, req: Request<proto::DiffRequest>) -> Result<Response<proto::DiffResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.st.clone();
+        let d = blocking(move || {
+            let to = Some(r.to_snapshot.as_str()).filter(|t| !t.is_empty());
+            let ranges = st.pool.diff(&r.volume, &r.from_snapshot, to).map_err(engine_status)?;
+            Ok(diff_msg(&ranges))
+        })
+        .await?;
+        Ok(Response::new(d))
+    }
+}
+
+fn snapshot_msg(s: SnapshotInfo) -> proto::Snapshot {
+    proto::Snapshot {
+        volume: s.volume,
+        name: s.name,
+        created_ns: s.created_ns,
+        size_bytes: s.size_bytes,
+        referenced_bytes: s.referenced_bytes,
+        exclusive_bytes: s.exclusive_bytes,
+        clones: s.clones,
+        generation: s.generation,
+    }
+}
+
+fn diff_msg(ranges: &[vblk_engine::DiffRange]) -> proto::DiffResponse {
+    proto::DiffResponse {
+        changed_bytes: ranges.iter().map(|r| r.len).sum(),
+        ranges: ranges.iter().map(|r| proto::DiffRange { offset: r.offset, length: r.len }).collect(),
     }
 }
 
@@ -663,6 +774,10 @@ mod tests {
         let cases: Vec<(E, Code)> = vec![
             (E::NoSuchVolume("a".into()), Code::NotFound),
             (E::VolumeExists("a".into()), Code::AlreadyExists),
+            (E::NoSuchSnapshot("a@s".into()), Code::NotFound),
+            (E::SnapshotExists("a@s".into()), Code::AlreadyExists),
+            (E::HasDependents { name: "a".into(), what: "1 snapshot(s)".into() }, Code::FailedPrecondition),
+            (E::Invalid("not a clone".into()), Code::InvalidArgument),
             (E::AlreadyExists { path: "/x".into() }, Code::AlreadyExists),
             (E::InvalidName { name: "-a".into(), why: "bad" }, Code::InvalidArgument),
             (E::InvalidSize("1".into()), Code::InvalidArgument),

@@ -369,7 +369,7 @@ pub fn import(st: &DaemonState, req: &ImportRequest, p: &mut Progress) -> Result
     let r = copy_in(st, req, &f, &path, size, created, p);
     if r.is_err() && created {
         // Leave no half-imported volume behind.
-        if let Err(e) = pool.delete_volume(&req.volume) {
+        if let Err(e) = pool.delete_volume(&req.volume, false) {
             warn!(volume = %req.volume, "removing the volume of a failed import: {e}");
         }
     }

@@ -383,6 +383,15 @@ fn errors_without_a_daemon() {
         &["check"],
         &["import"],
         &["export"],
+        &["vol", "delete"],
+        &["snap", "create"],
+        &["snap", "list"],
+        &["snap", "delete"],
+        &["snap", "rollback"],
+        &["clone"],
+        &["clone", "create"],
+        &["clone", "flatten"],
+        &["diff"],
     ] {
         let mut a = cmd.to_vec();
         a.push("--help");
@@ -516,5 +525,148 @@ fn import_qcow2_through_qemu_img() {
     // --format raw takes the file as it is (here: the qcow2 container itself).
     let r = json(&api, &["import", qcow.to_str().unwrap(), "as-raw", "--format", "raw"]);
     assert_eq!(u(&r["volume"], "size_bytes"), std::fs::metadata(&qcow).unwrap().len().div_ceil(4096) * 4096);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+/// Names in a JSON array of objects.
+fn names(v: &Value, key: &str) -> Vec<String> {
+    v.as_array().unwrap_or_else(|| panic!("not an array: {v}")).iter().map(|x| x[key].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn snapshots_clones_rollback_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = create_pool(d, "64M");
+    let api = d.join("api.sock");
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    ok(&api, &["vol", "create", "vm1", "16M"]);
+    assert!(ok(&api, &["snap", "list"]).contains("no snapshots"));
+
+    // Create and list.
+    let s1 = json(&api, &["snap", "create", "vm1@s1"]);
+    assert_eq!((s1["volume"].as_str(), s1["name"].as_str()), (Some("vm1"), Some("s1")), "{s1}");
+    assert_eq!(u(&s1, "size_bytes"), 16 * MIB);
+    assert!(ok(&api, &["snap", "create", "vm1@s2"]).contains("vm1@s2"));
+    let list = json(&api, &["snap", "list"]);
+    assert_eq!(names(&list, "name"), ["s1", "s2"]);
+    let first = &list[0];
+    for key in ["created_ns", "size_bytes", "referenced_bytes", "exclusive_bytes", "generation"] {
+        assert!(first[key].is_u64(), "{key} missing or not an integer in {first}");
+    }
+    assert_eq!(u(first, "created_ns"), u(&s1, "created_ns"));
+    assert_eq!((u(first, "referenced_bytes"), u(first, "exclusive_bytes")), (0, 0), "{first}");
+    assert_eq!(first["clones"].as_array().map(Vec::len), Some(0), "{first}");
+    assert!(u(&list[1], "generation") > u(first, "generation"), "{list}");
+    assert_eq!(names(&json(&api, &["snap", "list", "vm1"]), "name"), ["s1", "s2"]);
+    let human = ok(&api, &["snap", "ls"]);
+    assert!(human.starts_with("VOLUME  SNAPSHOT  CREATED"), "{human}");
+    assert!(human.contains("REFERENCED  EXCLUSIVE  CLONES") && human.contains("16.0 MiB"), "{human}");
+
+    // Refusals.
+    let err = fails(&api, &["snap", "create", "vm1@s1"]);
+    assert!(err.contains("already exists") && err.contains("vm1@s1"), "{err}");
+    let err = fails(&api, &["snap", "create", "novol@x"]);
+    assert!(err.contains("not found") && err.contains("novol"), "{err}");
+    let err = fails(&api, &["snap", "list", "novol"]);
+    assert!(err.contains("not found"), "{err}");
+    let err = fails(&api, &["snap", "delete", "vm1@nope"]);
+    assert!(err.contains("not found") && err.contains("vm1@nope"), "{err}");
+    let o = vblk(&api, &["snap", "create", "vm1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("VOL@SNAP"), "{}", text(&o.stderr));
+
+    // Diff of an unwritten volume: nothing changed, between snapshots or up to now.
+    let df = json(&api, &["diff", "vm1@s1", "vm1@s2"]);
+    assert_eq!(df["ranges"].as_array().map(Vec::len), Some(0), "{df}");
+    assert_eq!(u(&df, "changed_bytes"), 0);
+    let df = json(&api, &["diff", "vm1@s1"]);
+    assert_eq!(u(&df, "changed_bytes"), 0, "{df}");
+    assert!(ok(&api, &["diff", "vm1@s1", "vm1@s2"]).contains("no changes"));
+    let err = fails(&api, &["diff", "vm1@s1", "other@s2"]);
+    assert!(err.contains("different volumes"), "{err}");
+
+    // Clones, in both forms; they show in vol list and in their snapshot's CLONES.
+    let c1 = json(&api, &["clone", "vm1@s1", "c1"]);
+    assert_eq!((c1["name"].as_str(), u(&c1, "size_bytes")), (Some("c1"), 16 * MIB), "{c1}");
+    assert!(ok(&api, &["clone", "create", "vm1@s2", "c2"]).contains("clone of vm1@s2"));
+    assert_eq!(names(&json(&api, &["vol", "list"]), "name"), ["c1", "c2", "vm1"]);
+    let list = json(&api, &["snap", "list", "vm1"]);
+    assert_eq!(list[0]["clones"], serde_json::json!(["c1"]), "{list}");
+    assert_eq!(list[1]["clones"], serde_json::json!(["c2"]), "{list}");
+    let err = fails(&api, &["clone", "vm1@s1", "c1"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = fails(&api, &["clone", "vm1@nope", "c3"]);
+    assert!(err.contains("not found"), "{err}");
+    // Flatten: c2 becomes independent; a plain volume is not a clone.
+    assert_eq!(json(&api, &["clone", "flatten", "c2"])["name"], "c2");
+    let err = fails(&api, &["clone", "flatten", "vm1"]);
+    assert!(err.contains("not a clone"), "{err}");
+
+    // Data through import: diff finds exactly the written blocks, rollback goes back and forth.
+    ok(&api, &["vol", "create", "data", "4M"]);
+    ok(&api, &["snap", "create", "data@empty"]);
+    let img = d.join("img.raw");
+    make_image(&img, 2 * MIB, &[(0, 8192), (MIB, 4096)], (0, 0));
+    ok(&api, &["import", img.to_str().unwrap(), "data"]);
+    ok(&api, &["snap", "create", "data@full"]);
+    let df = json(&api, &["diff", "data@empty", "data@full"]);
+    assert_eq!(df["ranges"], serde_json::json!([{"offset": 0, "length": 8192}, {"offset": MIB, "length": 4096}]), "{df}");
+    assert_eq!(u(&df, "changed_bytes"), 12288);
+    assert_eq!(json(&api, &["diff", "data@full", "data@empty"])["ranges"], df["ranges"], "order does not matter");
+    assert_eq!(u(&json(&api, &["diff", "data@empty"]), "changed_bytes"), 12288);
+    let human = ok(&api, &["diff", "data@empty", "data@full"]);
+    assert!(human.starts_with(" OFFSET  LENGTH") && human.contains("1048576") && human.contains("12288 bytes"), "{human}");
+    let full = json(&api, &["snap", "list", "data"]);
+    assert_eq!(u(&full[1], "referenced_bytes"), 12288, "{full}");
+
+    let image = std::fs::read(&img).unwrap();
+    let export = |name: &str| {
+        let out = d.join(format!("{name}.raw"));
+        ok(&api, &["export", "data", out.to_str().unwrap(), "--force"]);
+        std::fs::read(&out).unwrap()
+    };
+    let v = json(&api, &["snap", "rollback", "data@empty"]);
+    assert_eq!((v["name"].as_str(), u(&v, "size_bytes")), (Some("data"), 4 * MIB), "{v}");
+    assert!(export("empty").iter().all(|&b| b == 0), "rollback to an empty snapshot left data");
+    assert!(ok(&api, &["snap", "rollback", "data@full"]).contains("rolled back volume data to snapshot data@full"));
+    let e = export("full");
+    assert!(e[..image.len()] == image[..], "rollback to data@full does not read the image");
+    assert_eq!(names(&json(&api, &["snap", "list", "data"]), "name"), ["empty", "full"], "rollback keeps the snapshots");
+
+    // Attached: snapshots are allowed, rollback is refused.
+    let sock = d.join("data.sock");
+    ok(&api, &["attach", "data", "--socket", sock.to_str().unwrap()]);
+    ok(&api, &["snap", "create", "data@attached"]);
+    let err = fails(&api, &["snap", "rollback", "data@empty"]);
+    assert!(err.contains("attached") && err.contains("detach"), "{err}");
+    ok(&api, &["detach", "data"]);
+
+    // Snapshot delete.
+    assert!(ok(&api, &["snap", "delete", "data@attached"]).contains("deleted snapshot data@attached"));
+    assert_eq!(json(&api, &["snap", "rm", "data@empty"])["deleted"], "data@empty");
+    assert_eq!(names(&json(&api, &["snap", "list", "data"]), "name"), ["full"]);
+
+    // Pool status shows what snapshots hold.
+    let st = json(&api, &["pool", "status"]);
+    assert!(st["snapshot_bytes"].is_u64(), "{st}");
+    assert!(u(&st, "snapshot_bytes") <= u(&st, "used_bytes"), "{st}");
+    assert!(ok(&api, &["pool", "status"]).contains("snapshots:"));
+
+    // Deleting a volume with snapshots and clones needs --recursive, which takes the clones too
+    // (not c2: flattened, it no longer depends on vm1).
+    let err = fails(&api, &["vol", "delete", "vm1"]);
+    assert!(err.contains("--recursive") && err.contains("c1"), "{err}");
+    assert_eq!(names(&json(&api, &["vol", "list"]), "name"), ["c1", "c2", "data", "vm1"]);
+    assert!(ok(&api, &["vol", "delete", "vm1", "--recursive"]).contains("deleted volume vm1"));
+    assert_eq!(names(&json(&api, &["vol", "list"]), "name"), ["c2", "data"]);
+    assert_eq!(names(&json(&api, &["snap", "list"]), "volume"), ["data"]);
+    let c = json(&api, &["check"]);
+    assert_eq!(c["clean"], true, "{c}");
+
+    // Snapshots survive a restart.
+    assert_eq!(daemon.terminate(), Some(0));
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    assert_eq!(names(&json(&api, &["snap", "list"]), "name"), ["full"]);
     assert_eq!(daemon.terminate(), Some(0));
 }

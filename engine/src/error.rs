@@ -60,6 +60,14 @@ pub enum Error {
     InvalidSize(String),
     #[error("volume {name:?} is in use ({why})")]
     Busy { name: String, why: &'static str },
+    #[error("snapshot {0:?} not found")]
+    NoSuchSnapshot(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
+    #[error("volume {name:?} has {what}; delete them first or pass --recursive")]
+    HasDependents { name: String, what: String },
+    #[error("{0}")]
+    Invalid(String),
     #[error("pool is full: no free blocks")]
     NoSpace,
     #[error("request out of range: offset {offset} + len {len} > volume size {size}")]

@@ -13,7 +13,7 @@ pub const BLOCK_SHIFT: u32 = 12;
 pub const DATA_START: u64 = 1 << 20;
 
 /// Format version written by this code.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// "VBLKPOOL"
 pub const SB_MAGIC: [u8; 8] = *b"VBLKPOOL";
 
@@ -174,8 +174,283 @@ pub mod key {
     pub const VOLUME: u8 = 0x02;
     /// A name index entry: `[0x03] name bytes`.
     pub const NAME: u8 = 0x03;
-    /// A block map entry: `[0x04] layer:u64be lba:u64be`.
+    /// A head block map entry: `[0x04] branch:u64be lba:u64be`.
     pub const MAP: u8 = 0x04;
+    /// A branch record: `[0x05] branch:u64be` (version 2).
+    pub const BRANCH: u8 = 0x05;
+    /// A snapshot record: `[0x06] branch:u64be gen:u64be` (version 2).
+    pub const SNAP: u8 = 0x06;
+    /// A dead-list entry: `[0x07] branch:u64be kill:u64be birth:u64be lba:u64be` (version 2).
+    pub const DEAD: u8 = 0x07;
+    /// A birth index entry: `[0x08] branch:u64be birth:u64be lba:u64be` (version 2).
+    pub const BIRTH: u8 = 0x08;
+    /// A history map entry: `[0x09] branch:u64be lba:u64be !birth:u64be` (version 2).
+    pub const HIST: u8 = 0x09;
+}
+
+fn key_of(t: u8, parts: &[u64]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 8 * parts.len());
+    k.push(t);
+    for p in parts {
+        k.extend_from_slice(&p.to_be_bytes());
+    }
+    k
+}
+
+fn parse_key<const N: usize>(t: u8, k: &[u8]) -> Option<[u64; N]> {
+    if k.len() != 1 + 8 * N || k[0] != t {
+        return None;
+    }
+    let mut out = [0u64; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u64::from_be_bytes(k[1 + 8 * i..9 + 8 * i].try_into().ok()?);
+    }
+    Some(out)
+}
+
+pub fn branch_key(id: u64) -> Vec<u8> {
+    key_of(key::BRANCH, &[id])
+}
+pub fn parse_branch_key(k: &[u8]) -> Option<u64> {
+    parse_key::<1>(key::BRANCH, k).map(|a| a[0])
+}
+pub fn snap_key(branch: u64, gen: u64) -> Vec<u8> {
+    key_of(key::SNAP, &[branch, gen])
+}
+pub fn parse_snap_key(k: &[u8]) -> Option<(u64, u64)> {
+    parse_key::<2>(key::SNAP, k).map(|a| (a[0], a[1]))
+}
+pub fn dead_key(branch: u64, kill: u64, birth: u64, lba: u64) -> Vec<u8> {
+    key_of(key::DEAD, &[branch, kill, birth, lba])
+}
+/// (branch, kill, birth, lba)
+pub fn parse_dead_key(k: &[u8]) -> Option<(u64, u64, u64, u64)> {
+    parse_key::<4>(key::DEAD, k).map(|a| (a[0], a[1], a[2], a[3]))
+}
+pub fn birth_key(branch: u64, birth: u64, lba: u64) -> Vec<u8> {
+    key_of(key::BIRTH, &[branch, birth, lba])
+}
+/// (branch, birth, lba)
+pub fn parse_birth_key(k: &[u8]) -> Option<(u64, u64, u64)> {
+    parse_key::<3>(key::BIRTH, k).map(|a| (a[0], a[1], a[2]))
+}
+/// History keys sort newest first within one lba: the birth is stored inverted.
+pub fn hist_key(branch: u64, lba: u64, birth: u64) -> Vec<u8> {
+    key_of(key::HIST, &[branch, lba, !birth])
+}
+/// (branch, lba, birth)
+pub fn parse_hist_key(k: &[u8]) -> Option<(u64, u64, u64)> {
+    parse_key::<3>(key::HIST, k).map(|a| (a[0], a[1], !a[2]))
+}
+
+/// Births below this are not in the birth index (see FORMAT.md §8): generation 1 is every
+/// branch's first, and nothing ever needs to find "entries born after generation 0".
+pub const FIRST_INDEXED_BIRTH: u64 = 2;
+
+/// A branch record (`branch_key(id)`): one line of history of block maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchRecord {
+    pub id: u64,
+    /// Current generation: the birth of new entries. Advances when a snapshot is taken.
+    pub gen: u64,
+    /// Origin (branch, snapshot generation) for clones and rolled-back heads; (0, 0) = none.
+    pub origin_branch: u64,
+    pub origin_gen: u64,
+    /// Volume whose head this branch is; 0 = none (only snapshots live here).
+    pub head_volume: u64,
+    pub created_ns: u64,
+}
+
+pub mod branch_rec {
+    pub const ID: usize = 0;
+    pub const GEN: usize = 8;
+    pub const ORIGIN_BRANCH: usize = 16;
+    pub const ORIGIN_GEN: usize = 24;
+    pub const HEAD_VOLUME: usize = 32;
+    pub const CREATED_NS: usize = 40;
+    pub const SIZE: usize = 48;
+}
+
+impl BranchRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; branch_rec::SIZE];
+        put_u64(&mut v, branch_rec::ID, self.id);
+        put_u64(&mut v, branch_rec::GEN, self.gen);
+        put_u64(&mut v, branch_rec::ORIGIN_BRANCH, self.origin_branch);
+        put_u64(&mut v, branch_rec::ORIGIN_GEN, self.origin_gen);
+        put_u64(&mut v, branch_rec::HEAD_VOLUME, self.head_volume);
+        put_u64(&mut v, branch_rec::CREATED_NS, self.created_ns);
+        seal(&branch_key(self.id), v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<BranchRecord> {
+        let b = unseal(key, v)?;
+        if b.len() != branch_rec::SIZE {
+            return Err(corrupt(key, "branch record length"));
+        }
+        let r = BranchRecord {
+            id: get_u64(b, branch_rec::ID),
+            gen: get_u64(b, branch_rec::GEN),
+            origin_branch: get_u64(b, branch_rec::ORIGIN_BRANCH),
+            origin_gen: get_u64(b, branch_rec::ORIGIN_GEN),
+            head_volume: get_u64(b, branch_rec::HEAD_VOLUME),
+            created_ns: get_u64(b, branch_rec::CREATED_NS),
+        };
+        if parse_branch_key(key) != Some(r.id) || r.id == 0 {
+            return Err(corrupt(key, "branch id does not match its key"));
+        }
+        if r.gen == 0 || (r.origin_branch == 0) != (r.origin_gen == 0) || r.origin_branch == r.id {
+            return Err(corrupt(key, "branch generation or origin invalid"));
+        }
+        Ok(r)
+    }
+    pub fn origin(&self) -> Option<(u64, u64)> {
+        (self.origin_branch != 0).then_some((self.origin_branch, self.origin_gen))
+    }
+}
+
+pub mod snap_flags {
+    /// Deleted by the operator but still the origin of a clone or rolled-back head: not
+    /// listed, its name is free, its blocks stay until nothing depends on it.
+    pub const HIDDEN: u64 = 1 << 0;
+    /// Being deleted (its exclusive blocks are being freed in several batches); resumed at
+    /// open. Not a reference any more.
+    pub const DELETING: u64 = 1 << 1;
+    pub const KNOWN: u64 = HIDDEN | DELETING;
+}
+
+/// A snapshot record (`snap_key(branch, gen)`): the branch's state as of generation `gen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapRecord {
+    pub branch: u64,
+    pub gen: u64,
+    /// Volume that owns it (whose `VOL@NAME` it is).
+    pub volume: u64,
+    pub created_ns: u64,
+    pub size_bytes: u64,
+    /// Data blocks the volume's own branch mapped when it was taken.
+    pub referenced_blocks: u64,
+    pub flags: u64,
+    pub name: String,
+}
+
+pub mod snap_rec {
+    pub const BRANCH: usize = 0;
+    pub const GEN: usize = 8;
+    pub const VOLUME: usize = 16;
+    pub const CREATED_NS: usize = 24;
+    pub const SIZE_BYTES: usize = 32;
+    pub const REFERENCED: usize = 40;
+    pub const FLAGS: usize = 48;
+    pub const NAME_LEN: usize = 56; // u16
+    pub const RESERVED: usize = 58; // u16
+    pub const NAME: usize = 60;
+    pub const FIXED: usize = 60;
+}
+
+impl SnapRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; snap_rec::FIXED];
+        put_u64(&mut v, snap_rec::BRANCH, self.branch);
+        put_u64(&mut v, snap_rec::GEN, self.gen);
+        put_u64(&mut v, snap_rec::VOLUME, self.volume);
+        put_u64(&mut v, snap_rec::CREATED_NS, self.created_ns);
+        put_u64(&mut v, snap_rec::SIZE_BYTES, self.size_bytes);
+        put_u64(&mut v, snap_rec::REFERENCED, self.referenced_blocks);
+        put_u64(&mut v, snap_rec::FLAGS, self.flags);
+        put_u16(&mut v, snap_rec::NAME_LEN, self.name.len() as u16);
+        v.extend_from_slice(self.name.as_bytes());
+        seal(&snap_key(self.branch, self.gen), v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<SnapRecord> {
+        let b = unseal(key, v)?;
+        if b.len() < snap_rec::FIXED {
+            return Err(corrupt(key, "snapshot record too short"));
+        }
+        let n = get_u16(b, snap_rec::NAME_LEN) as usize;
+        if b.len() != snap_rec::FIXED + n || n == 0 || n > MAX_NAME_LEN || get_u16(b, snap_rec::RESERVED) != 0 {
+            return Err(corrupt(key, "snapshot record name length"));
+        }
+        let name = std::str::from_utf8(&b[snap_rec::NAME..]).map_err(|_| corrupt(key, "snapshot name is not UTF-8"))?.to_string();
+        if validate_name(&name).is_err() {
+            return Err(corrupt(key, "snapshot name breaks the naming rules"));
+        }
+        let r = SnapRecord {
+            branch: get_u64(b, snap_rec::BRANCH),
+            gen: get_u64(b, snap_rec::GEN),
+            volume: get_u64(b, snap_rec::VOLUME),
+            created_ns: get_u64(b, snap_rec::CREATED_NS),
+            size_bytes: get_u64(b, snap_rec::SIZE_BYTES),
+            referenced_blocks: get_u64(b, snap_rec::REFERENCED),
+            flags: get_u64(b, snap_rec::FLAGS),
+            name,
+        };
+        if parse_snap_key(key) != Some((r.branch, r.gen)) || r.gen == 0 {
+            return Err(corrupt(key, "snapshot branch/generation do not match its key"));
+        }
+        if r.flags & !snap_flags::KNOWN != 0 {
+            return Err(corrupt(key, "unknown snapshot flags"));
+        }
+        if r.size_bytes % BLOCK_SIZE != 0 || r.size_bytes == 0 || r.size_bytes > MAX_VOLUME_SIZE {
+            return Err(corrupt(key, "snapshot size invalid"));
+        }
+        Ok(r)
+    }
+}
+
+/// A history entry (`hist_key`): a map entry that a newer one replaced (or a discard
+/// removed) while a snapshot still needed it. `kill` is the generation that replaced it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistEntry {
+    pub entry: MapEntry,
+    pub kill: u64,
+}
+
+pub const HIST_SIZE: usize = map_ent::SIZE + 8;
+
+impl HistEntry {
+    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let mut v = self.entry.body();
+        v.extend_from_slice(&self.kill.to_le_bytes());
+        seal(key, v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<HistEntry> {
+        let b = unseal(key, v)?;
+        if b.len() != HIST_SIZE {
+            return Err(corrupt(key, "history entry length"));
+        }
+        let entry = MapEntry::from_body(key, &b[..map_ent::SIZE])?;
+        let kill = get_u64(b, map_ent::SIZE);
+        if parse_hist_key(key).map(|k| k.2) != Some(entry.birth_gen) || kill <= entry.birth_gen {
+            return Err(corrupt(key, "history entry birth/kill inconsistent with its key"));
+        }
+        Ok(HistEntry { entry, kill })
+    }
+}
+
+/// Dead-list value: the killed entry's pba and flags (so it can be freed without a lookup).
+pub fn encode_dead_value(key: &[u8], pba: u64, flags: u32) -> Vec<u8> {
+    let mut v = vec![0u8; 12];
+    put_u64(&mut v, 0, pba);
+    put_u32(&mut v, 8, flags);
+    seal(key, v)
+}
+pub fn decode_dead_value(key: &[u8], v: &[u8]) -> Result<(u64, u32)> {
+    let b = unseal(key, v)?;
+    if b.len() != 12 {
+        return Err(corrupt(key, "dead-list value length"));
+    }
+    Ok((get_u64(b, 0), get_u32(b, 8)))
+}
+/// Birth index value: empty body, only the checksum.
+pub fn encode_birth_value(key: &[u8]) -> Vec<u8> {
+    seal(key, Vec::new())
+}
+pub fn decode_birth_value(key: &[u8], v: &[u8]) -> Result<()> {
+    let b = unseal(key, v)?;
+    if !b.is_empty() {
+        return Err(corrupt(key, "birth index value length"));
+    }
+    Ok(())
 }
 
 pub const POOL_KEY: &[u8] = b"\x01pool";
@@ -288,11 +563,11 @@ pub struct VolumeRecord {
     pub created_ns: u64,
     /// Bit flags, see [`vol_flags`].
     pub flags: u64,
-    /// Map layer that holds this volume's blocks (= id in version 1).
+    /// Branch that holds this volume's head block map (= id until the first rollback).
     pub layer: u64,
-    /// Origin snapshot layer for clones (0 = none; unused in version 1).
+    /// Reserved, zero (a clone's origin is in its branch record).
     pub origin_layer: u64,
-    /// Generation of the origin snapshot (0 = none; unused in version 1).
+    /// Reserved, zero.
     pub origin_gen: u64,
     pub name: String,
 }
@@ -369,8 +644,8 @@ impl VolumeRecord {
         if r.flags & !vol_flags::KNOWN != 0 {
             return Err(corrupt(key, "unknown volume flags"));
         }
-        if r.layer != r.id || r.origin_layer != 0 || r.origin_gen != 0 || get_u16(b, vol_rec::RESERVED) != 0 {
-            return Err(corrupt(key, "fields reserved in format version 1 are set"));
+        if r.layer == 0 || r.origin_layer != 0 || r.origin_gen != 0 || get_u16(b, vol_rec::RESERVED) != 0 {
+            return Err(corrupt(key, "volume layer is 0 or reserved fields are set"));
         }
         Ok(r)
     }
@@ -404,9 +679,12 @@ pub struct MapEntry {
 }
 
 pub mod map_flags {
-    /// Reserved: the block is AES-256-GCM encrypted (nonce and tag valid). Never set in v1.
+    /// Reserved: the block is AES-256-GCM encrypted (nonce and tag valid). Never set in v2.
     pub const ENCRYPTED: u32 = 1 << 0;
-    pub const KNOWN: u32 = 0;
+    /// Version 2: the block reads as zeros and hides the origin's block (clones, rolled-back
+    /// heads); `pba` is 0 and unused.
+    pub const TOMBSTONE: u32 = 1 << 1;
+    pub const KNOWN: u32 = TOMBSTONE;
 }
 
 pub mod map_ent {
@@ -424,26 +702,41 @@ const _: () = assert!(1u64 << BLOCK_SHIFT == BLOCK_SIZE);
 const _: () = assert!(MAP_KEY_LEN == 1 + 8 + 8);
 const _: () = assert!(map_ent::NONCE + 12 == map_ent::TAG);
 const _: () = assert!(vol_rec::NAME == vol_rec::FIXED && vol_rec::RESERVED + 2 == vol_rec::NAME);
+const _: () = assert!(branch_rec::CREATED_NS + 8 == branch_rec::SIZE);
+const _: () = assert!(snap_rec::NAME == snap_rec::FIXED && snap_rec::RESERVED + 2 == snap_rec::NAME && snap_rec::FLAGS + 8 == snap_rec::NAME_LEN);
+const _: () = assert!(HIST_SIZE == 56);
 const _: () = assert!(pool_rec::GENERATION + 8 == pool_rec::SIZE);
 
 impl MapEntry {
     pub fn new(pba: u64, birth_gen: u64) -> MapEntry {
         MapEntry { pba, birth_gen, flags: 0, nonce: [0; 12], tag: [0; 16] }
     }
-    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+    pub fn tombstone(birth_gen: u64) -> MapEntry {
+        MapEntry { pba: 0, birth_gen, flags: map_flags::TOMBSTONE, nonce: [0; 12], tag: [0; 16] }
+    }
+    pub fn is_tombstone(&self) -> bool {
+        self.flags & map_flags::TOMBSTONE != 0
+    }
+    fn body(&self) -> Vec<u8> {
         let mut v = vec![0u8; map_ent::SIZE];
         put_u64(&mut v, map_ent::PBA, self.pba);
         put_u64(&mut v, map_ent::BIRTH_GEN, self.birth_gen);
         put_u32(&mut v, map_ent::FLAGS, self.flags);
         v[map_ent::NONCE..map_ent::NONCE + 12].copy_from_slice(&self.nonce);
         v[map_ent::TAG..map_ent::TAG + 16].copy_from_slice(&self.tag);
-        seal(key, v)
+        v
+    }
+    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+        seal(key, self.body())
     }
     pub fn decode(key: &[u8], v: &[u8]) -> Result<MapEntry> {
         let b = unseal(key, v)?;
         if b.len() != map_ent::SIZE {
             return Err(corrupt(key, "map entry length"));
         }
+        Self::from_body(key, b)
+    }
+    fn from_body(key: &[u8], b: &[u8]) -> Result<MapEntry> {
         let e = MapEntry {
             pba: get_u64(b, map_ent::PBA),
             birth_gen: get_u64(b, map_ent::BIRTH_GEN),
@@ -453,6 +746,9 @@ impl MapEntry {
         };
         if e.flags & !map_flags::KNOWN != 0 {
             return Err(corrupt(key, "unknown map entry flags"));
+        }
+        if e.is_tombstone() && e.pba != 0 {
+            return Err(corrupt(key, "tombstone with a physical block"));
         }
         Ok(e)
     }
@@ -511,8 +807,8 @@ mod tests {
         b[100] ^= 1;
         assert!(matches!(Superblock::decode(&b), Err(SbError::BadChecksum { .. })));
         let mut s2 = s.clone();
-        s2.version = 2;
-        assert_eq!(Superblock::decode(&s2.encode()), Err(SbError::TooNew(2)));
+        s2.version = FORMAT_VERSION + 1;
+        assert_eq!(Superblock::decode(&s2.encode()), Err(SbError::TooNew(FORMAT_VERSION + 1)));
         let mut s3 = s.clone();
         s3.incompat = 1 << 5;
         assert_eq!(Superblock::decode(&s3.encode()), Err(SbError::Incompat(1 << 5)));
@@ -548,6 +844,27 @@ mod tests {
     }
 
     #[test]
+    fn v2_records_roundtrip() {
+        let b = BranchRecord { id: 4, gen: 7, origin_branch: 2, origin_gen: 3, head_volume: 9, created_ns: 5 };
+        assert_eq!(BranchRecord::decode(&branch_key(4), &b.encode()).unwrap(), b);
+        assert!(BranchRecord::decode(&branch_key(5), &b.encode()).is_err());
+        let s = SnapRecord { branch: 4, gen: 6, volume: 9, created_ns: 1, size_bytes: 1 << 20, referenced_blocks: 3, flags: 0, name: "s1".into() };
+        assert_eq!(SnapRecord::decode(&snap_key(4, 6), &s.encode()).unwrap(), s);
+        assert!(SnapRecord::decode(&snap_key(4, 7), &s.encode()).is_err());
+        let k = hist_key(4, 10, 3);
+        let h = HistEntry { entry: MapEntry::new(77, 3), kill: 5 };
+        assert_eq!(HistEntry::decode(&k, &h.encode(&k)).unwrap(), h);
+        assert_eq!(parse_hist_key(&k), Some((4, 10, 3)));
+        // Newer births sort first within one lba.
+        assert!(hist_key(4, 10, 5) < hist_key(4, 10, 3) && hist_key(4, 10, 3) < hist_key(4, 11, 9));
+        let t = MapEntry::tombstone(4);
+        let mk = map_key(4, 1);
+        assert!(MapEntry::decode(&mk, &t.encode(&mk)).unwrap().is_tombstone());
+        assert_eq!(parse_dead_key(&dead_key(1, 2, 3, 4)), Some((1, 2, 3, 4)));
+        assert_eq!(parse_birth_key(&birth_key(1, 2, 3)), Some((1, 2, 3)));
+    }
+
+    #[test]
     fn names() {
         assert!(validate_name("vm-1.disk_0").is_ok());
         for bad in ["", "a@b", "-x", ".x", "a/b", "é", &"x".repeat(129)] {
@@ -562,6 +879,11 @@ mod tests {
             let _ = MapEntry::decode(&map_key(1, 2), &data);
             let _ = VolumeRecord::decode(&volume_key(1), &data);
             let _ = PoolRecord::decode(&data);
+            let _ = BranchRecord::decode(&branch_key(1), &data);
+            let _ = SnapRecord::decode(&snap_key(1, 2), &data);
+            let _ = HistEntry::decode(&hist_key(1, 2, 3), &data);
+            let _ = decode_dead_value(&dead_key(1, 2, 3, 4), &data);
+            let _ = decode_birth_value(&birth_key(1, 2, 3), &data);
         }
     }
 }

@@ -13,7 +13,7 @@ use io_uring::{opcode, types, IoUring};
 use crate::error::{Error, Result};
 use crate::format::{BLOCK_SIZE, DATA_START};
 use crate::pool::{AlignedBuf, CommitMsg, Shared};
-use crate::volume::{ReadRes, VolumeState, WBlock};
+use crate::volume::{ReadRes, VolumeState, WBlock, UNMAPPED};
 
 /// Kind of a block request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +123,11 @@ pub struct Queue {
     unsubmitted: u32,
     /// Writes waiting for a block to be established (see `resolve_write`), retried on reap.
     deferred: VecDeque<Request>,
+    /// Writes, discards and write-zeroes that arrived while a snapshot was being taken.
+    frozen_q: VecDeque<Request>,
+    /// Tags of admitted write/discard/write-zeroes requests (counted in the volume's
+    /// `mutations` until their completion is returned).
+    mut_tags: std::collections::HashSet<u64>,
     /// Split requests: internal tag -> (caller's tag, parts left, first error).
     split: HashMap<u64, (u64, u32, Option<i32>)>,
     next_internal: u64,
@@ -168,6 +173,9 @@ struct Part {
     len: usize,
     /// Write the whole block from a zero-padded copy instead of the request's buffers.
     padded: bool,
+    /// For a padded part: copy the rest of the block from this block (copy-on-write) instead
+    /// of padding with zeros (`UNMAPPED` = zeros).
+    src: u64,
 }
 
 impl Queue {
@@ -199,6 +207,8 @@ impl Queue {
             scratch_w: Vec::new(),
             unsubmitted: 0,
             deferred: VecDeque::new(),
+            frozen_q: VecDeque::new(),
+            mut_tags: std::collections::HashSet::new(),
             split: HashMap::new(),
             next_internal: 0,
             zeros: AlignedBuf::new(BLOCK_SIZE as usize),
@@ -212,7 +222,7 @@ impl Queue {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free_slots.len() + self.deferred.len()
+        self.slots.len() - self.free_slots.len() + self.deferred.len() + self.frozen_q.len()
     }
 
     /// Size of the volume in bytes now.
@@ -235,6 +245,27 @@ impl Queue {
             self.ready.push(Completion { tag, result: Err(errno_of(&e)) });
             self.flush_sq();
             return;
+        }
+        self.dispatch(req);
+    }
+
+    /// Admit and start a validated request. While a snapshot is being taken, requests that
+    /// change data wait (they are retried on reap when the snapshot wakes this queue).
+    fn dispatch(&mut self, req: Request) {
+        let tag = req.tag;
+        if matches!(req.kind, ReqKind::Write | ReqKind::Discard | ReqKind::WriteZeroes) {
+            let mut p = self.vol.lock_pending();
+            if self.vol.frozen.load(Ordering::Acquire) {
+                p.waiters.push(self.qs.clone());
+                drop(p);
+                self.frozen_q.push_back(req);
+                return;
+            }
+            // Counted under the pending lock, so a snapshot that sets `frozen` under it and
+            // then waits for the count to drop sees every admitted request.
+            self.vol.mutations.fetch_add(1, Ordering::AcqRel);
+            drop(p);
+            self.mut_tags.insert(tag);
         }
         match req.kind {
             ReqKind::Flush => {
@@ -358,7 +389,7 @@ impl Queue {
         };
         let mut parts: Vec<Part> = Vec::new();
         let mut write_blocks = None;
-        let push = |parts: &mut Vec<Part>, pba: u64, i: u64, padded: bool| {
+        let push = |parts: &mut Vec<Part>, pba: u64, i: u64, padded: bool, src: u64| {
             let (s, e) = cover(i);
             let dev = self.shared.data_offset(pba) + (s - (lba + i) * BLOCK_SIZE);
             if !padded {
@@ -369,7 +400,7 @@ impl Queue {
                     }
                 }
             }
-            parts.push(Part { dev_off: dev, req_off: (s - start) as usize, len: (e - s) as usize, padded });
+            parts.push(Part { dev_off: dev, req_off: (s - start) as usize, len: (e - s) as usize, padded, src });
         };
         if write {
             let head_partial = start % BLOCK_SIZE != 0 || (n == 1 && end % BLOCK_SIZE != 0);
@@ -391,7 +422,7 @@ impl Queue {
                 Ok(true) => {}
             }
             for (i, b) in w.iter().enumerate() {
-                push(&mut parts, b.pba, i as u64, b.padded);
+                push(&mut parts, b.pba, i as u64, b.padded, b.src);
             }
             write_blocks = Some((lba, w.clone()));
             self.scratch_w = w;
@@ -405,7 +436,7 @@ impl Queue {
             }
             for (i, res) in r.iter().enumerate() {
                 match res {
-                    ReadRes::At(pba) => push(&mut parts, *pba, i as u64, false),
+                    ReadRes::At(pba) => push(&mut parts, *pba, i as u64, false, UNMAPPED),
                     ReadRes::Zero => {
                         // A hole reads as zeros without device I/O.
                         let (s, e) = cover(i as u64);
@@ -432,34 +463,59 @@ impl Queue {
             expect: Vec::with_capacity(parts.len()),
             _bounces: Vec::new(),
         };
-        let mut sqe_args = Vec::with_capacity(parts.len());
+        // One io_uring operation per entry: (write?, device offset, linked to the next).
+        let mut ops: Vec<(bool, u64, bool)> = Vec::with_capacity(parts.len());
         for p in &parts {
             let mut v = Vec::new();
             if p.padded {
-                // First write of a partly written block: zeros around the data.
+                // First write of a partly written block: zeros (or, copy-on-write, the old
+                // block's data) around the request's data.
                 let mut b = AlignedBuf::new(BLOCK_SIZE as usize);
-                let within = (p.dev_off - DATA_START) % BLOCK_SIZE;
+                let within = ((p.dev_off - DATA_START) % BLOCK_SIZE) as usize;
                 let mut src = Vec::new();
                 slice_iov(&req.iov, p.req_off, p.len, &mut src);
-                let mut at = within as usize;
-                for seg in src {
-                    // SAFETY: source: the caller's valid buffer (submit's contract);
-                    // destination: inside our 4 KiB bounce buffer (at + len <= 4096 since the
-                    // part lies within one block).
-                    unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, b.as_mut_ptr().add(at), seg.iov_len) };
-                    at += seg.iov_len;
+                let block_off = p.dev_off - within as u64;
+                if p.src != UNMAPPED {
+                    // Read the old block into the bounce buffer, then (linked: only after the
+                    // read completed) write head and tail from it and the middle from the
+                    // request's buffers.
+                    let rv = vec![libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize }];
+                    f.iovs.push(rv);
+                    f.expect.push(BLOCK_SIZE as u32);
+                    ops.push((false, self.shared.data_offset(p.src), true));
+                    if within > 0 {
+                        v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: within });
+                    }
+                    v.extend(src);
+                    let tail = within + p.len;
+                    if tail < BLOCK_SIZE as usize {
+                        v.push(libc::iovec {
+                            iov_base: b.as_mut_ptr().wrapping_add(tail) as *mut libc::c_void,
+                            iov_len: BLOCK_SIZE as usize - tail,
+                        });
+                    }
+                } else {
+                    let mut at = within;
+                    for seg in src {
+                        // SAFETY: source: the caller's valid buffer (submit's contract);
+                        // destination: inside our 4 KiB bounce buffer (at + len <= 4096 since
+                        // the part lies within one block).
+                        unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, b.as_mut_ptr().add(at), seg.iov_len) };
+                        at += seg.iov_len;
+                    }
+                    v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize });
                 }
-                v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize });
                 f._bounces.push(b);
-                sqe_args.push(p.dev_off - within);
+                ops.push((true, block_off, false));
                 f.expect.push(BLOCK_SIZE as u32);
             } else {
                 slice_iov(&req.iov, p.req_off, p.len, &mut v);
-                sqe_args.push(p.dev_off);
+                ops.push((write, p.dev_off, false));
                 f.expect.push(p.len as u32);
             }
             f.iovs.push(v);
         }
+        f.parts = ops.len() as u32;
         if f.parts == 0 {
             self.shared.exit(epoch);
             if let Some((l, b)) = &f.write {
@@ -468,19 +524,30 @@ impl Queue {
             self.ready.push(Completion { tag: req.tag, result: Ok(req.len as u32) });
             return;
         }
-        let nparts = f.parts as usize;
         let idx = self.slot(f);
-        for (part, &off) in sqe_args.iter().enumerate().take(nparts) {
+        for (part, &(is_write, off, link)) in ops.iter().enumerate() {
             let (ptr, cnt) = {
                 let Some(Some(f)) = self.slots.get(idx) else { return };
                 (f.iovs[part].as_ptr(), f.iovs[part].len() as u32)
             };
             let ud = ((idx as u64) << 16) | part as u64;
-            let sqe = if write {
+            let mut sqe = if is_write {
                 opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build().user_data(ud)
             } else {
                 opcode::Readv::new(types::Fixed(0), ptr, cnt).offset(off).build().user_data(ud)
             };
+            if link {
+                sqe = sqe.flags(io_uring::squeue::Flags::IO_LINK);
+                // A linked pair must reach the kernel in one submission: make room for both.
+                let room = {
+                    let sq = self.ring.submission();
+                    sq.capacity() - sq.len()
+                };
+                if room < 2 {
+                    let _ = self.ring.submit();
+                    self.unsubmitted = 0;
+                }
+            }
             loop {
                 // SAFETY: the iovec array lives in self.slots[idx] until the completion of
                 // this part is reaped; the buffers it points to are the caller's (contract)
@@ -554,6 +621,14 @@ impl Queue {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe { libc::read(self.qs.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        // Requests held back by a snapshot.
+        if !self.frozen_q.is_empty() && !self.vol.frozen.load(Ordering::Acquire) {
+            for _ in 0..self.frozen_q.len() {
+                if let Some(r) = self.frozen_q.pop_front() {
+                    self.dispatch(r);
+                }
+            }
+        }
         // Retry writes that waited for a block to be established.
         for _ in 0..self.deferred.len() {
             if let Some(r) = self.deferred.pop_front() {
@@ -568,6 +643,7 @@ impl Queue {
             self.ready.append(&mut d);
         }
         // Fold the parts of split requests into their caller's completion.
+        let base = out.len();
         for c in self.ready.drain(..) {
             if c.tag & INTERNAL_TAG == 0 {
                 out.push(c);
@@ -581,6 +657,13 @@ impl Queue {
             if s.1 == 0 {
                 if let Some((tag, _, err)) = self.split.remove(&c.tag) {
                     out.push(Completion { tag, result: match err { None => Ok(0), Some(e) => Err(e) } });
+                }
+            }
+        }
+        if !self.mut_tags.is_empty() {
+            for c in &out[base..] {
+                if self.mut_tags.remove(&c.tag) {
+                    self.vol.mutations.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }

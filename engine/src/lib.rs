@@ -11,6 +11,7 @@ pub mod error;
 pub mod format;
 mod io;
 mod pool;
+mod snap;
 mod volume;
 
 use std::sync::atomic::Ordering;
@@ -23,6 +24,7 @@ pub use pool::{
     create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, Pool, PoolOptions, Preallocate,
     PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
 };
+pub use snap::{parse_snap_spec, DiffRange, SnapshotInfo};
 
 use pool::{AlignedBuf, Shared};
 use volume::VolumeState;
@@ -32,11 +34,16 @@ pub struct Volume {
     shared: Arc<Shared>,
     vol: Arc<VolumeState>,
     read_only: bool,
+    /// A read-only view of snapshot (branch, generation), not a volume.
+    snapshot: Option<(u64, u64)>,
 }
 
 impl Volume {
     pub(crate) fn new(shared: Arc<Shared>, vol: Arc<VolumeState>, read_only: bool) -> Volume {
-        Volume { shared, vol, read_only }
+        Volume { shared, vol, read_only, snapshot: None }
+    }
+    pub(crate) fn snapshot_view(shared: Arc<Shared>, vol: Arc<VolumeState>, snap: (u64, u64)) -> Volume {
+        Volume { shared, vol, read_only: true, snapshot: Some(snap) }
     }
     pub fn name(&self) -> String {
         self.vol.name()
@@ -89,7 +96,17 @@ impl Drop for Volume {
         if let Ok(mut w) = self.vol.resize_watchers.lock() {
             w.clear();
         }
-        if self.read_only {
+        if let Some(k) = self.snapshot {
+            self.vol.lock_pending().cache_clear(&self.shared.cache);
+            if let Ok(mut r) = self.shared.snap_readers.lock() {
+                if let Some(n) = r.get_mut(&k) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        r.remove(&k);
+                    }
+                }
+            }
+        } else if self.read_only {
             self.vol.readers.fetch_sub(1, Ordering::AcqRel);
         } else {
             self.vol.writers.store(0, Ordering::Release);

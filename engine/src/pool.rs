@@ -18,7 +18,8 @@ use crate::alloc::{Allocator, Reclaim};
 use crate::error::{Error, Location, Result};
 use crate::format::{self, *};
 use crate::io::{Completion, QueueShared};
-use crate::volume::{CacheBudget, Committed, PState, ReadRes, VolumeState, WBlock, UNMAPPED};
+use crate::snap::Catalog;
+use crate::volume::{CacheBudget, CVal, Committed, OldHead, PEntry, PState, ReadRes, VolumeState, WBlock, NO_OWN, UNMAPPED};
 
 pub use crate::format::MAX_VOLUME_SIZE;
 /// Commit when this many uncommitted map changes have piled up in one volume.
@@ -35,11 +36,15 @@ pub struct PoolOptions {
     pub cache_bytes: usize,
     /// Commit uncommitted mappings at least this often even without a guest FLUSH.
     pub commit_interval: Duration,
+    /// Fault injection for tests: the metadata write after this many succeeds fails, and the
+    /// pool stops as if it crashed there.
+    #[doc(hidden)]
+    pub fail_meta_after: Option<u64>,
 }
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { meta_dir: None, cache_bytes: 64 << 20, commit_interval: Duration::from_secs(1) }
+        PoolOptions { meta_dir: None, cache_bytes: 64 << 20, commit_interval: Duration::from_secs(1), fail_meta_after: None }
     }
 }
 
@@ -351,9 +356,22 @@ pub(crate) struct Shared {
     pub open_problems: Vec<String>,
     pub nospace_logged: AtomicBool,
     pub cache: CacheBudget,
+    /// Held by every metadata write whose content depends on which entries snapshots share
+    /// (commits, snapshot create/delete), so they never interleave.
+    pub meta: Mutex<()>,
+    pub cat: Mutex<Catalog>,
+    /// Open snapshot views per (branch, generation).
+    pub snap_readers: Mutex<HashMap<(u64, u64), u64>>,
+    pub fault: Option<std::sync::atomic::AtomicU64>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// An own head entry born at `birth` is shared with a snapshot iff some pin of its branch is at
+/// or after its birth, i.e. the newest pin is (pins are generations >= 1).
+pub(crate) fn shared_with_snapshot(birth: u64, latest_pin: u64) -> bool {
+    latest_pin != 0 && birth <= latest_pin
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -369,10 +387,10 @@ impl Shared {
     pub fn exit(&self, epoch: u64) {
         let mut out = Vec::new();
         lock(&self.reclaim).exit(epoch, &mut out);
-        self.release(out);
+        self.release_blocks(out);
     }
 
-    fn release(&self, blocks: Vec<u64>) {
+    pub(crate) fn release_blocks(&self, blocks: Vec<u64>) {
         if !blocks.is_empty() {
             let mut a = lock(&self.alloc);
             for b in blocks {
@@ -391,7 +409,7 @@ impl Shared {
             .unwrap_or(true)
     }
 
-    fn check_failed(&self) -> Result<()> {
+    pub(crate) fn check_failed(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(Error::DeviceIo(std::io::Error::other("the pool failed earlier (fdatasync or metadata write error); restart the daemon")));
         }
@@ -402,30 +420,97 @@ impl Shared {
         lock(&self.commit_tx).send(m).is_ok()
     }
 
-    fn committed_get(&self, vol: &VolumeState, lba: u64) -> Result<Option<MapEntry>> {
-        let k = vol.map_key(lba);
+    /// A decoded entry's readable block: `None` for a tombstone or an out-of-range pba.
+    pub(crate) fn data_of(&self, e: &MapEntry) -> Option<u64> {
+        (!e.is_tombstone() && e.pba < self.sb.total_blocks).then_some(e.pba)
+    }
+
+    fn get_entry(&self, k: &[u8]) -> Result<Option<MapEntry>> {
         match self.db.get_pinned(k).map_err(Error::meta("get"))? {
             None => Ok(None),
-            Some(v) => MapEntry::decode(&k, &v).map(Some),
+            Some(v) => MapEntry::decode(k, &v).map(Some),
         }
     }
 
-    /// Committed entries of `vol` in [start, end).
-    pub(crate) fn committed_range(&self, vol: &VolumeState, start: u64, end: u64) -> Result<Vec<Committed>> {
-        self.committed_entries(vol, start, end, usize::MAX)
-    }
-
-    /// The first `limit` committed entries of `vol` (from lba 0).
-    pub(crate) fn committed_range_limit(&self, vol: &VolumeState, limit: usize) -> Result<Vec<Committed>> {
-        self.committed_entries(vol, 0, u64::MAX, limit)
-    }
-
-    /// At most `limit` committed entries of `vol` in [start, end), in lba order.
-    fn committed_entries(&self, vol: &VolumeState, start: u64, end: u64, limit: usize) -> Result<Vec<Committed>> {
+    /// Branch `b` as of generation `s` at `lba`: `Some(Some(pba))` data, `Some(None)` zeros,
+    /// `None` no entry (the branch's origin shows through).
+    pub(crate) fn view_at(&self, b: u64, s: u64, lba: u64) -> Result<Option<Option<u64>>> {
+        if let Some(e) = self.get_entry(&map_key(b, lba))? {
+            if e.birth_gen <= s {
+                return Ok(Some(self.data_of(&e)));
+            }
+        }
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(vol.map_key(end).to_vec());
+        ro.set_iterate_upper_bound(hist_key(b, lba.saturating_add(1), u64::MAX));
         let mut it = self.db.raw_iterator_opt(ro);
-        it.seek(vol.map_key(start));
+        it.seek(hist_key(b, lba, s));
+        if it.valid() {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if parse_hist_key(k).map(|x| (x.0, x.1)) == Some((b, lba)) {
+                    let h = HistEntry::decode(k, v)?;
+                    return Ok(Some(if h.kill > s { self.data_of(&h.entry) } else { None }));
+                }
+            }
+        }
+        it.status().map_err(Error::meta("iterate history"))?;
+        Ok(None)
+    }
+
+    /// What the origin chain shows at `lba`: the first ancestor with an entry decides.
+    pub(crate) fn chain_view(&self, chain: &[(u64, u64)], lba: u64) -> Result<Option<u64>> {
+        for &(b, s) in chain {
+            if let Some(v) = self.view_at(b, s, lba)? {
+                return Ok(v);
+            }
+        }
+        Ok(None)
+    }
+
+    fn cval_of(&self, e: &MapEntry) -> CVal {
+        CVal { pba: self.data_of(e).unwrap_or(UNMAPPED), birth: e.birth_gen }
+    }
+
+    /// The committed view of one lba of `vol` (own head entry, else the origin chain).
+    fn lookup(&self, vol: &VolumeState, lba: u64) -> Result<CVal> {
+        if let Some(e) = self.get_entry(&vol.map_key(lba))? {
+            return Ok(self.cval_of(&e));
+        }
+        if !vol.has_origin() {
+            return Ok(CVal::NONE);
+        }
+        Ok(CVal { pba: self.chain_view(&vol.chain(), lba)?.unwrap_or(UNMAPPED), birth: NO_OWN })
+    }
+
+    /// Committed views of [lba, lba+n), in order.
+    fn lookup_range(&self, vol: &VolumeState, lba: u64, n: u64) -> Result<Vec<CVal>> {
+        let mut out = vec![CVal::NONE; n as usize];
+        let mut own = vec![false; n as usize];
+        for c in self.committed_range(vol, lba, lba + n)? {
+            out[(c.lba - lba) as usize] = self.cval_of(&c.entry);
+            own[(c.lba - lba) as usize] = true;
+        }
+        if vol.has_origin() {
+            let chain = vol.chain();
+            for i in 0..n as usize {
+                if !own[i] {
+                    out[i].pba = self.chain_view(&chain, lba + i as u64)?.unwrap_or(UNMAPPED);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Committed head entries of `vol` in [start, end).
+    pub(crate) fn committed_range(&self, vol: &VolumeState, start: u64, end: u64) -> Result<Vec<Committed>> {
+        self.branch_entries(vol.branch(), start, end, usize::MAX)
+    }
+
+    /// At most `limit` committed head entries of branch `b` in [start, end), in lba order.
+    pub(crate) fn branch_entries(&self, b: u64, start: u64, end: u64, limit: usize) -> Result<Vec<Committed>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(map_key(b, end).to_vec());
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(map_key(b, start));
         let mut out = Vec::new();
         while it.valid() && out.len() < limit {
             let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
@@ -435,6 +520,29 @@ impl Shared {
         }
         it.status().map_err(Error::meta("iterate"))?;
         Ok(out)
+    }
+
+    /// Lbas in [start, end) where some branch of `chain` has a head or history entry: the only
+    /// places where the chain can show data.
+    pub(crate) fn chain_candidates(&self, chain: &[(u64, u64)], start: u64, end: u64) -> Result<Vec<u64>> {
+        let mut set = std::collections::BTreeSet::new();
+        for &(b, _) in chain {
+            for c in self.branch_entries(b, start, end, usize::MAX)? {
+                set.insert(c.lba);
+            }
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(hist_key(b, end, u64::MAX));
+            let mut it = self.db.raw_iterator_opt(ro);
+            it.seek(hist_key(b, start, u64::MAX));
+            while it.valid() {
+                let Some(k) = it.key() else { break };
+                let Some((_, lba, _)) = parse_hist_key(k) else { break };
+                set.insert(lba);
+                it.next();
+            }
+            it.status().map_err(Error::meta("iterate history"))?;
+        }
+        Ok(set.into_iter().collect())
     }
 
     /// Resolve `n` blocks from `lba` for a read.
@@ -448,8 +556,8 @@ impl Shared {
             for i in 0..n {
                 let r = match p.map.get(&(lba + i)) {
                     None => match p.cache.get(&(lba + i)) {
-                        Some(&UNMAPPED) => Some(ReadRes::Zero),
-                        Some(&pba) => Some(ReadRes::At(pba)),
+                        Some(c) if c.pba == UNMAPPED => Some(ReadRes::Zero),
+                        Some(c) => Some(ReadRes::At(c.pba)),
                         None => {
                             missing += 1;
                             None
@@ -457,6 +565,8 @@ impl Shared {
                     },
                     Some(e) => Some(match e.state {
                         PState::Written => ReadRes::At(e.pba),
+                        // A copy-on-write block reads its source until its first write lands.
+                        PState::Fresh { .. } if e.src != UNMAPPED => ReadRes::At(e.src),
                         PState::Fresh { .. } | PState::Removed => ReadRes::Zero,
                     }),
                 };
@@ -467,33 +577,13 @@ impl Shared {
         if missing == 0 {
             return Ok(());
         }
-        let mut found: Vec<(u64, u64)> = Vec::with_capacity(missing);
-        let mut fill = |l: u64, e: Option<MapEntry>| {
-            let slot = &mut out[(l - lba) as usize];
-            if *slot == ReadRes::At(u64::MAX) {
-                *slot = match e {
-                    Some(e) if e.pba < self.sb.total_blocks => {
-                        found.push((l, e.pba));
-                        ReadRes::At(e.pba)
-                    }
-                    _ => {
-                        found.push((l, UNMAPPED));
-                        ReadRes::Zero
-                    }
-                };
-            }
-        };
-        if n == 1 {
-            fill(lba, self.committed_get(vol, lba)?);
-        } else {
-            for c in self.committed_range(vol, lba, lba + n)? {
-                fill(c.lba, Some(c.entry));
-            }
-        }
+        let vals = if n == 1 { vec![self.lookup(vol, lba)?] } else { self.lookup_range(vol, lba, n)? };
+        let mut found: Vec<(u64, CVal)> = Vec::with_capacity(missing);
         for (i, s) in out.iter_mut().enumerate() {
             if *s == ReadRes::At(u64::MAX) {
-                *s = ReadRes::Zero;
-                found.push((lba + i as u64, UNMAPPED));
+                let c = vals[i];
+                *s = if c.pba == UNMAPPED { ReadRes::Zero } else { ReadRes::At(c.pba) };
+                found.push((lba + i as u64, c));
             }
         }
         // Fill the cache unless a commit changed the committed map since we looked.
@@ -515,6 +605,11 @@ impl Shared {
     /// not established yet (a padded first write of a partial block is in flight, or a partial
     /// write meets a block whose first write is in flight). The caller's queue is then
     /// registered as a waiter and is woken when such a write finishes.
+    ///
+    /// A block is written in place only if the volume's own head entry maps it and no
+    /// snapshot shares it (born after the newest snapshot). Otherwise a new block is allocated
+    /// (copy-on-write: a partial write copies the rest of the block from the old one).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn resolve_write(
         &self,
         vol: &VolumeState,
@@ -527,6 +622,7 @@ impl Shared {
     ) -> Result<bool> {
         out.clear();
         let partial = |i: u64| (i == 0 && head_partial) || (i + 1 == n && tail_partial);
+        let latest_pin = vol.latest_pin.load(Ordering::Acquire);
         let mut p = vol.lock_pending();
         // First pass, read-only: any conflict defers the whole request before anything changes.
         for i in 0..n {
@@ -539,11 +635,11 @@ impl Shared {
                 }
             }
         }
-        // Committed mappings of the range: one iterator seek for a multi-block write instead of
-        // a point lookup per block (only consulted for blocks without a pending entry).
+        // Committed views of the range: one iterator seek for a multi-block write instead of a
+        // point lookup per block (only consulted for blocks without a pending entry).
         let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
         let committed = if n > 1 && need_db {
-            match self.committed_range(vol, lba, lba + n) {
+            match self.lookup_range(vol, lba, n) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     drop(p);
@@ -553,75 +649,85 @@ impl Shared {
         } else {
             None
         };
-        let mut ci = 0usize;
         let mut hint: Option<u64> = None;
         for i in 0..n {
             let l = lba + i;
             let part = partial(i);
             let existing = p.map.get(&l).copied();
-            let established = match existing {
+            let b = match existing {
                 Some(e) => match e.state {
-                    PState::Written => Some(e.pba),
+                    PState::Written => WBlock { pba: e.pba, fresh: false, padded: false, src: UNMAPPED },
                     // Full write joining other full writes of a new block.
                     PState::Fresh { writers, padded } if writers > 0 => {
                         p.set(l, e.pba, PState::Fresh { writers: writers + 1, padded });
-                        out.push(WBlock { pba: e.pba, fresh: true, padded: false });
-                        hint = Some(e.pba + 1);
-                        continue;
+                        WBlock { pba: e.pba, fresh: true, padded: false, src: e.src }
                     }
                     // All earlier writes failed: the block is still unwritten; reuse it.
                     PState::Fresh { .. } => {
                         p.set(l, e.pba, PState::Fresh { writers: 1, padded: part as u32 });
-                        out.push(WBlock { pba: e.pba, fresh: true, padded: part });
-                        hint = Some(e.pba + 1);
-                        continue;
+                        WBlock { pba: e.pba, fresh: true, padded: part, src: e.src }
                     }
-                    PState::Removed => None,
-                },
-                None => match p.cache.get(&l) {
-                    Some(&UNMAPPED) => None,
-                    Some(&pba) => Some(pba),
-                    None => {
-                        let found = match &committed {
-                            Some(c) => {
-                                while ci < c.len() && c[ci].lba < l {
-                                    ci += 1;
-                                }
-                                Ok(c.get(ci).filter(|x| x.lba == l).map(|x| x.entry))
+                    // Discarded since the last commit: reads zeros, so a new block padded with
+                    // zeros.
+                    PState::Removed => match self.alloc_block(hint) {
+                        Some(pba) => {
+                            p.set(l, pba, PState::Fresh { writers: 1, padded: part as u32 });
+                            if let Some(x) = p.map.get_mut(&l) {
+                                x.src = UNMAPPED;
                             }
-                            None => self.committed_get(vol, l),
-                        };
-                        match found {
-                            Err(e) => {
+                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                            WBlock { pba, fresh: true, padded: part, src: UNMAPPED }
+                        }
+                        None => {
+                            drop(p);
+                            self.finish_write(vol, lba, out, false);
+                            return Err(self.no_space(vol));
+                        }
+                    },
+                },
+                None => {
+                    let cv = match p.cache.get(&l) {
+                        Some(c) => *c,
+                        None => {
+                            let found = match &committed {
+                                Some(c) => Ok(c[i as usize]),
+                                None => self.lookup(vol, l),
+                            };
+                            match found {
+                                Err(e) => {
+                                    drop(p);
+                                    self.finish_write(vol, lba, out, false);
+                                    return Err(e);
+                                }
+                                Ok(c) => {
+                                    // Under the lock: no commit can interleave, so caching is safe.
+                                    p.cache_put(l, c, &self.cache);
+                                    c
+                                }
+                            }
+                        }
+                    };
+                    let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
+                    if own_data && !shared_with_snapshot(cv.birth, latest_pin) {
+                        // The volume owns the block alone: write in place (any sub-range).
+                        WBlock { pba: cv.pba, fresh: false, padded: false, src: UNMAPPED }
+                    } else {
+                        match self.alloc_block(hint) {
+                            Some(pba) => {
+                                p.insert(l, pba, PState::Fresh { writers: 1, padded: part as u32 }, cv.pba, cv.own(), false);
+                                if !own_data {
+                                    vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                                }
+                                WBlock { pba, fresh: true, padded: part, src: cv.pba }
+                            }
+                            None => {
                                 drop(p);
                                 self.finish_write(vol, lba, out, false);
-                                return Err(e);
+                                return Err(self.no_space(vol));
                             }
-                            Ok(Some(e)) if e.pba < self.sb.total_blocks => {
-                                // Under the lock: no commit can interleave, so caching is safe.
-                                p.cache_put(l, e.pba, &self.cache);
-                                Some(e.pba)
-                            }
-                            Ok(_) => None,
                         }
                     }
-                },
-            };
-            let b = match established {
-                // The volume owns the block alone: write in place (any sub-range).
-                Some(pba) => WBlock { pba, fresh: false, padded: false },
-                None => match self.alloc_block(hint) {
-                    Some(pba) => {
-                        p.set(l, pba, PState::Fresh { writers: 1, padded: part as u32 });
-                        vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                        WBlock { pba, fresh: true, padded: part }
-                    }
-                    None => {
-                        drop(p);
-                        self.finish_write(vol, lba, out, false);
-                        return Err(self.no_space(vol));
-                    }
-                },
+                }
             };
             hint = Some(b.pba + 1);
             out.push(b);
@@ -680,19 +786,33 @@ impl Shared {
         }
     }
 
-    /// Mapped (allocated) blocks of `vol` in [start, end), as merged (first lba, count) runs.
-    /// Pending changes win over committed ones. For sparse export: holes need not be read.
+    /// Blocks of `vol` in [start, end) that read as data (its own or its origin's), as merged
+    /// (first lba, count) runs. Pending changes win over committed ones. For sparse export:
+    /// holes need not be read.
     pub(crate) fn mapped_runs(&self, vol: &VolumeState, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let chain = vol.chain();
         let p = vol.lock_pending();
-        let mut lbas: Vec<u64> = self
-            .committed_range(vol, start, end)?
-            .into_iter()
+        let own = self.committed_range(vol, start, end)?;
+        let readable = |e: &PEntry| match e.state {
+            PState::Written => true,
+            PState::Fresh { .. } => e.src != UNMAPPED,
+            PState::Removed => false,
+        };
+        let mut lbas: Vec<u64> = own
+            .iter()
+            .filter(|c| self.data_of(&c.entry).is_some())
             .map(|c| c.lba)
-            .filter(|l| p.map.get(l).is_none_or(|e| e.state == PState::Written))
+            .filter(|l| p.map.get(l).is_none_or(readable))
             .collect();
-        lbas.extend(
-            p.map.iter().filter(|(l, e)| **l >= start && **l < end && e.state == PState::Written).map(|(l, _)| *l),
-        );
+        lbas.extend(p.map.iter().filter(|(l, e)| **l >= start && **l < end && readable(e)).map(|(l, _)| *l));
+        if !chain.is_empty() {
+            let own_set: HashSet<u64> = own.iter().map(|c| c.lba).collect();
+            for l in self.chain_candidates(&chain, start, end)? {
+                if !own_set.contains(&l) && !p.map.contains_key(&l) && self.chain_view(&chain, l)?.is_some() {
+                    lbas.push(l);
+                }
+            }
+        }
         drop(p);
         lbas.sort_unstable();
         lbas.dedup();
@@ -706,11 +826,14 @@ impl Shared {
         Ok(runs)
     }
 
-    /// Unmap [lba, lba+n): the blocks read as zeros and their space returns to the pool after
-    /// the next commit.
+    /// Unmap [lba, lba+n): the blocks read as zeros. Blocks only this volume's head uses
+    /// return to the pool after the next commit; blocks a snapshot shares stay with it.
     pub(crate) fn unmap(&self, vol: &VolumeState, lba: u64, n: u64) -> Result<()> {
+        let latest_pin = vol.latest_pin.load(Ordering::Acquire);
+        let chain = vol.chain();
         let mut p = vol.lock_pending();
         let committed = self.committed_range(vol, lba, lba + n)?;
+        let inherited = if chain.is_empty() { Vec::new() } else { self.chain_candidates(&chain, lba, lba + n)? };
         let mut freed = 0u64;
         // Pending entries in range.
         let pend: Vec<(u64, u64, PState)> = if (n as usize) < p.map.len() {
@@ -728,14 +851,29 @@ impl Shared {
             }
         }
         for c in committed {
-            if handled.contains(&c.lba) {
+            if !handled.insert(c.lba) {
                 continue;
             }
-            if c.entry.pba < self.sb.total_blocks {
-                p.frees.push(c.entry.pba);
-                freed += 1;
+            let Some(pba) = self.data_of(&c.entry) else {
+                // A tombstone already reads as zeros.
+                continue;
+            };
+            let unshared = !shared_with_snapshot(c.entry.birth_gen, latest_pin);
+            if unshared {
+                p.frees.push(pba);
             }
-            p.set(c.lba, c.entry.pba, PState::Removed);
+            p.cache.remove(&c.lba);
+            p.insert(c.lba, pba, PState::Removed, UNMAPPED, Some(OldHead { pba, birth: c.entry.birth_gen }), unshared);
+            freed += 1;
+        }
+        // Blocks only the origin maps: a tombstone hides them.
+        for l in inherited {
+            if handled.contains(&l) {
+                continue;
+            }
+            if self.chain_view(&chain, l)?.is_some() {
+                p.insert(l, UNMAPPED, PState::Removed, UNMAPPED, None, false);
+            }
         }
         vol.mapped_blocks.fetch_sub(freed.min(vol.mapped_blocks.load(Ordering::Relaxed)), Ordering::Relaxed);
         let kick = p.map.len() >= PENDING_KICK;
@@ -746,54 +884,123 @@ impl Shared {
         Ok(())
     }
 
+    /// Add to `b` what replacing the committed head entry `old` of `lba` in generation `gen`
+    /// takes: a shared entry moves to the history (and the dead list) for the snapshots that
+    /// still see it; an unshared one is dropped (its block goes to `frees` unless `freed`
+    /// says it is already there or `keep` says the new entry reuses it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn retire_head(
+        b: &mut WriteBatch,
+        branch: u64,
+        lba: u64,
+        old: OldHead,
+        gen: u64,
+        latest_pin: u64,
+        freed: bool,
+        keep: Option<u64>,
+        frees: &mut Vec<u64>,
+    ) {
+        if old.birth >= FIRST_INDEXED_BIRTH {
+            b.delete(birth_key(branch, old.birth, lba));
+        }
+        let e = if old.pba == UNMAPPED { MapEntry::tombstone(old.birth) } else { MapEntry::new(old.pba, old.birth) };
+        if shared_with_snapshot(old.birth, latest_pin) && old.birth < gen {
+            let hk = hist_key(branch, lba, old.birth);
+            b.put(&hk, HistEntry { entry: e, kill: gen }.encode(&hk));
+            let dk = dead_key(branch, gen, old.birth, lba);
+            b.put(&dk, encode_dead_value(&dk, e.pba, e.flags));
+        } else if old.pba != UNMAPPED && !freed && keep != Some(old.pba) {
+            frees.push(old.pba);
+        }
+    }
+
     /// Make everything completed so far durable: fdatasync the data, then commit the pending
     /// map changes of every volume in one synced RocksDB batch.
     pub(crate) fn commit(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(Error::DeviceIo(std::io::Error::other("pool failed earlier; restart the daemon")));
         }
+        // Snapshot deletion changes which entries are shared; it must not interleave.
+        let _m = lock(&self.meta);
         let vols: Vec<Arc<VolumeState>> = self.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
         let mut batch = WriteBatch::default();
-        // Per volume: (lba, seq, committed value: pba or UNMAPPED) of every entry in the batch.
-        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, u64, u64)>)> = Vec::new();
+        // Per volume: (lba, seq if the entry may be dropped, committed view) of every lba the
+        // batch changed.
+        #[allow(clippy::type_complexity)]
+        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, Option<u64>, CVal)>)> = Vec::new();
         let mut frees = Vec::new();
-        let gen = lock(&self.record).generation;
         for v in &vols {
             let mut p = v.lock_pending();
             if p.map.is_empty() && p.frees.is_empty() {
                 continue;
             }
-            let mut seqs = Vec::new();
-            let mut dead_fresh = Vec::new();
-            for (&l, e) in p.map.iter() {
-                match e.state {
+            let branch = v.branch();
+            let gen = v.gen.load(Ordering::Acquire);
+            let latest_pin = v.latest_pin.load(Ordering::Acquire);
+            let origin = v.has_origin();
+            let mut changes = Vec::new();
+            let mut revert = Vec::new();
+            let lbas: Vec<u64> = p.map.keys().copied().collect();
+            for l in lbas {
+                let Some(e) = p.map.get(&l).copied() else { continue };
+                // What the head becomes: Some(pba) data, None zeros.
+                let (new, seq) = match e.state {
                     // A block rewritten after a discard, its write still in flight: the old
                     // block may be among this commit's frees, so the old mapping must go now.
-                    // The entry stays pending (no seq recorded) until its write completes.
-                    PState::Fresh { writers, .. } if writers > 0 => batch.delete(v.map_key(l)),
-                    PState::Fresh { .. } => dead_fresh.push((l, e.pba)),
-                    PState::Written => {
-                        let k = v.map_key(l);
-                        batch.put(k, MapEntry::new(e.pba, gen).encode(&k));
-                        seqs.push((l, e.seq, e.pba));
+                    // The entry stays pending until its write completes.
+                    PState::Fresh { writers, .. } if writers > 0 => {
+                        if !e.prev_freed {
+                            continue;
+                        }
+                        (None, None)
                     }
-                    PState::Removed => {
-                        batch.delete(v.map_key(l));
-                        seqs.push((l, e.seq, UNMAPPED));
+                    // Every write of a fresh block failed.
+                    PState::Fresh { .. } => {
+                        p.frees.push(e.pba);
+                        if e.src != UNMAPPED {
+                            // A copy-on-write that never happened: the old view stands.
+                            revert.push(l);
+                            if e.prev.is_none_or(|o| o.pba == UNMAPPED) {
+                                v.mapped_blocks.fetch_sub(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        p.set(l, e.pba, PState::Removed);
+                        v.mapped_blocks.fetch_sub(1, Ordering::Relaxed);
+                        (None, Some(p.seq))
                     }
+                    PState::Written => (Some(e.pba), Some(e.seq)),
+                    PState::Removed => (None, Some(e.seq)),
+                };
+                if let Some(old) = e.prev {
+                    Self::retire_head(&mut batch, branch, l, old, gen, latest_pin, e.prev_freed, new, &mut frees);
                 }
+                let k = map_key(branch, l);
+                let cv = match new {
+                    Some(pba) => {
+                        batch.put(k, MapEntry::new(pba, gen).encode(&k));
+                        CVal { pba, birth: gen }
+                    }
+                    None if origin => {
+                        batch.put(k, MapEntry::tombstone(gen).encode(&k));
+                        CVal { pba: UNMAPPED, birth: gen }
+                    }
+                    None => {
+                        batch.delete(k);
+                        CVal::NONE
+                    }
+                };
+                if cv.birth != NO_OWN && gen >= FIRST_INDEXED_BIRTH {
+                    let bk = birth_key(branch, gen, l);
+                    batch.put(&bk, encode_birth_value(&bk));
+                }
+                changes.push((l, seq, cv));
             }
-            // A fresh block whose writes all failed: drop it like a discard.
-            for (l, pba) in dead_fresh {
-                p.frees.push(pba);
-                p.set(l, pba, PState::Removed);
-                v.mapped_blocks.fetch_sub(1, Ordering::Relaxed);
-                batch.delete(v.map_key(l));
-                let s = p.seq;
-                seqs.push((l, s, UNMAPPED));
+            for l in revert {
+                p.map.remove(&l);
             }
             frees.append(&mut p.frees);
-            taken.push((v.clone(), seqs));
+            taken.push((v.clone(), changes));
         }
         // Data first: a mapping must never become durable before the data it points to.
         // SAFETY: fdatasync on a valid fd has no memory effects.
@@ -805,34 +1012,54 @@ impl Shared {
             return Err(Error::DeviceIo(e));
         }
         if !taken.is_empty() {
-            if let Err(e) = self.db.write_opt(batch, &sync_write()) {
+            if let Err(e) = self.write_meta(batch) {
                 self.failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, "metadata commit failed; the pool stops accepting I/O");
                 // The frees of this commit are dropped: they stay marked used until the next
                 // open rebuilds the allocator, so nothing is reused.
-                return Err(Error::Meta { op: "commit", source: e });
+                return Err(e);
             }
         }
-        for (v, seqs) in taken {
+        for (v, changes) in taken {
             let mut p = v.lock_pending();
             p.cache_gen += 1;
-            for (l, s, committed) in seqs {
+            for (l, s, cv) in changes {
                 // The cache follows the committed map for every block this batch changed.
-                p.cache_put(l, committed, &self.cache);
-                if p.map.get(&l).map(|e| e.seq) == Some(s) {
-                    p.map.remove(&l);
+                p.cache_put(l, cv, &self.cache);
+                match p.map.get_mut(&l) {
+                    Some(e) if s == Some(e.seq) => {
+                        p.map.remove(&l);
+                    }
+                    Some(e) => {
+                        // Changed meanwhile: it now replaces what this batch committed. If that
+                        // block is not the pending one (or was discarded), the discard that
+                        // changed it already freed it.
+                        e.prev_freed = cv.pba != UNMAPPED && (e.pba != cv.pba || e.state == PState::Removed);
+                        e.prev = cv.own();
+                    }
+                    None => {}
                 }
             }
-            // (A `Fresh` entry whose old mapping this batch deleted stays pending, so the cache
-            // is not consulted for it until a later commit removes it and updates the cache.)
             if p.map.capacity() > 4 * PENDING_KICK && p.map.len() < PENDING_KICK / 4 {
                 p.map.shrink_to_fit();
             }
         }
         let mut out = Vec::new();
         lock(&self.reclaim).retire(frees, &mut out);
-        self.release(out);
+        self.release_blocks(out);
         Ok(())
+    }
+
+    /// Write a metadata batch (synced). A test hook can make the n-th write fail, which
+    /// stops the pool like a crash at that point would.
+    pub(crate) fn write_meta(&self, b: WriteBatch) -> Result<()> {
+        if let Some(f) = &self.fault {
+            if f.fetch_update(Ordering::AcqRel, Ordering::Acquire, |x| x.checked_sub(1)).is_err() {
+                self.failed.store(true, Ordering::Release);
+                return Err(Error::DeviceIo(std::io::Error::other("injected metadata write failure")));
+            }
+        }
+        self.db.write_opt(b, &sync_write()).map_err(|e| Error::Meta { op: "write", source: e })
     }
 }
 
@@ -887,11 +1114,15 @@ pub struct VolumeInfo {
     pub id: u64,
     pub name: String,
     pub size_bytes: u64,
-    /// Physical bytes this volume references.
+    /// Bytes of data blocks the volume's own branch maps (a clone's or rolled-back volume's
+    /// inherited blocks are counted on the snapshot it reads through).
     pub allocated_bytes: u64,
     pub created_ns: u64,
     pub attached_rw: bool,
     pub attached_ro: u64,
+    /// `VOL@SNAP` whose data shows through unwritten blocks (a clone's parent, or the snapshot
+    /// the volume was rolled back to); `None` for an independent volume.
+    pub origin: Option<String>,
 }
 
 /// Pool-wide usage.
@@ -906,6 +1137,9 @@ pub struct PoolStatus {
     pub free_bytes: u64,
     /// Freed but not reusable yet (waiting for a commit or for in-flight requests).
     pub pending_free_bytes: u64,
+    /// Held only by snapshots (including the origins of clones): what deleting every
+    /// snapshot would free.
+    pub snapshot_bytes: u64,
     pub volumes: Vec<VolumeInfo>,
 }
 
@@ -985,6 +1219,26 @@ impl Pool {
         }
         let mut problems = Vec::new();
         let mut vols = BTreeMap::new();
+        let mut cat = Catalog::default();
+        for item in db.iterator(IteratorMode::From(&[format::key::BRANCH], Direction::Forward)) {
+            let (k, v) = item.map_err(Error::meta("scan branches"))?;
+            match k.first() {
+                Some(&format::key::BRANCH) => match BranchRecord::decode(&k, &v) {
+                    Ok(r) => {
+                        cat.branches.insert(r.id, r);
+                    }
+                    Err(e) => problems.push(e.to_string()),
+                },
+                Some(&format::key::SNAP) => match SnapRecord::decode(&k, &v) {
+                    Ok(r) => {
+                        cat.snaps.insert((r.branch, r.gen), r);
+                    }
+                    Err(e) => problems.push(e.to_string()),
+                },
+                _ => break,
+            }
+        }
+        let mut upgrade = WriteBatch::default();
         let mut by_layer: HashMap<u64, Arc<VolumeState>> = HashMap::new();
         for item in db.iterator(IteratorMode::From(&[format::key::VOLUME], Direction::Forward)) {
             let (k, v) = item.map_err(Error::meta("scan volumes"))?;
@@ -994,11 +1248,33 @@ impl Pool {
             match VolumeRecord::decode(&k, &v) {
                 Ok(r) => {
                     let vs = Arc::new(VolumeState::new(r.id, r.layer, r.name.clone(), r.size_bytes, r.created_ns));
+                    if !cat.branches.contains_key(&r.layer) {
+                        // A version-1 pool: every volume is one branch in generation 1.
+                        let br = BranchRecord { id: r.layer, gen: 1, origin_branch: 0, origin_gen: 0, head_volume: r.id, created_ns: r.created_ns };
+                        upgrade.put(branch_key(r.layer), br.encode());
+                        cat.branches.insert(r.layer, br);
+                    }
+                    vs.gen.store(cat.branches.get(&r.layer).map(|b| b.gen).unwrap_or(1), Ordering::Relaxed);
+                    vs.latest_pin.store(cat.latest_pin(r.layer), Ordering::Relaxed);
+                    if let Ok(mut c) = vs.chain.write() {
+                        *c = cat.chain(r.layer);
+                    }
                     by_layer.insert(r.layer, vs.clone());
                     vols.insert(r.name, vs);
                 }
                 Err(e) => problems.push(e.to_string()),
             }
+        }
+        if !upgrade.is_empty() {
+            db.write_opt(upgrade, &sync_write()).map_err(Error::meta("upgrade to format version 2"))?;
+        }
+        if sbk.version < FORMAT_VERSION {
+            tracing::info!(pool = %path.display(), from = sbk.version, to = FORMAT_VERSION, "upgrading the pool format");
+            sbk.version = FORMAT_VERSION;
+            let mut buf = AlignedBuf::new(4096);
+            buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
+            pwrite_all(&data, path, buf.as_slice(), 0)?;
+            data.sync_all().map_err(Error::io("fsync", path))?;
         }
         let mut alloc = Allocator::new(sbk.total_blocks);
         // The scan that rebuilds the allocator also warms the block-map cache (up to its
@@ -1017,7 +1293,7 @@ impl Pool {
             };
             match MapEntry::decode(&k, &v) {
                 Ok(e) => {
-                    if !alloc.mark_used(e.pba) {
+                    if !e.is_tombstone() && !alloc.mark_used(e.pba) {
                         problems.push(format!(
                             "{}: physical block {} is out of range or referenced twice",
                             Location::Record(k.to_vec()),
@@ -1026,12 +1302,34 @@ impl Pool {
                     }
                     match by_layer.get(&layer) {
                         Some(v) => {
-                            v.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                            if e.pba < sbk.total_blocks && cache.used.load(Ordering::Relaxed) < cache.cap {
-                                v.lock_pending().cache_put(lba, e.pba, &cache);
+                            if !e.is_tombstone() {
+                                v.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if cache.used.load(Ordering::Relaxed) < cache.cap {
+                                let pba = if e.is_tombstone() || e.pba >= sbk.total_blocks { UNMAPPED } else { e.pba };
+                                v.lock_pending().cache_put(lba, CVal { pba, birth: e.birth_gen }, &cache);
                             }
                         }
-                        None => problems.push(format!("{}: map entry of unknown layer {layer} (lba {lba})", Location::Record(k.to_vec()))),
+                        None if cat.branches.contains_key(&layer) => {}
+                        None => problems.push(format!("{}: map entry of unknown branch {layer} (lba {lba})", Location::Record(k.to_vec()))),
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        for item in db.iterator(IteratorMode::From(&[format::key::HIST], Direction::Forward)) {
+            let (k, v) = item.map_err(Error::meta("scan history"))?;
+            if k.first() != Some(&format::key::HIST) {
+                break;
+            }
+            match HistEntry::decode(&k, &v) {
+                Ok(h) => {
+                    if !h.entry.is_tombstone() && !alloc.mark_used(h.entry.pba) {
+                        problems.push(format!(
+                            "{}: physical block {} is out of range or referenced twice",
+                            Location::Record(k.to_vec()),
+                            h.entry.pba
+                        ));
                     }
                 }
                 Err(e) => problems.push(e.to_string()),
@@ -1058,6 +1356,10 @@ impl Pool {
             open_problems: problems,
             nospace_logged: AtomicBool::new(false),
             cache,
+            meta: Mutex::new(()),
+            cat: Mutex::new(cat),
+            snap_readers: Mutex::new(HashMap::new()),
+            fault: opts.fail_meta_after.map(std::sync::atomic::AtomicU64::new),
         });
         let s2 = shared.clone();
         let interval = opts.commit_interval;
@@ -1065,7 +1367,9 @@ impl Pool {
             .name("vblk-commit".into())
             .spawn(move || committer(s2, rx, interval))
             .map_err(Error::io("spawn committer", path))?;
-        Ok(Pool { shared, committer: Some(committer) })
+        let pool = Pool { shared, committer: Some(committer) };
+        pool.resume()?;
+        Ok(pool)
     }
 
     pub fn path(&self) -> &Path {
@@ -1089,11 +1393,11 @@ impl Pool {
         }
     }
 
-    fn control(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn control(&self) -> MutexGuard<'_, ()> {
         lock(&self.shared.control)
     }
 
-    fn get(&self, name: &str) -> Result<Arc<VolumeState>> {
+    pub(crate) fn get(&self, name: &str) -> Result<Arc<VolumeState>> {
         self.shared
             .vols
             .read()
@@ -1102,13 +1406,13 @@ impl Pool {
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
-    fn write_record(&self, b: &mut WriteBatch, v: &VolumeState, name: &str) {
+    pub(crate) fn write_record(&self, b: &mut WriteBatch, v: &VolumeState, name: &str) {
         let r = VolumeRecord {
             id: v.id,
             size_bytes: v.size(),
             created_ns: v.created_ns,
             flags: 0,
-            layer: v.layer,
+            layer: v.branch(),
             origin_layer: 0,
             origin_gen: 0,
             name: name.to_string(),
@@ -1146,7 +1450,13 @@ impl Pool {
         b.put(POOL_KEY, rec.encode());
         self.write_record(&mut b, &v, name);
         b.put(name_key(name), encode_name_value(name, id));
-        self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("create volume"))?;
+        let br = BranchRecord { id, gen: 1, origin_branch: 0, origin_gen: 0, head_volume: id, created_ns: now_ns() };
+        b.put(branch_key(id), br.encode());
+        {
+            let _m = lock(&self.shared.meta);
+            self.shared.write_meta(b)?;
+            lock(&self.shared.cat).branches.insert(id, br);
+        }
         *lock(&self.shared.record) = rec;
         if let Ok(mut vols) = self.shared.vols.write() {
             vols.insert(name.into(), v.clone());
@@ -1154,7 +1464,7 @@ impl Pool {
         Ok(self.info_of(&v))
     }
 
-    fn info_of(&self, v: &VolumeState) -> VolumeInfo {
+    pub(crate) fn info_of(&self, v: &VolumeState) -> VolumeInfo {
         VolumeInfo {
             id: v.id,
             name: v.name(),
@@ -1163,6 +1473,7 @@ impl Pool {
             created_ns: v.created_ns,
             attached_rw: v.writers.load(Ordering::Relaxed) > 0,
             attached_ro: v.readers.load(Ordering::Relaxed),
+            origin: self.origin_name(v),
         }
     }
 
@@ -1235,69 +1546,13 @@ impl Pool {
         Ok(self.info_of(&v))
     }
 
-    /// Delete a detached volume and free its blocks.
-    pub fn delete_volume(&self, name: &str) -> Result<()> {
-        let c = self.control();
-        let v = self.get(name)?;
-        if v.writers.load(Ordering::Acquire) > 0 || v.readers.load(Ordering::Acquire) > 0 {
-            return Err(Error::Busy { name: name.into(), why: "attached; detach it first" });
-        }
-        drop(c);
-        self.sync()?;
+    /// Delete a detached volume and free its blocks. A volume with snapshots or clones is
+    /// refused unless `recursive`, which deletes its clones (recursively) and snapshots too.
+    /// Snapshots that clones depend on keep their blocks until those clones are gone.
+    pub fn delete_volume(&self, name: &str, recursive: bool) -> Result<()> {
         self.shared.check_failed()?;
         let _c = self.control();
-        if v.writers.load(Ordering::Acquire) > 0 || v.readers.load(Ordering::Acquire) > 0 {
-            return Err(Error::Busy { name: name.into(), why: "attached; detach it first" });
-        }
-        if v.deleted.load(Ordering::Acquire) {
-            return Err(Error::NoSuchVolume(name.into()));
-        }
-        let mut frees: Vec<u64> = Vec::new();
-        {
-            let mut p = v.lock_pending();
-            p.cache_clear(&self.shared.cache);
-            for (_, e) in p.map.drain() {
-                if e.state != PState::Removed {
-                    frees.push(e.pba);
-                }
-            }
-            frees.append(&mut p.frees);
-        }
-        // Point deletes, not a DeleteRange: RocksDB 7.x makes every later point lookup pay for
-        // range tombstones until they are compacted away (measured: 4 KiB random reads of other
-        // volumes fell from 56k to 4k IOPS after three volume deletes). Big maps go in chunks
-        // of DELETE_CHUNK keys; the volume record goes in the last batch, so a crash in between
-        // leaves the volume with part of its blocks unmapped (zeros) — still a valid state, and
-        // the delete can be repeated.
-        const DELETE_CHUNK: usize = 1 << 18;
-        let mut b = WriteBatch::default();
-        let mut n = 0usize;
-        loop {
-            let chunk = self.shared.committed_range_limit(&v, DELETE_CHUNK)?;
-            let last = chunk.len() < DELETE_CHUNK;
-            for c in &chunk {
-                frees.push(c.entry.pba);
-                b.delete(v.map_key(c.lba));
-            }
-            n += chunk.len();
-            if last {
-                break;
-            }
-            self.shared.db.write_opt(std::mem::take(&mut b), &sync_write()).map_err(Error::meta("delete volume"))?;
-        }
-        tracing::debug!(volume = name, blocks = n, "deleting volume");
-        b.delete(volume_key(v.id));
-        b.delete(name_key(name));
-        self.shared.db.write_opt(b, &sync_write()).map_err(Error::meta("delete volume"))?;
-        v.deleted.store(true, Ordering::Release);
-        if let Ok(mut vols) = self.shared.vols.write() {
-            vols.remove(name);
-        }
-        frees.retain(|&p| p < self.shared.sb.total_blocks);
-        let mut out = Vec::new();
-        lock(&self.shared.reclaim).retire(frees, &mut out);
-        self.shared.release(out);
-        Ok(())
+        self.delete_volume_locked(name, recursive)
     }
 
     /// Open a volume for I/O. At most one read-write opener at a time.
@@ -1333,22 +1588,33 @@ impl Pool {
             used_bytes: used * BLOCK_SIZE,
             free_bytes: (total - used) * BLOCK_SIZE,
             pending_free_bytes: pend * BLOCK_SIZE,
+            snapshot_bytes: {
+                let heads: u64 = self.list_volumes().iter().map(|v| v.allocated_bytes / BLOCK_SIZE).sum();
+                used.saturating_sub(pend).saturating_sub(heads) * BLOCK_SIZE
+            },
             volumes: self.list_volumes(),
         }
     }
 
     /// Verify the pool: every record's checksum and fields, map vs allocation (double
-    /// references, out-of-range blocks, leaks). Commits first and holds every volume's pending
-    /// lock and the allocator while it scans, so it pauses I/O for its duration.
+    /// references, out-of-range blocks, leaks), and the snapshot structures: every history
+    /// entry has its dead-list entry and a snapshot that still sees it, the birth index
+    /// matches the head entries, branches and snapshots refer to each other consistently.
+    /// Commits first and holds every volume's pending lock and the allocator while it scans,
+    /// so it pauses I/O for its duration.
     pub fn check(&self) -> Result<CheckReport> {
         let _c = self.control();
         let (tx, rx) = mpsc::channel();
         if self.shared.send_commit(CommitMsg::Sync(tx)) {
-            let _ = rx.recv();
+            if let Ok(Err(e)) = rx.recv() {
+                return Err(Error::DeviceIo(std::io::Error::other(e)));
+            }
         }
         let s = &self.shared;
+        let _m = lock(&s.meta);
         let vols: Vec<Arc<VolumeState>> = s.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
         let guards: Vec<_> = vols.iter().map(|v| v.lock_pending()).collect();
+        let cat = lock(&s.cat);
         let alloc = lock(&s.alloc);
         let reclaim = lock(&s.reclaim);
         let mut rep = CheckReport::default();
@@ -1366,8 +1632,17 @@ impl Pool {
             *w |= 1 << (pba % 64);
             rep.referenced_blocks += 1;
         };
-        let mut layers: HashMap<u64, (String, u64)> = HashMap::new();
+        let mut vol_recs: HashMap<u64, VolumeRecord> = HashMap::new();
         let mut names: HashMap<String, u64> = HashMap::new();
+        let mut branches: HashMap<u64, BranchRecord> = HashMap::new();
+        let mut snaps: HashMap<(u64, u64), SnapRecord> = HashMap::new();
+        // (branch, lba) -> birth of head entries; (branch, birth, lba) of the birth index;
+        // (branch, lba, birth) -> (kill, pba, flags) of history; dead list the same way.
+        let mut heads: HashMap<(u64, u64), u64> = HashMap::new();
+        let mut births: HashSet<(u64, u64, u64)> = HashSet::new();
+        let mut hist: HashMap<(u64, u64, u64), (u64, u64, u32)> = HashMap::new();
+        let mut dead: HashMap<(u64, u64, u64), (u64, u64, u32)> = HashMap::new();
+        let pending_of = |layer: u64| vols.iter().zip(guards.iter()).find(|(v, _)| v.branch() == layer).map(|(_, g)| g);
         for item in s.db.iterator(IteratorMode::Start) {
             let (k, v) = item.map_err(Error::meta("check scan"))?;
             rep.records += 1;
@@ -1380,8 +1655,8 @@ impl Pool {
                 }
                 Some(format::key::VOLUME) => match VolumeRecord::decode(&k, &v) {
                     Ok(r) => {
-                        layers.insert(r.layer, (r.name.clone(), r.size_bytes));
-                        names.insert(r.name, r.id);
+                        names.insert(r.name.clone(), r.id);
+                        vol_recs.insert(r.id, r);
                     }
                     Err(e) => rep.errors.push(e.to_string()),
                 },
@@ -1402,37 +1677,153 @@ impl Pool {
                     };
                     match MapEntry::decode(&k, &v) {
                         Ok(e) => {
-                            match layers.get(&layer) {
-                                None => rep.errors.push(format!("{loc}: map entry of unknown volume layer {layer}")),
-                                Some((n, size)) if lba * BLOCK_SIZE >= *size => rep.errors.push(format!(
-                                    "{loc}: volume {n:?} maps block {lba}, past its size {size}"
-                                )),
-                                _ => {}
+                            heads.insert((layer, lba), e.birth_gen);
+                            if e.is_tombstone() {
+                                continue;
                             }
-                            // An entry the pending state removed no longer references its block.
-                            let removed = vols.iter().zip(guards.iter()).any(|(v, g)| {
-                                v.layer == layer && g.map.get(&lba).map(|p| p.state == PState::Removed || p.pba != e.pba).unwrap_or(false)
-                            });
-                            if !removed {
-                                mark(e.pba, &|| format!("{loc} (volume layer {layer}, block {lba})"), &mut rep);
+                            // An entry whose block the pending state already freed (a discard
+                            // not yet committed) no longer references it.
+                            let freed = pending_of(layer)
+                                .and_then(|g| g.map.get(&lba))
+                                .map(|p| p.prev_freed && p.prev.map(|o| o.pba) == Some(e.pba))
+                                .unwrap_or(false);
+                            if !freed {
+                                mark(e.pba, &|| format!("{loc} (branch {layer}, block {lba})"), &mut rep);
                             }
                         }
                         Err(e) => rep.errors.push(e.to_string()),
                     }
                 }
+                Some(format::key::BRANCH) => match BranchRecord::decode(&k, &v) {
+                    Ok(r) => {
+                        branches.insert(r.id, r);
+                    }
+                    Err(e) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::SNAP) => match SnapRecord::decode(&k, &v) {
+                    Ok(r) => {
+                        snaps.insert((r.branch, r.gen), r);
+                    }
+                    Err(e) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::DEAD) => match (parse_dead_key(&k), decode_dead_value(&k, &v)) {
+                    (Some((b, kill, birth, lba)), Ok((pba, flags))) => {
+                        dead.insert((b, lba, birth), (kill, pba, flags));
+                    }
+                    (None, _) => rep.errors.push(format!("{loc}: malformed dead-list key")),
+                    (_, Err(e)) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::BIRTH) => match (parse_birth_key(&k), decode_birth_value(&k, &v)) {
+                    (Some(t), Ok(())) => {
+                        births.insert(t);
+                    }
+                    (None, _) => rep.errors.push(format!("{loc}: malformed birth index key")),
+                    (_, Err(e)) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::HIST) => match (parse_hist_key(&k), HistEntry::decode(&k, &v)) {
+                    (Some((b, lba, birth)), Ok(h)) => {
+                        hist.insert((b, lba, birth), (h.kill, h.entry.pba, h.entry.flags));
+                        if !h.entry.is_tombstone() {
+                            mark(h.entry.pba, &|| format!("{loc} (history of branch {b}, block {lba})"), &mut rep);
+                        }
+                    }
+                    (None, _) => rep.errors.push(format!("{loc}: malformed history key")),
+                    (_, Err(e)) => rep.errors.push(e.to_string()),
+                },
                 _ => rep.errors.push(format!("{loc}: unknown record type")),
             }
         }
-        // Name index completeness.
-        for (n, _) in names.iter() {
+        // Names, volumes, branches, snapshots.
+        for (n, id) in names.iter() {
             if s.db.get(name_key(n)).ok().flatten().is_none() {
                 rep.errors.push(format!("volume {n:?} has no name index entry"));
             }
+            if let Some(r) = vol_recs.get(id) {
+                match branches.get(&r.layer) {
+                    Some(b) if b.head_volume == r.id => {}
+                    _ => rep.errors.push(format!("volume {n:?}: its branch {} does not name it as head", r.layer)),
+                }
+            }
+        }
+        let pins = |b: u64| -> Vec<u64> {
+            let mut v: Vec<u64> =
+                snaps.values().filter(|x| x.branch == b && x.flags & snap_flags::DELETING == 0).map(|x| x.gen).collect();
+            v.sort_unstable();
+            v
+        };
+        for b in branches.values() {
+            if b.head_volume != 0 && vol_recs.get(&b.head_volume).map(|r| r.layer) != Some(b.id) {
+                rep.errors.push(format!("branch {}: head volume {} does not point back to it", b.id, b.head_volume));
+            }
+            if let Some((ob, og)) = b.origin() {
+                if !snaps.contains_key(&(ob, og)) {
+                    rep.errors.push(format!("branch {}: origin snapshot (branch {ob}, generation {og}) does not exist", b.id));
+                }
+            }
+            if b.head_volume == 0 && pins(b.id).is_empty() {
+                rep.errors.push(format!("branch {}: neither a head volume nor snapshots (should have been deleted)", b.id));
+            }
+        }
+        for sn in snaps.values() {
+            match branches.get(&sn.branch) {
+                None => rep.errors.push(format!("snapshot {:?}: branch {} does not exist", sn.name, sn.branch)),
+                Some(b) if sn.gen >= b.gen => rep.errors.push(format!("snapshot {:?}: generation {} not below its branch's {}", sn.name, sn.gen, b.gen)),
+                _ => {}
+            }
+            if sn.flags & snap_flags::DELETING != 0 {
+                rep.errors.push(format!("snapshot {:?}: an interrupted delete was not finished", sn.name));
+            }
+        }
+        for &(b, lba) in heads.keys() {
+            if !branches.contains_key(&b) {
+                rep.errors.push(format!("head map entry of unknown branch {b} (block {lba})"));
+            }
+        }
+        // Head entries: indexed by birth, and referenced by the head or a snapshot.
+        for (&(b, lba), &birth) in heads.iter() {
+            if birth >= FIRST_INDEXED_BIRTH && !births.contains(&(b, birth, lba)) {
+                rep.errors.push(format!("branch {b} block {lba}: head entry born {birth} missing from the birth index"));
+            }
+            if let Some(br) = branches.get(&b) {
+                if br.head_volume == 0 && !pins(b).iter().any(|&p| p >= birth) {
+                    rep.errors.push(format!("branch {b} block {lba}: head entry born {birth} is referenced by nothing (leak)"));
+                }
+            }
+        }
+        for &(b, birth, lba) in births.iter() {
+            if heads.get(&(b, lba)) != Some(&birth) {
+                rep.errors.push(format!("birth index (branch {b}, birth {birth}, block {lba}) has no matching head entry"));
+            }
+        }
+        // History and dead list: one to one, and each history entry seen by a snapshot.
+        for (&(b, lba, birth), &(kill, pba, flags)) in hist.iter() {
+            let hp = if flags & map_flags::TOMBSTONE != 0 { 0 } else { pba };
+            if dead.get(&(b, lba, birth)).map(|d| (d.0, d.1)) != Some((kill, hp)) {
+                rep.errors.push(format!("history (branch {b}, block {lba}, birth {birth}) has no matching dead-list entry"));
+            }
+            if !pins(b).iter().any(|&p| birth <= p && p < kill) {
+                rep.errors.push(format!("history (branch {b}, block {lba}, born {birth}, killed {kill}) is seen by no snapshot (leak)"));
+            }
+        }
+        for &(b, lba, birth) in dead.keys() {
+            if !hist.contains_key(&(b, lba, birth)) {
+                rep.errors.push(format!("dead-list entry (branch {b}, block {lba}, birth {birth}) has no history entry"));
+            }
+        }
+        // In-memory catalog agrees with the records.
+        if cat.branches.len() != branches.len() || cat.snaps.len() != snaps.len() {
+            rep.errors.push(format!(
+                "in-memory catalog ({} branches, {} snapshots) differs from the records ({}, {})",
+                cat.branches.len(),
+                cat.snaps.len(),
+                branches.len(),
+                snaps.len()
+            ));
         }
         // Pending (uncommitted) references and frees in flight.
         for (v, g) in vols.iter().zip(guards.iter()) {
             for (&lba, e) in g.map.iter() {
-                if e.state != PState::Removed {
+                if e.state != PState::Removed && e.pba != UNMAPPED {
                     mark(e.pba, &|| format!("pending map of volume {:?} block {lba}", v.name()), &mut rep);
                 }
             }
@@ -1503,7 +1894,7 @@ mod tests {
         s.finish_write(&v, 0, &[first], true);
         assert!(v.lock_pending().waiters.is_empty());
         assert!(s.resolve_write(&v, 0, 1, true, true, &q, &mut o2).unwrap());
-        assert_eq!(o2[0], WBlock { pba: first.pba, fresh: false, padded: false });
+        assert_eq!(o2[0], WBlock { pba: first.pba, fresh: false, padded: false, src: UNMAPPED });
         // Full writes of a new block may run together, but a partial one waits for them.
         let mut f1 = Vec::new();
         assert!(s.resolve_write(&v, 1, 1, false, false, &q, &mut f1).unwrap());

@@ -88,6 +88,41 @@ pub(crate) struct PEntry {
     pub state: PState,
     /// Bumped on every change; the committer drops an entry only if it is unchanged.
     pub seq: u64,
+    /// Copy-on-write source: the block whose data this block replaces (read while the new
+    /// block is `Fresh`, and copied around a partial first write); `UNMAPPED` = zeros.
+    pub src: u64,
+    /// The committed head entry of this lba when the pending entry was made (what the commit
+    /// replaces): `None` = no own head entry.
+    pub prev: Option<OldHead>,
+    /// `prev`'s block was already handed to `frees` (a discard of an unshared block).
+    pub prev_freed: bool,
+}
+
+/// A committed head map entry as the pending state remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OldHead {
+    /// `UNMAPPED` for a tombstone.
+    pub pba: u64,
+    pub birth: u64,
+}
+
+/// A cached committed view of one lba: the block that reads resolve to (`UNMAPPED` = zeros)
+/// and the birth of the volume's own head entry (`NO_OWN` = none; the value came from the
+/// origin chain or nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CVal {
+    pub pba: u64,
+    pub birth: u64,
+}
+
+/// `CVal::birth` when the volume's own branch has no head entry for the lba.
+pub(crate) const NO_OWN: u64 = u64::MAX;
+
+impl CVal {
+    pub const NONE: CVal = CVal { pba: UNMAPPED, birth: NO_OWN };
+    pub fn own(&self) -> Option<OldHead> {
+        (self.birth != NO_OWN).then_some(OldHead { pba: self.pba, birth: self.birth })
+    }
 }
 
 #[derive(Default)]
@@ -101,7 +136,7 @@ pub(crate) struct Pending {
     /// Cache of committed mappings (lba -> pba, or [`UNMAPPED`]), so that the data path does not
     /// ask RocksDB for every request. Consulted only for blocks without a pending entry; updated
     /// by the commit for every block it changes, under this same lock.
-    pub cache: HashMap<u64, u64, LbaHash>,
+    pub cache: HashMap<u64, CVal, LbaHash>,
     /// Bumped by every commit that changes this volume's committed map: a lookup made outside
     /// the lock may fill the cache only if no commit happened meanwhile.
     pub cache_gen: u64,
@@ -117,15 +152,15 @@ pub(crate) struct CacheBudget {
 }
 
 impl CacheBudget {
-    /// Bytes one cached entry costs, roughly (hashbrown: 16 bytes of key and value, a control
+    /// Bytes one cached entry costs, roughly (hashbrown: 24 bytes of key and value, a control
     /// byte, and load-factor slack).
-    pub const ENTRY_BYTES: usize = 24;
+    pub const ENTRY_BYTES: usize = 32;
 }
 
 impl Pending {
     /// Remember a committed mapping, within the pool-wide budget (evicting another entry of this
     /// volume when the budget is spent).
-    pub fn cache_put(&mut self, lba: u64, pba: u64, budget: &CacheBudget) {
+    pub fn cache_put(&mut self, lba: u64, pba: CVal, budget: &CacheBudget) {
         use std::sync::atomic::Ordering::Relaxed;
         if budget.cap == 0 {
             return;
@@ -149,9 +184,27 @@ impl Pending {
         self.cache.clear();
     }
 
+    /// Change the pending entry of `lba` (keeping what it replaces), or make a new one that
+    /// replaces `prev`.
     pub fn set(&mut self, lba: u64, pba: u64, state: PState) {
         self.seq += 1;
-        self.map.insert(lba, PEntry { pba, state, seq: self.seq });
+        let seq = self.seq;
+        match self.map.get_mut(&lba) {
+            Some(e) => {
+                e.pba = pba;
+                e.state = state;
+                e.seq = seq;
+            }
+            None => {
+                self.map.insert(lba, PEntry { pba, state, seq, src: UNMAPPED, prev: None, prev_freed: false });
+            }
+        }
+    }
+
+    /// A new pending entry replacing the committed head entry `prev`.
+    pub fn insert(&mut self, lba: u64, pba: u64, state: PState, src: u64, prev: Option<OldHead>, prev_freed: bool) {
+        self.seq += 1;
+        self.map.insert(lba, PEntry { pba, state, seq: self.seq, src, prev, prev_freed });
     }
 }
 
@@ -161,8 +214,11 @@ pub(crate) struct WBlock {
     pub pba: u64,
     /// Newly allocated by (or joined as a first write of) this request.
     pub fresh: bool,
-    /// A partial first write: the whole block is written, zeros around the data.
+    /// A partial first write: the whole block is written, with zeros (or `src`'s data)
+    /// around the request's.
     pub padded: bool,
+    /// Copy-on-write source of a fresh block (`UNMAPPED` = none, pad with zeros).
+    pub src: u64,
 }
 
 /// How a block resolved for a read.
@@ -175,7 +231,20 @@ pub(crate) enum ReadRes {
 /// Shared state of one volume.
 pub struct VolumeState {
     pub(crate) id: u64,
-    pub(crate) layer: u64,
+    /// The branch holding this volume's head map (changes on rollback, while detached).
+    pub(crate) layer: AtomicU64,
+    /// The head branch's current generation (birth of new entries).
+    pub(crate) gen: AtomicU64,
+    /// Newest snapshot generation of the head branch (0 = none): an own entry born at or
+    /// before it is shared with a snapshot and is copied on write.
+    pub(crate) latest_pin: AtomicU64,
+    /// Ancestors whose data shows through unwritten blocks: (branch, generation), nearest
+    /// first. Empty for a volume that is not a clone and was never rolled back.
+    pub(crate) chain: RwLock<Vec<(u64, u64)>>,
+    /// Snapshot in progress: new writes, discards and write-zeroes wait.
+    pub(crate) frozen: AtomicBool,
+    /// Admitted write/discard/write-zeroes requests not yet completed.
+    pub(crate) mutations: AtomicU64,
     pub(crate) created_ns: u64,
     pub(crate) name: RwLock<String>,
     pub(crate) size_bytes: AtomicU64,
@@ -192,7 +261,12 @@ impl VolumeState {
     pub(crate) fn new(id: u64, layer: u64, name: String, size_bytes: u64, created_ns: u64) -> Self {
         VolumeState {
             id,
-            layer,
+            layer: AtomicU64::new(layer),
+            gen: AtomicU64::new(1),
+            latest_pin: AtomicU64::new(0),
+            chain: RwLock::new(Vec::new()),
+            frozen: AtomicBool::new(false),
+            mutations: AtomicU64::new(0),
             created_ns,
             name: RwLock::new(name),
             size_bytes: AtomicU64::new(size_bytes),
@@ -219,8 +293,20 @@ impl VolumeState {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn branch(&self) -> u64 {
+        self.layer.load(Ordering::Acquire)
+    }
+
     pub(crate) fn map_key(&self, lba: u64) -> [u8; MAP_KEY_LEN] {
-        map_key(self.layer, lba)
+        map_key(self.branch(), lba)
+    }
+
+    pub(crate) fn chain(&self) -> Vec<(u64, u64)> {
+        self.chain.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn has_origin(&self) -> bool {
+        self.chain.read().map(|c| !c.is_empty()).unwrap_or(false)
     }
 
     pub(crate) fn notify_resize(&self, size: u64) {

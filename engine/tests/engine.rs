@@ -152,7 +152,7 @@ fn volume_lifecycle_and_validation() {
         // Out of range is refused.
         assert!(io.write_at(8 * MIB, &[0u8; 4096]).is_err());
         assert!(matches!(pool.open_volume("v", false), Err(Error::Busy { .. })));
-        assert!(matches!(pool.delete_volume("v"), Err(Error::Busy { .. })));
+        assert!(matches!(pool.delete_volume("v", false), Err(Error::Busy { .. })));
         // Grow online.
         pool.resize_volume("v", 16 * MIB, false).unwrap();
         assert_eq!(io.size_bytes(), 16 * MIB);
@@ -168,7 +168,7 @@ fn volume_lifecycle_and_validation() {
     drop(pool);
     let pool = open(&p);
     assert_eq!(pool.volume_info("w").unwrap().allocated_bytes, 4 * MIB);
-    pool.delete_volume("w").unwrap();
+    pool.delete_volume("w", false).unwrap();
     pool.sync().unwrap();
     assert_eq!(pool.status().used_bytes, 0);
     assert!(pool.list_volumes().is_empty());
@@ -194,10 +194,10 @@ fn pool_refuses_second_opener_bad_versions_and_features() {
         sb[4092..].copy_from_slice(&crc.to_le_bytes());
     };
     let mut s2 = sb.clone();
-    patch(&mut s2, 8, &2u32.to_le_bytes());
+    patch(&mut s2, 8, &3u32.to_le_bytes());
     f.write_all_at(&s2, 0).unwrap();
     let e = Pool::open(&p, &PoolOptions::default()).err().unwrap();
-    assert!(matches!(e, Error::VersionTooNew { found: 2, .. }), "{e}");
+    assert!(matches!(e, Error::VersionTooNew { found: 3, .. }), "{e}");
     assert!(e.to_string().contains("newer"));
     let mut s3 = sb.clone();
     patch(&mut s3, 16, &(1u64 << 40).to_le_bytes());
@@ -209,6 +209,63 @@ fn pool_refuses_second_opener_bad_versions_and_features() {
     assert!(matches!(Pool::open(&p, &PoolOptions::default()), Err(Error::Corrupt { .. })));
     f.write_all_at(&sb, 0).unwrap();
     assert!(Pool::open(&p, &PoolOptions::default()).is_ok());
+}
+
+/// A version-1 pool (no branch records, superblock version 1) opens, is upgraded to version 2
+/// with its data intact, and can take snapshots.
+#[test]
+fn version_1_pool_is_upgraded() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.img");
+    create_pool(&p, &CreateOptions { size_bytes: Some(16 * MIB), ..Default::default() }).unwrap();
+    {
+        let pool = Pool::open(&p, &PoolOptions::default()).unwrap();
+        pool.create_volume("v", MIB).unwrap();
+        let vol = pool.open_volume("v", false).unwrap();
+        let mut io = vol.sync_io().unwrap();
+        io.write_at(8192, &vec![7u8; 4096]).unwrap();
+        io.flush().unwrap();
+    }
+    // Make it look like version 1: drop the branch records, patch the superblock version.
+    {
+        let db = rocksdb::DB::open_default(default_meta_dir(&p)).unwrap();
+        let keys: Vec<Vec<u8>> = db.iterator(rocksdb::IteratorMode::Start).filter_map(|kv| kv.ok()).map(|(k, _)| k.to_vec()).filter(|k| k[0] == 0x05).collect();
+        assert_eq!(keys.len(), 1);
+        for k in keys {
+            db.delete(k).unwrap();
+        }
+    }
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let mut sb = vec![0u8; 4096];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c_of(&sb[..4092]);
+    sb[4092..].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&sb, 0).unwrap();
+    let pool = Pool::open(&p, &PoolOptions::default()).unwrap();
+    assert_eq!(pool.superblock().version, 2);
+    assert!(pool.check().unwrap().is_clean());
+    pool.snapshot_create("v", "s").unwrap();
+    let vol = pool.open_volume("v", false).unwrap();
+    let mut io = vol.sync_io().unwrap();
+    let mut b = vec![0u8; 4096];
+    io.read_at(8192, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 7));
+    io.write_at(8192, &vec![9u8; 4096]).unwrap();
+    drop(io);
+    drop(vol);
+    let snap = pool.open_snapshot("v", "s").unwrap();
+    let mut io = snap.sync_io().unwrap();
+    io.read_at(8192, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 7), "snapshot keeps the old data");
+    drop(io);
+    drop(snap);
+    assert!(pool.check().unwrap().is_clean());
+    drop(pool);
+    let mut sb2 = vec![0u8; 4096];
+    f.read_exact_at(&mut sb2, 0).unwrap();
+    assert_eq!(u32::from_le_bytes(sb2[8..12].try_into().unwrap()), 2, "superblock rewritten as version 2");
 }
 
 fn crc32c_of(b: &[u8]) -> u32 {

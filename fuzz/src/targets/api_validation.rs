@@ -226,7 +226,7 @@ fn pool_ops(c: &mut Cursor) {
                 }
                 Op::Delete { name } => {
                     let id = id_of(name);
-                    let r = pool.delete_volume(name);
+                    let r = pool.delete_volume(name, false);
                     let want = if !m.vols.contains_key(name) {
                         Err("NoSuchVolume")
                     } else if attached.iter().any(|a| Some(a.0) == id) {
@@ -280,7 +280,7 @@ fn pool_ops(c: &mut Cursor) {
         }
         attached.clear();
         for name in m.vols.keys() {
-            pool.delete_volume(name).unwrap_or_else(|e| panic!("deleting {name:?} at the end: {e}"));
+            pool.delete_volume(name, false).unwrap_or_else(|e| panic!("deleting {name:?} at the end: {e}"));
         }
         assert!(pool.list_volumes().is_empty());
         let rep = pool.check().expect("check");

@@ -480,7 +480,7 @@ impl Run<'_> {
         );
         drop(self.io.take());
         drop(self.vol.take());
-        self.env.pool().delete_volume(&self.name).expect("delete volume");
+        self.env.pool().delete_volume(&self.name, false).expect("delete volume");
         let rep = self.env.pool().check().expect("check");
         assert!(rep.is_clean(), "check after delete: {rep:?}");
         assert_eq!(rep.referenced_blocks, 0, "blocks still referenced after the only volume was deleted");
