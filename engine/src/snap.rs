@@ -809,6 +809,7 @@ impl Pool {
                         batch.put(k, MapEntry::new(dst, 0).encode(&k));
                     }
                     Some(kill) => {
+                        sh.note_history(b);
                         let hk = hist_key(b, l, 0);
                         batch.put(&hk, HistEntry { entry: MapEntry::new(dst, 0), kill }.encode(&hk));
                         let dk = dead_key(b, kill, 0, l);

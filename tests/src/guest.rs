@@ -68,12 +68,16 @@ impl DiskSpec {
 pub struct GuestRun {
     /// Disks in order: `/dev/vda`, `/dev/vdb`, ...
     pub disks: Vec<DiskSpec>,
-    /// `write-pattern`, `verify-pattern`, `mkfs-fsck`, `discard`, `read-two`
-    /// or `info` (see tests/guest/README.md).
+    /// `write-pattern`, `verify-pattern`, `verify-two`, `mkfs-fsck`, `discard`,
+    /// `read-two` or `info` (see tests/guest/README.md).
     pub scenario: String,
     /// `vblk.arg=`: the seed for the pattern scenarios (`[A-Za-z0-9._-]`, at
-    /// most 64 characters), the MiB count for `read-two`.
+    /// most 64 characters), `SEED_VDA,SEED_VDB` for `verify-two`, the MiB
+    /// count for `read-two`.
     pub arg: Option<String>,
+    /// `vblk.mib=`: size of the pattern region in MiB (the guest's default,
+    /// 64, when `None`).
+    pub mib: Option<u32>,
     /// Wall-clock limit for QEMU (boot + scenario); QEMU is killed after it.
     pub timeout: Duration,
     /// Guest RAM in MiB (shared memfd memory, as vhost-user needs).
@@ -81,9 +85,15 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
-    /// A run with defaults: no argument, 300 s timeout, 512 MiB RAM.
+    /// A run with defaults: no argument, 64 MiB pattern, 300 s timeout, 512 MiB RAM.
     pub fn new(scenario: &str, disks: Vec<DiskSpec>) -> Self {
-        GuestRun { disks, scenario: scenario.to_string(), arg: None, timeout: Duration::from_secs(300), mem_mib: 512 }
+        GuestRun { disks, scenario: scenario.to_string(), arg: None, mib: None, timeout: Duration::from_secs(300), mem_mib: 512 }
+    }
+
+    /// Sets [`GuestRun::mib`].
+    pub fn with_mib(mut self, mib: u32) -> Self {
+        self.mib = Some(mib);
+        self
     }
 
     /// Sets [`GuestRun::arg`].
@@ -360,6 +370,9 @@ pub fn kernel_cmdline(run: &GuestRun) -> String {
         s.push_str(" vblk.arg=");
         s.push_str(a);
     }
+    if let Some(m) = run.mib {
+        s.push_str(&format!(" vblk.mib={m}"));
+    }
     s
 }
 
@@ -433,6 +446,9 @@ fn validate(run: &GuestRun) -> Result<()> {
     }
     if run.disks.len() > 8 {
         bail!("at most 8 disks");
+    }
+    if run.mib == Some(0) {
+        bail!("mib must be at least 1 (a 0 MiB pattern region would verify nothing)");
     }
     if run.mem_mib < 128 {
         bail!("mem_mib {} is too small (>= 128, 512 recommended)", run.mem_mib);
@@ -730,6 +746,7 @@ VBLK-RESULT: FAIL verify-pattern pattern seed=s2: mismatch at MiB 0 (byte 19, se
         assert!(has(["-kernel", "/k/vmlinuz"]));
         assert!(has(["-initrd", "/k/initrd.gz"]));
         assert!(has(["-append", "console=ttyS0 quiet panic=-1 vblk.scenario=read-two vblk.arg=8"]));
+        assert!(kernel_cmdline(&run.clone().with_mib(4)).ends_with(" vblk.arg=8 vblk.mib=4"));
         assert!(has(["-m", "256M"]));
         assert!(has(["-smp", "4"]));
         assert!(has(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"]));
@@ -777,6 +794,11 @@ VBLK-RESULT: FAIL verify-pattern pattern seed=s2: mismatch at MiB 0 (byte 19, se
         run.disks[0].reconnect = false;
         run.disks[0].socket = "/nonexistent/vblk.sock".into();
         assert!(validate(&run).unwrap_err().to_string().contains("does not exist"));
+        run.disks[0].reconnect = true;
+        run.mib = Some(0);
+        assert!(validate(&run).is_err());
+        run.mib = Some(4);
+        assert!(validate(&run).is_ok());
         run.disks.clear();
         assert!(validate(&run).is_err());
     }

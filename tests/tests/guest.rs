@@ -161,3 +161,99 @@ fn guest_fio_sees_qos_limits() {
     assert!((b - 1000.0).abs() <= 50.0, "after the live change: {b} IOPS, want 1000 ±5%");
     assert!(c > 1.2 * a, "the unlimited volume ({c} IOPS) should outrun the limited one ({a})");
 }
+
+/// The pool's used bytes once the blocks waiting in reclaim are gone (`pending_free_bytes` 0;
+/// `used_bytes` counts them until then).
+fn settled_used(d: &Daemon) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let s = d.json(&["pool", "status"]).unwrap();
+        if s["pending_free_bytes"].as_u64() == Some(0) || t0.elapsed() > Duration::from_secs(10) {
+            return s["used_bytes"].as_u64().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Snapshots, a clone and a rollback seen by a real guest, and the space a snapshot delete
+/// frees. The guest writes pattern A (vm@a), then B over the same range (vm@b); a clone of vm@a
+/// booted next to vm shows A while vm shows B; vm rolled back to vm@a shows A again. Then vm@b
+/// has no dependents and its B blocks are referenced by nothing else: `snap list` reports them
+/// as exclusive, and deleting it lowers the pool's used bytes by exactly that.
+#[test]
+fn guest_snapshot_clone_rollback_and_delete_frees_exclusive_space() {
+    const N: u32 = 4; // MiB of pattern per write
+    let n = u64::from(N) * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Daemon::create_pool(dir.path(), "256M").unwrap();
+    let (vm_sock, vmc_sock) = (dir.path().join("vm.sock"), dir.path().join("vmc.sock"));
+    let (vm_s, vmc_s) = (vm_sock.to_str().unwrap(), vmc_sock.to_str().unwrap());
+    let d = Daemon::start(dir.path(), &pool, &[]).unwrap();
+    d.cli(&["vol", "create", "vm", "64M"]).unwrap();
+    d.cli(&["attach", "vm", "--socket", vm_s]).unwrap();
+    let guest = |scenario: &str, disks: &[&std::path::Path], arg: &str| {
+        let disks = disks.iter().map(DiskSpec::new).collect();
+        run_guest_pass(&GuestRun::new(scenario, disks).with_arg(arg).with_mib(N)).unwrap()
+    };
+    let snap = |name: &str| -> serde_json::Value {
+        let list = d.json(&["snap", "list", "vm"]).unwrap();
+        list.as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap_or_else(|| panic!("no vm@{name} in {list}"))
+    };
+
+    // Pattern A, snapshot a; pattern B over the same range, snapshot b.
+    let out = guest("write-pattern", &[&vm_sock], "snapA");
+    let sum_a = out.sum("vda").expect("write-pattern prints VBLK-SUM vda").to_string();
+    d.cli(&["snap", "create", "vm@a"]).unwrap();
+    let out = guest("write-pattern", &[&vm_sock], "snapB");
+    let sum_b = out.sum("vda").expect("write-pattern prints VBLK-SUM vda").to_string();
+    assert_ne!(sum_a, sum_b);
+    d.cli(&["snap", "create", "vm@b"]).unwrap();
+    assert_eq!(settled_used(&d), 2 * n, "A (kept for vm@a) + B (the head)");
+
+    // A clone of vm@a next to vm, in one guest: vda (vm) holds B, vdb (vmc) holds A.
+    d.cli(&["clone", "vm@a", "vmc"]).unwrap();
+    d.cli(&["attach", "vmc", "--socket", vmc_s]).unwrap();
+    let out = guest("verify-two", &[&vm_sock, &vmc_sock], "snapB,snapA");
+    assert_eq!(out.sum("vda"), Some(sum_b.as_str()));
+    assert_eq!(out.sum("vdb"), Some(sum_a.as_str()));
+
+    // Rollback is refused while attached; detached it works, and the guest reads A again.
+    let err = d.cli(&["snap", "rollback", "vm@a"]).expect_err("rollback of an attached volume must be refused");
+    assert!(err.to_string().contains("attached"), "{err}");
+    d.cli(&["detach", "vm"]).unwrap();
+    d.cli(&["snap", "rollback", "vm@a"]).unwrap();
+    d.cli(&["attach", "vm", "--socket", vm_s]).unwrap();
+    let out = guest("verify-pattern", &[&vm_sock], "snapA");
+    assert_eq!(out.sum("vda"), Some(sum_a.as_str()));
+
+    // The clone was only read: deleting it frees nothing. vm@a is still vm's origin.
+    assert_eq!(snap("a")["clones"], serde_json::json!(["vmc"]));
+    d.cli(&["detach", "vmc"]).unwrap();
+    d.cli(&["vol", "delete", "vmc"]).unwrap();
+    assert_eq!(settled_used(&d), 2 * n, "deleting the never-written clone vmc");
+    assert_eq!(snap("a")["exclusive_bytes"].as_u64(), Some(0), "vm@a has a dependent (vm's rolled-back head)");
+
+    // vm@b: no clone, not the rollback target; only it references the B blocks.
+    let b = snap("b");
+    assert_eq!(b["clones"], serde_json::json!([]));
+    assert_eq!(b["referenced_bytes"].as_u64(), Some(n), "{b}");
+    let excl = b["exclusive_bytes"].as_u64().unwrap();
+    assert!(excl > 0, "vm@b should hold B exclusively: {b}");
+    assert_eq!(excl, n, "vm@b's exclusive bytes are the {N} MiB of B: {b}");
+    let before = settled_used(&d);
+    let snap_before = d.json(&["pool", "status"]).unwrap()["snapshot_bytes"].as_u64().unwrap();
+    d.cli(&["snap", "delete", "vm@b"]).unwrap();
+    let after = {
+        wait_used(&d, |u| u + excl <= before);
+        settled_used(&d)
+    };
+    let snap_after = d.json(&["pool", "status"]).unwrap()["snapshot_bytes"].as_u64().unwrap();
+    eprintln!("snap delete vm@b: exclusive {excl}, pool used {before} -> {after}, snapshot bytes {snap_before} -> {snap_after}");
+    assert_eq!(after, before - excl, "pool used must fall by vm@b's exclusive bytes");
+    assert_eq!(snap_after, snap_before - excl, "snapshot bytes must fall by vm@b's exclusive bytes");
+    let names: Vec<_> = d.json(&["snap", "list", "vm"]).unwrap().as_array().unwrap().iter().map(|s| s["name"].clone()).collect();
+    assert_eq!(names, [serde_json::json!("a")]);
+
+    let check = d.json(&["check"]).unwrap();
+    assert_eq!(check["clean"], serde_json::Value::Bool(true), "{check}");
+}
