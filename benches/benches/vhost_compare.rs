@@ -4,7 +4,9 @@
 //! - (a) fio, io_uring, O_DIRECT, on a raw file: the device limit;
 //! - (b) qemu-storage-daemon exporting that raw file over vhost-user-blk;
 //! - (c) qemu-storage-daemon exporting a fully written qcow2 (and, for allocating writes, a fresh one);
+//! - (d) qemu-storage-daemon exporting a new qcow2 overlay on (c) (copy-on-write writes);
 //! - (e) vblk: a fully written thin volume (filled with `vblk import` of the raw file);
+//! - (f) vblk: that volume right after a snapshot (copy-on-write writes);
 //! - (g) vblk: a freshly created volume, for allocating writes.
 //!
 //! Every server is started fresh for every cell on the same directory, and the cells are
@@ -45,6 +47,8 @@ enum Server {
     Vblk,
     VblkFresh,
     QsdQcow2Fresh,
+    QsdQcow2Overlay,
+    VblkSnap,
 }
 
 impl Server {
@@ -56,6 +60,8 @@ impl Server {
             Server::Vblk => "(e) vblk, volume (written)",
             Server::VblkFresh => "(g) vblk, fresh volume",
             Server::QsdQcow2Fresh => "(c) qsd, fresh qcow2",
+            Server::QsdQcow2Overlay => "(d) qsd, qcow2 overlay on (c)",
+            Server::VblkSnap => "(f) vblk, volume + snapshot",
         }
     }
 }
@@ -91,9 +97,11 @@ fn workloads(qcow2: bool) -> Vec<Workload> {
     use Server::*;
     let mut all = vec![Fio, QsdRaw, Vblk];
     let mut fresh = vec![VblkFresh];
+    let mut cow = vec![VblkSnap];
     if qcow2 {
         all.insert(2, QsdQcow2);
         fresh.push(QsdQcow2Fresh);
+        cow.insert(0, QsdQcow2Overlay);
     }
     let w = |key, title, write, bs, qd, queues, pattern, latency| Workload {
         key,
@@ -124,6 +132,18 @@ fn workloads(qcow2: bool) -> Vec<Workload> {
             pattern: Pattern::Distinct,
             latency: false,
             servers: fresh,
+            base: "rw4k-qd32",
+        },
+        Workload {
+            key: "cw4k-qd32",
+            title: "4K randwrite QD32 after a snapshot (CoW)",
+            write: true,
+            bs: 4 * KIB,
+            qd: 32,
+            queues: 1,
+            pattern: Pattern::Random,
+            latency: false,
+            servers: cow,
             base: "rw4k-qd32",
         },
     ]
@@ -188,6 +208,28 @@ impl Bench {
                 let mut q = Qsd::start(&img, "qcow2", &self.aio, &sock, EXPORT_QUEUES, &self.dir.join("qsd.log"))?;
                 let c = self.blkio_cell(&q.sock, q.pid(), w, self.fresh_size, seed)?;
                 q.stop()?;
+                Ok(c)
+            }
+            Server::QsdQcow2Overlay => {
+                let base = self.qcow2.as_ref().ok_or_else(|| anyhow!("no qcow2"))?;
+                let img = self.dir.join("overlay.qcow2");
+                let _rm = RmOnDrop(img.clone());
+                run_cmd(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(base).arg(&img))?;
+                let mut q = Qsd::start(&img, "qcow2", &self.aio, &sock, EXPORT_QUEUES, &self.dir.join("qsd.log"))?;
+                let c = self.blkio_cell(&q.sock, q.pid(), w, self.span, seed)?;
+                q.stop()?;
+                Ok(c)
+            }
+            Server::VblkSnap => {
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
+                d.cli(&["snap", "create", "full@cow"])?;
+                let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+                d.cli(&["attach", "full", "--socket", s, "--queues", &EXPORT_QUEUES.to_string()])?;
+                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
+                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
+                d.cli(&["detach", "full"])?;
+                d.cli(&["snap", "delete", "full@cow"])?;
+                d.stop()?;
                 Ok(c)
             }
             Server::Vblk => {

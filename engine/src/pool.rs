@@ -296,11 +296,22 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
     db.write_opt(b, &sync_write()).map_err(Error::meta("write pool record"))?;
     drop(db);
     // The superblock goes last: a crash before this leaves no valid pool, never a half one.
+    write_sb(&f, path, &sbk)?;
+    Ok(sbk)
+}
+
+/// Byte offset of the backup superblock (inside the reserved first MiB).
+pub const SB_BACKUP_OFFSET: u64 = 4096;
+
+/// Write the superblock: first the backup copy, then the primary, each synced. A torn write
+/// of the primary (only 512-byte writes are assumed atomic) then still leaves a valid copy.
+fn write_sb(f: &File, path: &Path, sbk: &Superblock) -> Result<()> {
     let mut buf = AlignedBuf::new(4096);
     buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
-    pwrite_all(&f, path, buf.as_slice(), 0)?;
+    pwrite_all(f, path, buf.as_slice(), SB_BACKUP_OFFSET)?;
     f.sync_all().map_err(Error::io("fsync", path))?;
-    Ok(sbk)
+    pwrite_all(f, path, buf.as_slice(), 0)?;
+    f.sync_all().map_err(Error::io("fsync", path))
 }
 
 /// Read and validate the superblock of `path` without opening the pool.
@@ -310,8 +321,22 @@ pub fn read_superblock(path: &Path) -> Result<Superblock> {
 }
 
 fn read_sb(f: &File, path: &Path) -> Result<Superblock> {
+    read_sb_at(f, path, 0).or_else(|e| match e {
+        // A primary that fails its checksum (a torn rewrite): use the backup if it is valid.
+        Error::Corrupt { .. } => match read_sb_at(f, path, SB_BACKUP_OFFSET) {
+            Ok(b) => {
+                tracing::warn!(pool = %path.display(), "primary superblock is damaged; using the backup copy at byte 4096");
+                Ok(b)
+            }
+            Err(_) => Err(e),
+        },
+        e => Err(e),
+    })
+}
+
+fn read_sb_at(f: &File, path: &Path, off: u64) -> Result<Superblock> {
     let mut buf = AlignedBuf::new(4096);
-    pread_exact(f, path, buf.as_mut_slice(), 0).map_err(|_| Error::NotAPool { path: path.into() })?;
+    pread_exact(f, path, buf.as_mut_slice(), off).map_err(|_| Error::NotAPool { path: path.into() })?;
     Superblock::decode(buf.as_slice()).map_err(|e| match e {
         SbError::BadMagic => Error::NotAPool { path: path.into() },
         SbError::TooNew(v) => Error::VersionTooNew { path: path.into(), found: v, supported: FORMAT_VERSION },
@@ -1230,14 +1255,15 @@ impl Pool {
         lock_exclusive(&lockf, path)?;
         let data = open_data(path)?;
         let mut sbk = read_sb(&data, path)?;
+        // A damaged primary recovered from the backup is rewritten.
+        if read_sb_at(&data, path, 0).ok().as_ref() != Some(&sbk) {
+            write_sb(&data, path, &sbk)?;
+        }
         if sbk.autoclear & !AUTOCLEAR_KNOWN != 0 {
             // qcow2 semantics: a writer that does not know an autoclear feature clears its bit,
             // telling later versions that the data it describes may be stale.
             sbk.autoclear &= AUTOCLEAR_KNOWN;
-            let mut buf = AlignedBuf::new(4096);
-            buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
-            pwrite_all(&data, path, buf.as_slice(), 0)?;
-            data.sync_all().map_err(Error::io("fsync", path))?;
+            write_sb(&data, path, &sbk)?;
         }
         let dev = device_size(&data, path)?;
         if DATA_START + sbk.total_blocks * BLOCK_SIZE > dev {
@@ -1326,10 +1352,7 @@ impl Pool {
         if sbk.version < FORMAT_VERSION {
             tracing::info!(pool = %path.display(), from = sbk.version, to = FORMAT_VERSION, "upgrading the pool format");
             sbk.version = FORMAT_VERSION;
-            let mut buf = AlignedBuf::new(4096);
-            buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
-            pwrite_all(&data, path, buf.as_slice(), 0)?;
-            data.sync_all().map_err(Error::io("fsync", path))?;
+            write_sb(&data, path, &sbk)?;
         }
         let mut alloc = Allocator::new(sbk.total_blocks);
         // The scan that rebuilds the allocator also warms the block-map cache (up to its
