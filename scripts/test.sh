@@ -7,6 +7,8 @@
 #                                 loop (VBLK_SOAK_ROUNDS, default 50); about an hour
 #   VBLK_FUZZ=1 scripts/test.sh   also builds the fuzz targets and fuzzes each for $FUZZ_SECS s
 #                                 (fuzz/run-ci.sh, default 60; needs cargo-fuzz, see fuzz/README.md)
+#   VBLK_BENCH_SMOKE=1 scripts/test.sh  also runs one short repeat of the side-by-side macro
+#                                 benchmark (1 s cells, 256 MiB; about 90 s) so that it cannot rot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -16,8 +18,12 @@ trap 'rm -f "$LOG"' EXIT
 cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 if [ "${VBLK_FUZZ:-0}" = 1 ]; then bash fuzz/run-ci.sh; fi
+if [ "${VBLK_BENCH_SMOKE:-0}" = 1 ]; then
+    VBLK_BENCH_SMOKE=1 cargo bench -p vblk-benches --bench vhost_compare
+fi
 if [ "${VBLK_SOAK:-0}" = 1 ]; then
     VBLK_SOAK_CASES=${VBLK_SOAK_CASES:-20000} cargo test --release -p vblk-engine --test model
+    VBLK_SOAK_CASES=${VBLK_SOAK_CASES:-20000} cargo test --release -p vblk-engine --test snap_model
     for i in $(seq "${VBLK_SOAK_ROUNDS:-50}"); do
         VBLK_KILL9_SEED=$i cargo test --release -p vblk-engine --test engine kill9 -- --test-threads=1
     done

@@ -6,7 +6,8 @@
 //! - (c) qemu-storage-daemon exporting a fully written qcow2 (and, for allocating writes, a fresh one);
 //! - (d) qemu-storage-daemon exporting a new qcow2 overlay on (c) (copy-on-write writes);
 //! - (e) vblk: a fully written thin volume (filled with `vblk import` of the raw file);
-//! - (f) vblk: that volume right after a snapshot (copy-on-write writes);
+//! - (f) vblk: a second copy of that volume, written right after a snapshot of it (copy-on-write
+//!   writes; its own copy, so that the relocation of its blocks never changes (e)'s layout);
 //! - (g) vblk: a freshly created volume, for allocating writes.
 //!
 //! Every server is started fresh for every cell on the same directory, and the cells are
@@ -222,13 +223,13 @@ impl Bench {
             }
             Server::VblkSnap => {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
-                d.cli(&["snap", "create", "full@cow"])?;
+                d.cli(&["snap", "create", "cow@s"])?;
                 let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-                d.cli(&["attach", "full", "--socket", s, "--queues", &EXPORT_QUEUES.to_string()])?;
+                d.cli(&["attach", "cow", "--socket", s, "--queues", &EXPORT_QUEUES.to_string()])?;
                 vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
                 let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
-                d.cli(&["detach", "full"])?;
-                d.cli(&["snap", "delete", "full@cow"])?;
+                d.cli(&["detach", "cow"])?;
+                d.cli(&["snap", "delete", "cow@s"])?;
                 d.stop()?;
                 Ok(c)
             }
@@ -430,7 +431,9 @@ fn real_main() -> Result<()> {
     let vblk_bin = ensure_vblk_bin()?;
 
     // Space: raw + written qcow2 + pool (written volume + fresh volume + slack) + fresh qcow2.
-    let pool_size = span + fresh_size + 256 * MIB;
+    // full + cow (its own copy, so that (f)'s copy-on-write never relocates (e)'s blocks) +
+    // the fresh volume or cow's copied blocks.
+    let pool_size = 2 * span + fresh_size + 256 * MIB;
     let need = span + if have_qemu_img { span + fresh_size } else { 0 } + pool_size + 512 * MIB;
     let free = free_bytes(&base_dir)?;
     if free < need {
@@ -484,6 +487,7 @@ fn real_main() -> Result<()> {
         let t0 = Instant::now();
         let mut d = VblkDaemon::start(&dir, &pool, &cache, &[])?;
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "full"])?;
+        d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "cow"])?;
         let info = d.json(&["vol", "info", "full"])?;
         let alloc = info["allocated_bytes"].as_u64().unwrap_or(0);
         if alloc != span {
@@ -563,8 +567,12 @@ fn real_main() -> Result<()> {
     );
     md += &format!(
         "- (e)/(g) `vblk daemon --cache {cache}`, pool created with `--preallocate {prealloc}`, attached with {EXPORT_QUEUES} queues; \
-         (e) filled by `vblk import` of the raw file; (g) `vblk vol create` before and `vol delete` after each cell\n"
+         (e) filled by `vblk import` of the raw file; (g) `vblk vol create` before and `vol delete` after each cell; \
+         (f) a second imported copy, `vblk snap create` before and `snap delete` after each cell\n"
     );
+    md += "- (d) `qemu-img create -f qcow2 -b (c) -F qcow2` before each cell (64 KiB clusters: the first write to a cluster \
+           copies it, later writes to it are in place); (f) copies on write at 4 KiB, so with a short cell (d) has \
+           copied most of its clusters early and then writes in place\n";
     md += "- client: libblkio virtio-blk-vhost-user (blkio crate 0.5), one thread per queue, QD requests kept in flight per queue, \
            blocking completion waits (no polling); each server process is started for its cell and stopped after it\n";
     md += "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat around the cell, per I/O; \

@@ -159,13 +159,18 @@ pub enum Command {
     )]
     Import(ImportArgs),
 
-    /// Copy a volume into a new sparse raw file.
+    /// Copy a volume or a snapshot into a new sparse raw file.
     #[command(
-        long_about = "Copy a volume into a new raw file, sparsely: all-zero 4 KiB blocks become holes.\n\n\
+        long_about = "Copy a volume (VOL) or a snapshot (VOL@SNAP) into a new raw file, sparsely: \
+                      all-zero 4 KiB blocks become holes.\n\n\
                       The daemon writes FILE itself (mode 0600; the path is resolved here). Refuses to \
                       overwrite an existing file unless --force, and refuses a volume attached \
-                      read-write (its contents would change during the copy).",
-        after_help = "Examples:\n  vblk export vm1 /var/backups/vm1.raw\n  qemu-img convert -O qcow2 /var/backups/vm1.raw vm1.qcow2"
+                      read-write (its contents would change during the copy). A snapshot never \
+                      changes, so it can be exported while its volume runs; it cannot be deleted \
+                      during the export.",
+        after_help = "Examples:\n  vblk export vm1 /var/backups/vm1.raw\n  \
+                      vblk snap create vm1@nightly && vblk export vm1@nightly /var/backups/vm1-nightly.raw\n  \
+                      qemu-img convert -O qcow2 /var/backups/vm1.raw vm1.qcow2"
     )]
     Export(ExportArgs),
 }
@@ -631,7 +636,7 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Source volume.
+    /// Source volume, or VOL@SNAP for a snapshot.
     pub volume: String,
     /// Raw file to create.
     pub file: PathBuf,

@@ -473,7 +473,12 @@ pub fn export(st: &DaemonState, req: &ExportRequest, p: &mut Progress) -> Result
             Ok(())
         }
     };
-    refuse_rw(&pool.volume_info(&req.volume).map_err(engine_status)?)?;
+    // VOL@SNAP exports a snapshot (immutable: no attachment matters).
+    let snap = if req.volume.contains('@') { Some(vblk_engine::parse_snap_spec(&req.volume).map_err(engine_status)?) } else { None };
+    let vol_name = snap.map(|s| s.0).unwrap_or(&req.volume);
+    if snap.is_none() {
+        refuse_rw(&pool.volume_info(&req.volume).map_err(engine_status)?)?;
+    }
     match std::fs::symlink_metadata(&dst) {
         Ok(_) if !req.force => {
             return Err(Status::already_exists(format!("{} already exists (use --force to overwrite it)", dst.display())));
@@ -483,8 +488,14 @@ pub fn export(st: &DaemonState, req: &ExportRequest, p: &mut Progress) -> Result
         }
         _ => {}
     }
-    let vol = pool.open_volume(&req.volume, true).map_err(engine_status)?;
-    refuse_rw(&pool.volume_info(&req.volume).map_err(engine_status)?)?;
+    let vol = match snap {
+        Some((v, s)) => pool.open_snapshot(v, s).map_err(engine_status)?,
+        None => {
+            let vol = pool.open_volume(&req.volume, true).map_err(engine_status)?;
+            refuse_rw(&pool.volume_info(&req.volume).map_err(engine_status)?)?;
+            vol
+        }
+    };
     let mut oo = OpenOptions::new();
     oo.write(true).mode(0o600);
     if req.force {
@@ -501,7 +512,7 @@ pub fn export(st: &DaemonState, req: &ExportRequest, p: &mut Progress) -> Result
     }
     let (size, written) = r?;
     drop(vol);
-    let v = pool.volume_info(&req.volume).map_err(engine_status)?;
+    let v = pool.volume_info(vol_name).map_err(engine_status)?;
     info!(volume = %req.volume, file = %dst.display(), size, written, "export done");
     Ok(TransferProgress {
         phase: "done".into(),

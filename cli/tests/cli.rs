@@ -634,10 +634,16 @@ fn snapshots_clones_rollback_diff() {
     assert!(e[..image.len()] == image[..], "rollback to data@full does not read the image");
     assert_eq!(names(&json(&api, &["snap", "list", "data"]), "name"), ["empty", "full"], "rollback keeps the snapshots");
 
-    // Attached: snapshots are allowed, rollback is refused.
+    // Attached: snapshots are allowed, rollback is refused; a snapshot exports while the volume
+    // is attached read-write (it cannot change).
     let sock = d.join("data.sock");
     ok(&api, &["attach", "data", "--socket", sock.to_str().unwrap()]);
     ok(&api, &["snap", "create", "data@attached"]);
+    let snap_out = d.join("snap.raw");
+    ok(&api, &["export", "data@full", snap_out.to_str().unwrap()]);
+    assert!(std::fs::read(&snap_out).unwrap()[..image.len()] == image[..], "export of data@full");
+    let err = fails(&api, &["export", "data", d.join("x.raw").to_str().unwrap()]);
+    assert!(err.contains("attached read-write"), "{err}");
     let err = fails(&api, &["snap", "rollback", "data@empty"]);
     assert!(err.contains("attached") && err.contains("detach"), "{err}");
     ok(&api, &["detach", "data"]);

@@ -532,9 +532,12 @@ impl Shared {
     }
 
     /// The committed view of one lba of `vol` (own head entry, else the origin chain).
-    fn lookup(&self, vol: &VolumeState, lba: u64) -> Result<CVal> {
-        if let Some(e) = self.get_entry(&vol.map_key(lba))? {
-            return Ok(self.cval_of(&e));
+    /// `complete`: the volume's cache holds all its own entries, so it has none here.
+    fn lookup(&self, vol: &VolumeState, lba: u64, complete: bool) -> Result<CVal> {
+        if !complete {
+            if let Some(e) = self.get_entry(&vol.map_key(lba))? {
+                return Ok(self.cval_of(&e));
+            }
         }
         if !vol.has_origin() {
             return Ok(CVal::NONE);
@@ -543,10 +546,11 @@ impl Shared {
     }
 
     /// Committed views of [lba, lba+n), in order.
-    fn lookup_range(&self, vol: &VolumeState, lba: u64, n: u64) -> Result<Vec<CVal>> {
+    fn lookup_range(&self, vol: &VolumeState, lba: u64, n: u64, complete: bool) -> Result<Vec<CVal>> {
         let mut out = vec![CVal::NONE; n as usize];
         let mut own = vec![false; n as usize];
-        for c in self.committed_range(vol, lba, lba + n)? {
+        let found = if complete { Vec::new() } else { self.committed_range(vol, lba, lba + n)? };
+        for c in found {
             out[(c.lba - lba) as usize] = self.cval_of(&c.entry);
             own[(c.lba - lba) as usize] = true;
         }
@@ -611,9 +615,11 @@ impl Shared {
         out.clear();
         let mut missing = 0;
         let gen;
+        let complete;
         {
             let p = vol.lock_pending();
             gen = p.cache_gen;
+            complete = p.complete;
             for i in 0..n {
                 let r = match p.map.get(&(lba + i)) {
                     None => match p.cache.get(&(lba + i)) {
@@ -638,7 +644,7 @@ impl Shared {
         if missing == 0 {
             return Ok(());
         }
-        let vals = if n == 1 { vec![self.lookup(vol, lba)?] } else { self.lookup_range(vol, lba, n)? };
+        let vals = if n == 1 { vec![self.lookup(vol, lba, complete)?] } else { self.lookup_range(vol, lba, n, complete)? };
         let mut found: Vec<(u64, CVal)> = Vec::with_capacity(missing);
         for (i, s) in out.iter_mut().enumerate() {
             if *s == ReadRes::At(u64::MAX) {
@@ -700,7 +706,7 @@ impl Shared {
         // point lookup per block (only consulted for blocks without a pending entry).
         let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
         let committed = if n > 1 && need_db {
-            match self.lookup_range(vol, lba, n) {
+            match self.lookup_range(vol, lba, n, p.complete) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     drop(p);
@@ -752,7 +758,7 @@ impl Shared {
                         None => {
                             let found = match &committed {
                                 Some(c) => Ok(c[i as usize]),
-                                None => self.lookup(vol, l),
+                                None => self.lookup(vol, l, p.complete),
                             };
                             match found {
                                 Err(e) => {
@@ -923,7 +929,6 @@ impl Shared {
             if unshared {
                 p.frees.push(pba);
             }
-            p.cache.remove(&c.lba);
             p.insert(c.lba, pba, PState::Removed, UNMAPPED, Some(OldHead { pba, birth: c.entry.birth_gen }), unshared);
             freed += 1;
         }
@@ -1110,7 +1115,9 @@ impl Shared {
                     None => {}
                 }
             }
-            if p.map.capacity() > 4 * PENDING_KICK && p.map.len() < PENDING_KICK / 4 {
+            // An idle volume gives its pending map's memory back (a busy one regrows it; the
+            // rehash of up to PENDING_KICK entries is small next to a commit).
+            if p.map.capacity() > 1024 && p.map.len() < p.map.capacity() / 8 {
                 p.map.shrink_to_fit();
             }
         }
@@ -1339,6 +1346,7 @@ impl Pool {
                     vs.latest_pin.store(cat.latest_pin(r.layer), Ordering::Relaxed);
                     if let Ok(mut c) = vs.chain.write() {
                         *c = cat.chain(r.layer);
+                        vs.lock_pending().has_origin = !c.is_empty();
                     }
                     by_layer.insert(r.layer, vs.clone());
                     vols.insert(r.name, vs);
@@ -1383,9 +1391,12 @@ impl Pool {
                             if !e.is_tombstone() {
                                 v.mapped_blocks.fetch_add(1, Ordering::Relaxed);
                             }
+                            let mut p = v.lock_pending();
                             if cache.used.load(Ordering::Relaxed) < cache.cap {
                                 let pba = if e.is_tombstone() || e.pba >= sbk.total_blocks { UNMAPPED } else { e.pba };
-                                v.lock_pending().cache_put(lba, CVal { pba, birth: e.birth_gen }, &cache);
+                                p.cache_put(lba, CVal { pba, birth: e.birth_gen }, &cache);
+                            } else {
+                                p.complete = false;
                             }
                         }
                         None if cat.branches.contains_key(&layer) => {}

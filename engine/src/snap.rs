@@ -617,18 +617,25 @@ impl Pool {
     }
 
     /// Make the volume state follow its (new) head branch.
-    fn adopt_branch(&self, v: &VolumeState, b: u64, mapped: u64) {
+    fn adopt_branch(&self, v: &VolumeState, b: u64, mapped: u64, empty: bool) {
         let cat = lock(&self.shared.cat);
         v.layer.store(b, Ordering::Release);
         v.gen.store(cat.branches.get(&b).map(|r| r.gen).unwrap_or(1), Ordering::Release);
         v.latest_pin.store(cat.latest_pin(b), Ordering::Release);
-        if let Ok(mut c) = v.chain.write() {
-            *c = cat.chain(b);
-        }
+        let has_origin = match v.chain.write() {
+            Ok(mut c) => {
+                *c = cat.chain(b);
+                !c.is_empty()
+            }
+            Err(_) => true,
+        };
         v.mapped_blocks.store(mapped, Ordering::Relaxed);
         let mut p = v.lock_pending();
         p.cache_clear(&self.shared.cache);
         p.cache_gen += 1;
+        p.has_origin = has_origin;
+        // A new, empty branch (clone, rollback): the empty cache holds all of it.
+        p.complete = empty;
     }
 
     pub(crate) fn origin_name(&self, v: &VolumeState) -> Option<String> {
@@ -653,6 +660,7 @@ impl Pool {
         if let Ok(mut c) = view.chain.write() {
             *c = chain;
         }
+        view.lock_pending().has_origin = true;
         view.readers.fetch_add(1, Ordering::AcqRel);
         *lock(&self.shared.snap_readers).entry((s.branch, s.gen)).or_insert(0) += 1;
         Ok(crate::Volume::snapshot_view(self.shared.clone(), view, (s.branch, s.gen)))
@@ -685,7 +693,7 @@ impl Pool {
             lock(&self.shared.cat).branches.insert(id, br);
         }
         *lock(&self.shared.record) = rec;
-        self.adopt_branch(&nv, id, 0);
+        self.adopt_branch(&nv, id, 0, true);
         if let Ok(mut vols) = self.shared.vols.write() {
             vols.insert(new_name.into(), nv.clone());
         }
@@ -729,7 +737,7 @@ impl Pool {
             cat.branches.insert(old, oldbr);
         }
         *lock(&self.shared.record) = rec;
-        self.adopt_branch(&v, id, 0);
+        self.adopt_branch(&v, id, 0, true);
         self.drop_head(old)?;
         Ok(self.info_of(&v))
     }
@@ -834,19 +842,21 @@ impl Pool {
             lock(&sh.cat).branches.insert(b, br);
         }
         let mapped = v.mapped_blocks.load(Ordering::Relaxed) + copied;
-        self.adopt_branch(&v, b, mapped);
+        self.adopt_branch(&v, b, mapped, false);
         // Clones of this clone read through it: their chains end here now, and blocks they
         // cached from further up may be freed once the origin goes.
         let others: Vec<Arc<VolumeState>> = sh.vols.read().map(|x| x.values().cloned().collect()).unwrap_or_default();
         for o in others {
             if o.chain().iter().any(|&(x, _)| x == b) {
                 let chain = lock(&sh.cat).chain(o.branch());
+                let has_origin = !chain.is_empty();
                 if let Ok(mut c) = o.chain.write() {
                     *c = chain;
                 }
                 let mut p = o.lock_pending();
                 p.cache_clear(&sh.cache);
                 p.cache_gen += 1;
+                p.has_origin = has_origin;
             }
         }
         if let Some((ob, og)) = origin {

@@ -140,6 +140,13 @@ pub(crate) struct Pending {
     /// Bumped by every commit that changes this volume's committed map: a lookup made outside
     /// the lock may fill the cache only if no commit happened meanwhile.
     pub cache_gen: u64,
+    /// The cache holds every committed head entry of the volume's own branch (nothing was
+    /// evicted or left out since the branch was empty or the open scan), so a cache miss means
+    /// "no own entry" without asking RocksDB. Allocating writes to a new volume then never look
+    /// up the metadata store.
+    pub complete: bool,
+    /// Copy of `!VolumeState::chain.is_empty()` for the cache rules.
+    pub has_origin: bool,
 }
 
 /// Cache value for a block known to have no committed mapping.
@@ -152,9 +159,9 @@ pub(crate) struct CacheBudget {
 }
 
 impl CacheBudget {
-    /// Bytes one cached entry costs, roughly (hashbrown: 24 bytes of key and value, a control
-    /// byte, and load-factor slack).
-    pub const ENTRY_BYTES: usize = 32;
+    /// Bytes one cached entry costs on average (hashbrown: 24 bytes of key and value and a
+    /// control byte per bucket, at a load between 7/16 and 7/8 after power-of-two growth).
+    pub const ENTRY_BYTES: usize = 40;
 }
 
 impl Pending {
@@ -162,14 +169,20 @@ impl Pending {
     /// volume when the budget is spent).
     pub fn cache_put(&mut self, lba: u64, pba: CVal, budget: &CacheBudget) {
         use std::sync::atomic::Ordering::Relaxed;
-        if budget.cap == 0 {
-            return;
-        }
         if let Some(v) = self.cache.get_mut(&lba) {
             *v = pba;
             return;
         }
+        if self.complete && pba == CVal::NONE && !self.has_origin {
+            // A complete cache already says "not mapped" by not holding the lba.
+            return;
+        }
+        if budget.cap == 0 {
+            self.complete = false;
+            return;
+        }
         if budget.used.load(Relaxed) >= budget.cap {
+            self.complete = false;
             let Some(&victim) = self.cache.keys().next() else { return };
             self.cache.remove(&victim);
             budget.used.fetch_sub(1, Relaxed);
@@ -178,10 +191,11 @@ impl Pending {
         budget.used.fetch_add(1, Relaxed);
     }
 
-    /// Drop the whole cache (volume deleted).
+    /// Drop the whole cache (volume deleted, origin changed, ...). It is no longer complete.
     pub fn cache_clear(&mut self, budget: &CacheBudget) {
         budget.used.fetch_sub(self.cache.len(), std::sync::atomic::Ordering::Relaxed);
         self.cache.clear();
+        self.complete = false;
     }
 
     /// Change the pending entry of `lba` (keeping what it replaces), or make a new one that
@@ -271,7 +285,7 @@ impl VolumeState {
             name: RwLock::new(name),
             size_bytes: AtomicU64::new(size_bytes),
             mapped_blocks: AtomicU64::new(0),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending { complete: true, ..Pending::default() }),
             writers: AtomicU64::new(0),
             readers: AtomicU64::new(0),
             deleted: AtomicBool::new(false),

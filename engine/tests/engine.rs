@@ -556,3 +556,116 @@ fn a_thousand_snapshots() {
     let rep = pool.check().unwrap();
     assert!(rep.is_clean(), "{rep:?}");
 }
+
+/// Snapshots taken while a writer keeps QD16 random writes in flight: each snapshot holds every
+/// write completed before `snapshot_create` was called, nothing submitted after it returned,
+/// and every block is one whole write (never torn).
+#[test]
+fn snapshots_under_concurrent_writes_are_exact() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::Instant;
+    const BLOCKS: u64 = 256;
+    const QD: usize = 16;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.img");
+    create_pool(&p, &CreateOptions { size_bytes: Some(64 * MIB), ..Default::default() }).unwrap();
+    let pool = Pool::open(&p, &PoolOptions::default()).unwrap();
+    pool.create_volume("v", BLOCKS * 4096).unwrap();
+    let vol = pool.open_volume("v", false).unwrap();
+    // (seq, block, submitted, completed) of every write; seq 0 = never written.
+    let log: Mutex<Vec<(u64, u64, Instant, Instant)>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let mut snaps: Vec<(String, Instant, Instant)> = Vec::new();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut q = vol.open_queue().unwrap();
+            let mut bufs: Vec<Vec<u8>> = (0..QD).map(|_| vec![0u8; 8192]).collect();
+            let mut slot_state: Vec<Option<(u64, u64, Instant)>> = vec![None; QD];
+            let mut busy = std::collections::HashSet::new();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+            let mut seq = 0u64;
+            let mut out = Vec::new();
+            loop {
+                let stopping = stop.load(Ordering::Acquire);
+                for s in 0..QD {
+                    if slot_state[s].is_some() || stopping {
+                        continue;
+                    }
+                    let b = loop {
+                        let b = rng.random_range(0..BLOCKS);
+                        if !busy.contains(&b) {
+                            break b;
+                        }
+                    };
+                    seq += 1;
+                    let off = bufs[s].as_ptr().align_offset(4096);
+                    let buf = &mut bufs[s][off..off + 4096];
+                    for (i, c) in buf.chunks_mut(16).enumerate() {
+                        c[..8].copy_from_slice(&seq.to_le_bytes());
+                        c[8..16].copy_from_slice(&(b ^ i as u64).to_le_bytes());
+                    }
+                    busy.insert(b);
+                    slot_state[s] = Some((seq, b, Instant::now()));
+                    let iov = vec![IoVec { ptr: buf.as_mut_ptr(), len: 4096 }];
+                    // SAFETY: the buffer lives in `bufs` until the completion is reaped below.
+                    unsafe { q.submit(Request { kind: ReqKind::Write, offset: b * 4096, len: 4096, iov, tag: s as u64 }) };
+                }
+                if stopping && slot_state.iter().all(|x| x.is_none()) {
+                    break;
+                }
+                q.wait_event(10);
+                out.clear();
+                q.reap(&mut out);
+                let now = Instant::now();
+                for c in &out {
+                    assert!(c.result.is_ok(), "{c:?}");
+                    let (sq, b, t) = slot_state[c.tag as usize].take().unwrap();
+                    busy.remove(&b);
+                    log.lock().unwrap().push((sq, b, t, now));
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        for i in 0..20 {
+            let t0 = Instant::now();
+            pool.snapshot_create("v", &format!("s{i}")).unwrap();
+            let t1 = Instant::now();
+            snaps.push((format!("s{i}"), t0, t1));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Release);
+    });
+    let log = log.into_inner().unwrap();
+    assert!(log.len() > 500, "the writer made progress ({} writes)", log.len());
+    let by_seq: std::collections::HashMap<u64, (u64, Instant, Instant)> = log.iter().map(|&(s, b, t, c)| (s, (b, t, c))).collect();
+    for (name, t0, t1) in &snaps {
+        let sv = pool.open_snapshot("v", name).unwrap();
+        let mut io = sv.sync_io().unwrap();
+        let mut img = vec![0u8; (BLOCKS * 4096) as usize];
+        io.read_at(0, &mut img).unwrap();
+        for b in 0..BLOCKS {
+            let blk = &img[(b * 4096) as usize..((b + 1) * 4096) as usize];
+            let seq = u64::from_le_bytes(blk[..8].try_into().unwrap());
+            // Whole: every 16-byte cell carries the same write.
+            for (i, c) in blk.chunks(16).enumerate() {
+                if seq == 0 {
+                    assert!(c.iter().all(|&x| x == 0), "{name} block {b}: torn (zeros and data)");
+                } else {
+                    assert_eq!(u64::from_le_bytes(c[..8].try_into().unwrap()), seq, "{name} block {b}: torn");
+                    assert_eq!(u64::from_le_bytes(c[8..16].try_into().unwrap()), b ^ i as u64, "{name} block {b}: wrong block");
+                }
+            }
+            if seq != 0 {
+                let (wb, sub, _) = by_seq[&seq];
+                assert_eq!(wb, b);
+                assert!(sub < *t1, "{name} block {b}: holds write {seq} submitted after the snapshot returned");
+            }
+            // The newest write to this block completed before the snapshot was asked for.
+            let must = log.iter().filter(|&&(_, wb, _, c)| wb == b && c < *t0).map(|&(s, ..)| s).max().unwrap_or(0);
+            assert!(seq >= must, "{name} block {b}: has write {seq}, but write {must} completed before the snapshot");
+        }
+    }
+    let rep = pool.check().unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+}

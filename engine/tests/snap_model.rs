@@ -109,6 +109,8 @@ impl Model {
 struct Harness {
     path: std::path::PathBuf,
     pool: Option<Pool>,
+    /// Metadata cache size: tiny (a few entries) exercises eviction and the lookups behind it.
+    cache_bytes: usize,
 }
 
 impl Harness {
@@ -117,7 +119,12 @@ impl Harness {
     }
     fn reopen(&mut self, fault: Option<u64>) {
         drop(self.pool.take());
-        let opts = PoolOptions { fail_meta_after: fault, commit_interval: std::time::Duration::from_secs(3600), ..Default::default() };
+        let opts = PoolOptions {
+            fail_meta_after: fault,
+            commit_interval: std::time::Duration::from_secs(3600),
+            cache_bytes: self.cache_bytes,
+            ..Default::default()
+        };
         self.pool = Some(Pool::open(&self.path, &opts).unwrap());
     }
     fn read_vol(&self, name: &str) -> Vec<u8> {
@@ -217,11 +224,11 @@ fn reconcile(h: &mut Harness, m: &mut Model, alt: &BTreeMap<String, Vec<u8>>) ->
     Ok(())
 }
 
-fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run_case(ops: Vec<Op>, tiny_cache: bool) -> Result<(), TestCaseError> {
     let d = tempfile::tempdir().unwrap();
     let path = d.path().join("p.img");
     create_pool(&path, &CreateOptions { size_bytes: Some((1 << 20) + 600 * 4096), ..Default::default() }).unwrap();
-    let mut h = Harness { path, pool: None };
+    let mut h = Harness { path, pool: None, cache_bytes: if tiny_cache { 2 * 40 * 12 } else { 64 << 20 } };
     h.reopen(None);
     let mut m = Model::default();
     h.p().create_volume("v0", BLOCKS * 4096).unwrap();
@@ -478,8 +485,8 @@ proptest! {
         ..ProptestConfig::default()
     })]
     #[test]
-    fn snapshots_match_model(ops in proptest::collection::vec(op(), 1..30)) {
-        run_case(ops)?;
+    fn snapshots_match_model(ops in proptest::collection::vec(op(), 1..30), tiny_cache in any::<bool>()) {
+        run_case(ops, tiny_cache)?;
     }
 }
 
@@ -502,5 +509,6 @@ fn snapshot_scenario() {
         Op::DeleteVol { vol: 0, recursive: false },
         Op::DeleteVol { vol: 0, recursive: true },
     ];
-    run_case(ops).unwrap();
+    run_case(ops.clone(), false).unwrap();
+    run_case(ops, true).unwrap();
 }
