@@ -20,7 +20,7 @@
 //! VBLK_BENCH_GIB working set (2; fractions allowed), VBLK_BENCH_FRESH_GIB size of the fresh
 //! volume / qcow2 for allocating writes (2 x the working set; a cell ends early when it has written
 //! every block), VBLK_BENCH_PREALLOC pool --preallocate (full), VBLK_BENCH_CACHE vblk --cache
-//! (64M), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
+//! (64M), VBLK_BENCH_WORKLOADS (comma-separated row keys, e.g. aw4k-qd32,cw4k-qd32), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
 //! benches/results/), VBLK_BIN (use this vblk binary instead of building target/release/vblk).
 
 use std::collections::HashMap;
@@ -500,7 +500,12 @@ fn real_main() -> Result<()> {
     unsafe { libc::sync() };
 
     let bench = Bench { dir: dir.clone(), raw, qcow2, pool, span, fresh_size, dur: Duration::from_secs(secs), aio, cache: cache.clone() };
-    let wls = workloads(bench.qcow2.is_some());
+    let mut wls = workloads(bench.qcow2.is_some());
+    // VBLK_BENCH_WORKLOADS=aw4k-qd32,cw4k-qd32 runs only those rows (for profiling).
+    if let Ok(only) = std::env::var("VBLK_BENCH_WORKLOADS") {
+        let keys: Vec<&str> = only.split(',').collect();
+        wls.retain(|w| keys.contains(&w.key));
+    }
     let mut res: HashMap<(&str, Server), Vec<Cell>> = HashMap::new();
     let mut log: Vec<(usize, &str, Server, Cell)> = Vec::new();
     for rep in 0..repeats {
