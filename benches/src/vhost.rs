@@ -112,6 +112,34 @@ pub fn ensure_vblk_bin() -> Result<PathBuf> {
     vblk_tests::vblk_bin()
 }
 
+/// Write `size` bytes of non-zero, non-repeating data to `path` (every 4 KiB block different: it
+/// starts with its block number and `vblkbnch`) and sync. The same data as `vhost_compare`'s raw
+/// file.
+pub fn fill_raw(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const MIB: u64 = 1 << 20;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut rng = Rng(0x0123_4567_89AB_CDEF);
+    let mut off = 0u64;
+    while off < size {
+        check_stop()?;
+        let n = (size - off).min(MIB) as usize;
+        for c in buf.chunks_mut(8) {
+            c.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        for (i, b) in buf.chunks_mut(4096).enumerate() {
+            b[..8].copy_from_slice(&((off / 4096) + i as u64).to_le_bytes());
+            b[8..16].copy_from_slice(b"vblkbnch");
+        }
+        f.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // /proc
 

@@ -394,6 +394,9 @@ pub(crate) struct Shared {
     /// Branches that may have history entries (added before any batch that writes one, never
     /// removed while open): reads through other branches skip the history seek.
     pub hist_branches: RwLock<HashSet<u64>>,
+    /// Branches that may have head entries (same rules): reads through a clone chain skip the
+    /// point lookup in branches that never had one (clones of clones that were not written).
+    pub head_branches: RwLock<HashSet<u64>>,
     pub fault: Option<std::sync::atomic::AtomicU64>,
 }
 
@@ -431,6 +434,15 @@ impl SortedBatch {
 /// or after its birth, i.e. the newest pin is (pins are generations >= 1).
 pub(crate) fn shared_with_snapshot(birth: u64, latest_pin: u64) -> bool {
     latest_pin != 0 && birth <= latest_pin
+}
+
+fn note(set: &RwLock<HashSet<u64>>, b: u64) {
+    let known = set.read().map(|h| h.contains(&b)).unwrap_or(false);
+    if !known {
+        if let Ok(mut h) = set.write() {
+            h.insert(b);
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -497,9 +509,11 @@ impl Shared {
     /// Branch `b` as of generation `s` at `lba`: `Some(Some(pba))` data, `Some(None)` zeros,
     /// `None` no entry (the branch's origin shows through).
     pub(crate) fn view_at(&self, b: u64, s: u64, lba: u64) -> Result<Option<Option<u64>>> {
-        if let Some(e) = self.get_entry(&map_key(b, lba))? {
-            if e.birth_gen <= s {
-                return Ok(Some(self.data_of(&e)));
+        if self.head_branches.read().map(|h| h.contains(&b)).unwrap_or(true) {
+            if let Some(e) = self.get_entry(&map_key(b, lba))? {
+                if e.birth_gen <= s {
+                    return Ok(Some(self.data_of(&e)));
+                }
             }
         }
         if !self.hist_branches.read().map(|h| h.contains(&b)).unwrap_or(true) {
@@ -1054,6 +1068,9 @@ impl Shared {
             // whatever it changes is caught by the seq check after the write.
             drop(p);
             let mut changes = Vec::with_capacity(work.len());
+            if !work.is_empty() {
+                self.note_head(branch);
+            }
             for (l, e, new, seq) in work {
                 if let Some(old) = e.prev {
                     self.retire_head(&mut batch, branch, l, old, gen, latest_pin, e.prev_freed, new, &mut frees);
@@ -1133,12 +1150,12 @@ impl Shared {
 
     /// Record that branch `b` may have history entries (before writing one).
     pub(crate) fn note_history(&self, b: u64) {
-        let known = self.hist_branches.read().map(|h| h.contains(&b)).unwrap_or(false);
-        if !known {
-            if let Ok(mut h) = self.hist_branches.write() {
-                h.insert(b);
-            }
-        }
+        note(&self.hist_branches, b);
+    }
+
+    /// Record that branch `b` may have head entries (before writing one).
+    pub(crate) fn note_head(&self, b: u64) {
+        note(&self.head_branches, b);
     }
 
     /// Write a metadata batch (synced). A test hook can make the n-th write fail, which
@@ -1372,6 +1389,7 @@ impl Pool {
         // cold cache those reads of SST blocks cost ~100 µs of CPU per request once the map
         // outgrew the block cache.
         let cache = CacheBudget { cap: opts.cache_bytes / 2 / CacheBudget::ENTRY_BYTES, used: Default::default() };
+        let mut head_branches = HashSet::new();
         for item in db.iterator(IteratorMode::From(&[format::key::MAP], Direction::Forward)) {
             let (k, v) = item.map_err(Error::meta("scan block maps"))?;
             if k.first() != Some(&format::key::MAP) {
@@ -1381,6 +1399,7 @@ impl Pool {
                 problems.push(format!("{}: malformed map key", Location::Record(k.to_vec())));
                 continue;
             };
+            head_branches.insert(layer);
             match MapEntry::decode(&k, &v) {
                 Ok(e) => {
                     if !e.is_tombstone() && !alloc.mark_used(e.pba) {
@@ -1457,6 +1476,7 @@ impl Pool {
             cat: Mutex::new(cat),
             snap_readers: Mutex::new(HashMap::new()),
             hist_branches: RwLock::new(hist_branches),
+            head_branches: RwLock::new(head_branches),
             fault: opts.fail_meta_after.map(std::sync::atomic::AtomicU64::new),
         });
         let s2 = shared.clone();

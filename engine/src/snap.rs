@@ -813,6 +813,7 @@ impl Pool {
                 // Birth 0: every snapshot of the clone saw this data (through the origin).
                 match kill {
                     None => {
+                        sh.note_head(b);
                         let k = map_key(b, l);
                         batch.put(k, MapEntry::new(dst, 0).encode(&k));
                     }
