@@ -11,23 +11,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
-use vblk_benches::{run_for, stats, Rng};
+use vblk_benches::{run_for, stats, Aligned, Rng};
 use vblk_engine::*;
 
 const QD: usize = 32;
 const BS: usize = 4096;
 
-struct Aligned(Vec<u8>, usize);
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let v = vec![0u8; len + 4096];
-        let off = v.as_ptr().align_offset(4096);
-        Aligned(v, off)
-    }
-    fn ptr(&mut self, i: usize) -> *mut u8 {
-        self.0[self.1 + i * BS..].as_mut_ptr()
-    }
-}
 
 /// Raw io_uring O_DIRECT at QD32 over `blocks` blocks starting at 1 MiB (the pool's data area).
 fn raw(path: &PathBuf, blocks: u64, write: bool, dur: Duration) -> f64 {

@@ -16,23 +16,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vblk_benches::{run_for, stats, Rng};
+use vblk_benches::{run_for, stats, Aligned, Rng};
 use vblk_engine::*;
 
 const QD: usize = 32;
 const BS: usize = 4096;
 
-struct Aligned(Vec<u8>, usize);
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let v = vec![0u8; len + 4096];
-        let off = v.as_ptr().align_offset(4096);
-        Aligned(v, off)
-    }
-    fn ptr(&mut self, i: usize) -> *mut u8 {
-        self.0[self.1 + i * BS..].as_mut_ptr()
-    }
-}
 
 /// 4 KiB random requests of `kind` at QD32 over `span` blocks for `dur`: IOPS.
 fn qd32(vol: &Volume, span: u64, kind: ReqKind, dur: Duration) -> f64 {

@@ -4,6 +4,21 @@ use std::time::{Duration, Instant};
 
 pub mod vhost;
 
+/// A heap buffer of `len` bytes plus slack, used from its first 4096-aligned byte (O_DIRECT),
+/// handed out in 4 KiB slots.
+pub struct Aligned(Vec<u8>, usize);
+impl Aligned {
+    pub fn new(len: usize) -> Aligned {
+        let v = vec![0u8; len + 4096];
+        let off = v.as_ptr().align_offset(4096);
+        Aligned(v, off)
+    }
+    /// Start of 4 KiB slot `i`.
+    pub fn ptr(&mut self, i: usize) -> *mut u8 {
+        self.0[self.1 + i * 4096..].as_mut_ptr()
+    }
+}
+
 /// Simple xorshift for offsets (no allocation, no locking in the hot loop).
 pub struct Rng(pub u64);
 impl Rng {
