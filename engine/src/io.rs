@@ -125,9 +125,10 @@ pub struct Queue {
     deferred: VecDeque<Request>,
     /// Writes, discards and write-zeroes that arrived while a snapshot was being taken.
     frozen_q: VecDeque<Request>,
-    /// Tags of admitted write/discard/write-zeroes requests (counted in the volume's
-    /// `mutations` until their completion is returned).
-    mut_tags: std::collections::HashSet<u64>,
+    /// Admitted write/discard/write-zeroes requests per tag (counted in the volume's
+    /// `mutations` until their completions are returned). A caller may give several requests
+    /// the same tag (the parts of one virtio request), hence a count.
+    mut_tags: HashMap<u64, u32>,
     /// Split requests: internal tag -> (caller's tag, parts left, first error).
     split: HashMap<u64, (u64, u32, Option<i32>)>,
     next_internal: u64,
@@ -208,7 +209,7 @@ impl Queue {
             unsubmitted: 0,
             deferred: VecDeque::new(),
             frozen_q: VecDeque::new(),
-            mut_tags: std::collections::HashSet::new(),
+            mut_tags: HashMap::new(),
             split: HashMap::new(),
             next_internal: 0,
             zeros: AlignedBuf::new(BLOCK_SIZE as usize),
@@ -265,7 +266,7 @@ impl Queue {
             // then waits for the count to drop sees every admitted request.
             self.vol.mutations.fetch_add(1, Ordering::AcqRel);
             drop(p);
-            self.mut_tags.insert(tag);
+            *self.mut_tags.entry(tag).or_insert(0) += 1;
         }
         match req.kind {
             ReqKind::Flush => {
@@ -621,12 +622,12 @@ impl Queue {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
         unsafe { libc::read(self.qs.efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
-        // Requests held back by a snapshot.
-        if !self.frozen_q.is_empty() && !self.vol.frozen.load(Ordering::Acquire) {
-            for _ in 0..self.frozen_q.len() {
-                if let Some(r) = self.frozen_q.pop_front() {
-                    self.dispatch(r);
-                }
+        // Requests held back by a snapshot: dispatch admits them, or (still frozen) keeps them
+        // and registers this queue as a waiter again — a wake-up may have come from a write
+        // that finished meanwhile, which consumed the registration.
+        for _ in 0..self.frozen_q.len() {
+            if let Some(r) = self.frozen_q.pop_front() {
+                self.dispatch(r);
             }
         }
         // Retry writes that waited for a block to be established.
@@ -662,7 +663,11 @@ impl Queue {
         }
         if !self.mut_tags.is_empty() {
             for c in &out[base..] {
-                if self.mut_tags.remove(&c.tag) {
+                if let Some(n) = self.mut_tags.get_mut(&c.tag) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.mut_tags.remove(&c.tag);
+                    }
                     self.vol.mutations.fetch_sub(1, Ordering::AcqRel);
                 }
             }

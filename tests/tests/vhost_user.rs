@@ -132,3 +132,52 @@ fn discard_and_write_zeroes_free_space() {
     let st = daemon.json(&["pool", "status"]).unwrap();
     assert_eq!(st["volumes"][0]["allocated_bytes"].as_u64().unwrap(), 4 * MIB, "{st}");
 }
+
+/// Snapshots taken through the API while a vhost-user-blk client keeps random writes in flight
+/// on two queues: each one completes quickly (the freeze drains the queues' requests through the
+/// device's worker threads), the writes keep going around them, and deleting the snapshots
+/// afterwards leaves exactly the volume's own blocks allocated.
+#[test]
+fn snapshots_while_writing_through_vhost_user() {
+    let d = tempfile::tempdir().unwrap();
+    // Each snapshot may keep a copy of the whole written span: 9 x 16 MiB fit.
+    let pool = Daemon::create_pool(d.path(), "512M").unwrap();
+    let daemon = Daemon::start(d.path(), &pool, &[]).unwrap();
+    daemon.cli(&["vol", "create", "v", "64M"]).unwrap();
+    let sock = d.path().join("v.sock");
+    daemon.cli(&["attach", "v", "--socket", sock.to_str().unwrap(), "--queues", "2"]).unwrap();
+    wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    let load = Load { queues: 2, qd: 32, bs: 4096, write: true, span: 16 * MIB, dur: Duration::from_secs(4), seed: 7 };
+    let mut took = Vec::new();
+    let trace = std::thread::scope(|s| {
+        let h = s.spawn(|| run_load(&sock, &load));
+        std::thread::sleep(Duration::from_millis(500));
+        for i in 0..8 {
+            let t0 = std::time::Instant::now();
+            daemon.cli(&["snap", "create", &format!("v@s{i}")]).unwrap();
+            took.push(t0.elapsed());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        match h.join().unwrap() {
+            Ok(t) => t,
+            Err(e) => panic!("the writer failed: {e:#}; daemon log: {}", daemon.log_tail()),
+        }
+    });
+    assert!(trace.total() > 1000, "the writer made progress: {} writes", trace.total());
+    for (i, t) in took.iter().enumerate() {
+        assert!(*t < Duration::from_secs(2), "snapshot s{i} took {t:?} under load");
+    }
+    let snaps = daemon.json(&["snap", "list", "v"]).unwrap();
+    assert_eq!(snaps.as_array().map(|a| a.len()), Some(8), "{snaps}");
+    let c = daemon.json(&["check"]).unwrap();
+    assert_eq!(c["clean"], true, "{c}");
+    for i in 0..8 {
+        daemon.cli(&["snap", "delete", &format!("v@s{i}")]).unwrap();
+    }
+    let st = daemon.json(&["pool", "status"]).unwrap();
+    let info = daemon.json(&["vol", "info", "v"]).unwrap();
+    let (used, pending, own) = (st["used_bytes"].as_u64().unwrap(), st["pending_free_bytes"].as_u64().unwrap(), info["allocated_bytes"].as_u64().unwrap());
+    assert_eq!(used - pending, own, "after deleting every snapshot only the volume's blocks remain: {st} {info}");
+    let c = daemon.json(&["check"]).unwrap();
+    assert_eq!(c["clean"], true, "{c}");
+}
