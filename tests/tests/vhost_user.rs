@@ -171,7 +171,22 @@ fn snapshots_while_writing_through_vhost_user() {
     assert_eq!(snaps.as_array().map(|a| a.len()), Some(8), "{snaps}");
     let c = daemon.json(&["check"]).unwrap();
     assert_eq!(c["clean"], true, "{c}");
-    for i in 0..8 {
+    // Deletes while the writes go on (commits and dead-list sweeps interleave).
+    let load2 = Load { seed: 8, dur: Duration::from_secs(3), ..load.clone() };
+    std::thread::scope(|s| {
+        let h = s.spawn(|| run_load(&sock, &load2));
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..4 {
+            daemon.cli(&["snap", "delete", &format!("v@s{i}")]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if let Err(e) = h.join().unwrap() {
+            panic!("the writer failed: {e:#}; daemon log: {}", daemon.log_tail());
+        }
+    });
+    let c = daemon.json(&["check"]).unwrap();
+    assert_eq!(c["clean"], true, "{c}");
+    for i in 4..8 {
         daemon.cli(&["snap", "delete", &format!("v@s{i}")]).unwrap();
     }
     let st = daemon.json(&["pool", "status"]).unwrap();
