@@ -1006,6 +1006,22 @@ impl Pool {
                 ),
             });
         }
+        // Nothing is deleted unless every volume that would go is detached.
+        let mut all = clones.clone();
+        let mut i = 0;
+        while i < all.len() {
+            if let Some(cv) = self.shared.vol_by_id(all[i]) {
+                for c in self.clones_of(&cv) {
+                    if !all.contains(&c) {
+                        all.push(c);
+                    }
+                }
+                if cv.writers.load(Ordering::Acquire) > 0 || cv.readers.load(Ordering::Acquire) > 0 {
+                    return Err(Error::Busy { name: cv.name(), why: "attached (a clone that --recursive would delete); detach it first" });
+                }
+            }
+            i += 1;
+        }
         for c in clones {
             if let Some(cv) = self.shared.vol_by_id(c) {
                 self.delete_volume_locked(&cv.name(), true)?;

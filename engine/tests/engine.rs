@@ -669,3 +669,31 @@ fn snapshots_under_concurrent_writes_are_exact() {
     let rep = pool.check().unwrap();
     assert!(rep.is_clean(), "{rep:?}");
 }
+
+/// `delete_volume(recursive)` deletes nothing while a clone that would go is attached.
+#[test]
+fn recursive_delete_refuses_attached_clones_before_deleting_anything() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.img");
+    create_pool(&p, &CreateOptions { size_bytes: Some(16 * MIB), ..Default::default() }).unwrap();
+    let pool = Pool::open(&p, &PoolOptions::default()).unwrap();
+    pool.create_volume("v", MIB).unwrap();
+    pool.snapshot_create("v", "s").unwrap();
+    pool.clone_volume("v", "s", "c1").unwrap();
+    pool.clone_volume("v", "s", "c2").unwrap();
+    pool.snapshot_create("c2", "t").unwrap();
+    pool.clone_volume("c2", "t", "c3").unwrap();
+    assert!(matches!(pool.delete_volume("v", false), Err(Error::HasDependents { .. })));
+    let attached = pool.open_volume("c3", false).unwrap();
+    assert!(matches!(pool.delete_volume("v", true), Err(Error::Busy { .. })));
+    let names: Vec<String> = pool.list_volumes().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["c1", "c2", "c3", "v"]);
+    assert_eq!(pool.snapshot_list(None).unwrap().len(), 2);
+    drop(attached);
+    pool.delete_volume("v", true).unwrap();
+    assert!(pool.list_volumes().is_empty());
+    assert!(pool.snapshot_list(None).unwrap().is_empty());
+    let rep = pool.check().unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    assert_eq!(rep.allocated_blocks, 0);
+}
