@@ -4,6 +4,7 @@ pub mod api_validation;
 pub mod config_space;
 pub mod engine_model;
 pub mod metadata_records;
+pub mod snapshot_model;
 pub mod virtio_request;
 
 /// A target's seeds: (name, input).
@@ -17,4 +18,5 @@ pub const ALL: &[(&str, Run, Seeds)] = &[
     ("metadata_records", metadata_records::run, metadata_records::seeds),
     ("api_validation", api_validation::run, api_validation::seeds),
     ("engine_model", engine_model::run, engine_model::seeds),
+    ("snapshot_model", snapshot_model::run, snapshot_model::seeds),
 ];
