@@ -375,7 +375,7 @@ pub fn run_case(ops: Vec<Op>, tiny_cache: bool) -> Result<(), TestCaseError> {
             Op::Diff { snap, to_live } => {
                 let Some((v, s)) = m.snap_key(snap) else { continue };
                 // Against the live volume, or the volume's newest other snapshot.
-                let other = if to_live { None } else { m.snaps.keys().filter(|k| k.0 == v && k.1 != s).last().cloned() };
+                let other = if to_live { None } else { m.snaps.keys().rfind(|k| k.0 == v && k.1 != s).cloned() };
                 let (img_b, to) = match &other {
                     Some(k) => (m.snaps[k].clone(), Some(k.1.clone())),
                     None => (m.vols[&v].image.clone(), None),
