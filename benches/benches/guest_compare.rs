@@ -11,7 +11,9 @@
 //! 4 KiB randread QD32 and 4 KiB randwrite QD32 (IOPS), VBLK_BENCH_SECS each, O_DIRECT, over the
 //! whole disk. Reported: medians with min-max, the ratio (e)/(b), and next to it the (e)/(b)
 //! ratio of the newest host-side `vhost_compare` result in benches/results/ (or
-//! VBLK_BENCH_HOST_RESULT) and whether the two point the same way.
+//! VBLK_BENCH_HOST_RESULT) and whether the two point the same way. Diagnostics: virtio
+//! interrupts per I/O in the guest, and the server's CPU and context switches per guest I/O and
+//! thread count (sampled on the host when the guest prints VBLK-FIO-DONE, still connected).
 //!
 //! Under TCG the guest's CPU is emulated, which caps its IOPS far below what either server can
 //! do: only the direction of the differences and the latency ordering mean anything.
@@ -91,10 +93,54 @@ const METRICS: &[Metric] = &[
     },
 ];
 
+/// Diagnostics: per guest run, figures that may explain a difference (not compared with the host).
+const DIAG: &[(&str, &str)] = &[
+    ("fio.rr4k-qd1.irq_per_io", "guest: virtio interrupts per I/O, randread QD1"),
+    ("fio.rr4k-qd32.irq_per_io", "guest: virtio interrupts per I/O, randread QD32"),
+    ("fio.rw4k-qd32.irq_per_io", "guest: virtio interrupts per I/O, randwrite QD32"),
+    ("server.cpu_us_per_io", "server: CPU µs per guest I/O (boot to end of fio)"),
+    ("server.ctxsw_per_io", "server: context switches per guest I/O (boot to end of fio)"),
+    ("server.threads", "server: threads"),
+];
+
+/// The server process's use of the host while one guest ran.
+struct ServerUse {
+    cpu_s: f64,
+    ctxsw: u64,
+    threads: u64,
+}
+
+/// Voluntary + involuntary context switches of every live thread of `pid`.
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else { continue };
+        for line in st.lines() {
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:").or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:")) {
+                n += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
+/// Run the guest (`f`, which calls its argument when the guest's fio jobs are over) and measure
+/// server `pid` from before QEMU starts to that moment. Threads the server starts for the
+/// connection count from zero; none ends before the sample (the guest is still connected).
+fn measured<T>(pid: u32, f: impl FnOnce(Box<dyn FnOnce() + '_>) -> Result<T>) -> Result<(T, ServerUse)> {
+    let (c0, x0) = (proc_cpu_seconds(pid)?, ctx_switches(pid));
+    let sample = std::cell::Cell::new(None);
+    let out = f(Box::new(|| sample.set(Some((proc_cpu_seconds(pid).unwrap_or(f64::NAN), ctx_switches(pid), proc_status(pid, "Threads").unwrap_or(0))))))?;
+    let (c1, x1, threads) = sample.get().ok_or_else(|| anyhow!("the guest printed no VBLK-FIO-DONE"))?;
+    Ok((out, ServerUse { cpu_s: c1 - c0, ctxsw: x1.saturating_sub(x0), threads }))
+}
+
 /// One guest run.
 struct Run {
     rep: usize,
     server: Server,
+    /// METRICS and DIAG values by key.
     values: HashMap<&'static str, f64>,
     engine: String,
     boot_secs: Option<f64>,
@@ -111,24 +157,26 @@ struct Bench {
 }
 
 impl Bench {
-    fn guest(&self, sock: &Path) -> Result<guest::GuestOutput> {
+    /// Boot the guest on `sock` and run `fio-bench`; `at_done` runs when the guest prints
+    /// VBLK-FIO-DONE (its fio jobs are over, it is still connected).
+    fn guest(&self, sock: &Path, at_done: Box<dyn FnOnce() + '_>) -> Result<guest::GuestOutput> {
         let mut run = GuestRun::new("fio-bench", vec![DiskSpec { socket: sock.to_path_buf(), num_queues: QUEUES, reconnect: false }])
             .with_arg(self.secs.to_string());
         run.mem_mib = GUEST_MEM_MIB;
         // Boot (a few seconds under TCG) + the engine probe + three jobs, with a wide margin.
         run.timeout = Duration::from_secs(240 + 6 * self.secs);
-        let out = guest::run_guest(&run)?;
+        let out = guest::run_guest_with_hook(&run, Some(("VBLK-FIO-DONE", at_done)))?;
         out.ensure_passed()?;
         Ok(out)
     }
 
-    fn run(&self, server: Server) -> Result<guest::GuestOutput> {
+    fn run(&self, server: Server) -> Result<(guest::GuestOutput, ServerUse)> {
         check_stop()?;
         let sock = self.dir.join("dev.sock");
         match server {
             Server::QsdRaw => {
                 let mut q = Qsd::start(&self.raw, "raw", &self.aio, &sock, QUEUES as usize, &self.dir.join("qsd.log"))?;
-                let out = self.guest(&q.sock);
+                let out = measured(q.pid(), |h| self.guest(&q.sock, h));
                 q.stop()?;
                 out
             }
@@ -136,7 +184,7 @@ impl Bench {
                 let attach = format!("--attach=full:{}:{QUEUES}", sock.display());
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[attach])?;
                 vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
-                let out = self.guest(&sock);
+                let out = measured(d.pid(), |h| self.guest(&sock, h));
                 d.stop()?;
                 out
             }
@@ -148,8 +196,16 @@ fn tool_exists(prog: &str) -> bool {
     Command::new(prog).arg("--version").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok()
 }
 
+/// The median (of an even count: the mean of the middle two; `stats` would take the upper one,
+/// which with the default 2 repeats is the maximum).
 fn median(v: &[f64]) -> Option<f64> {
-    (!v.is_empty()).then(|| stats(v).0)
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    Some(if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 })
 }
 
 fn fmt_val(x: f64) -> String {
@@ -157,6 +213,8 @@ fn fmt_val(x: f64) -> String {
         format!("{:.1}k", x / 1000.0)
     } else if x >= 100.0 {
         format!("{x:.0}")
+    } else if x < 1.0 {
+        format!("{x:.3}")
     } else {
         format!("{x:.1}")
     }
@@ -166,7 +224,8 @@ fn med_range(v: &[f64]) -> (String, String) {
     if v.is_empty() {
         return ("–".into(), "–".into());
     }
-    let (m, lo, hi) = stats(v);
+    let (_, lo, hi) = stats(v);
+    let m = median(v).unwrap_or(f64::NAN);
     (fmt_val(m), if v.len() > 1 { format!("{}–{}", fmt_val(lo), fmt_val(hi)) } else { "–".into() })
 }
 
@@ -268,7 +327,7 @@ fn host_ratios() -> Option<HostRatios> {
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("vhost_compare") && n.ends_with(".md")))
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
     files.iter().find_map(|(_, p)| parse_host(p))
 }
 
@@ -353,13 +412,19 @@ fn real_main() -> Result<()> {
     for rep in 1..=repeats {
         for &s in &servers {
             let t0 = Instant::now();
-            let out = bench.run(s).with_context(|| format!("repeat {rep}, {}", s.label()))?;
+            let (out, used) = bench.run(s).with_context(|| format!("repeat {rep}, {}", s.label()))?;
+            let num = |key: &str| -> Result<f64> {
+                let v = out.info(key).ok_or_else(|| anyhow!("the guest printed no {key}: {}", out.console_tail(20)))?;
+                v.parse().map_err(|_| anyhow!("{key} = {v:?} is not a number: {}", out.console_tail(20)))
+            };
             let mut values = HashMap::new();
-            for m in METRICS {
-                let v = out.info(m.key).ok_or_else(|| anyhow!("the guest printed no {}: {}", m.key, out.console_tail(20)))?;
-                let v: f64 = v.parse().map_err(|_| anyhow!("{} = {v:?} is not a number: {}", m.key, out.console_tail(20)))?;
-                values.insert(m.key, v);
+            for k in METRICS.iter().map(|m| m.key).chain(DIAG.iter().map(|d| d.0).filter(|k| k.starts_with("fio."))) {
+                values.insert(k, num(k)?);
             }
+            let ios = num("fio.ios")?.max(1.0);
+            values.insert("server.cpu_us_per_io", used.cpu_s * 1e6 / ios);
+            values.insert("server.ctxsw_per_io", used.ctxsw as f64 / ios);
+            values.insert("server.threads", used.threads as f64);
             let r = Run {
                 rep,
                 server: s,
@@ -369,13 +434,15 @@ fn real_main() -> Result<()> {
                 wall: t0.elapsed(),
             };
             eprintln!(
-                "[{rep}/{repeats}] {:<28} QD1 {:.0} IOPS, clat mean {:.1} µs, p99 {:.0} µs | QD32 read {:.0} IOPS, write {:.0} IOPS ({}, {:.1} s)",
+                "[{rep}/{repeats}] {:<28} QD1 {:.0} IOPS, clat mean {:.1} µs, p99 {:.0} µs | QD32 read {:.0} IOPS, write {:.0} IOPS | server {:.1} µs CPU, {:.2} ctxsw per I/O ({}, {:.1} s)",
                 s.label(),
                 r.values["fio.rr4k-qd1.iops"],
                 r.values["fio.rr4k-qd1.clat_mean_us"],
                 r.values["fio.rr4k-qd1.clat_p99_us"],
                 r.values["fio.rr4k-qd32.iops"],
                 r.values["fio.rw4k-qd32.iops"],
+                r.values["server.cpu_us_per_io"],
+                r.values["server.ctxsw_per_io"],
                 r.engine,
                 r.wall.as_secs_f64()
             );
@@ -444,7 +511,7 @@ fn real_main() -> Result<()> {
         None => md += "- host-side (e)/(b): no vhost_compare result with the (b) and (e) QD1/QD32 rows found in benches/results/\n",
     }
 
-    md += "\n## Medians over repeats (min–max)\n\n";
+    md += "\n## Medians over repeats (min–max; of an even number of repeats, the mean of the middle two)\n\n";
     md += "| metric | (b) qsd raw | min–max | (e) vblk | min–max | (e)/(b) | guest says | host-side (e)/(b) | host says | same direction |\n";
     md += "|---|---|---|---|---|---|---|---|---|---|\n";
     let mut disagree = Vec::new();
@@ -456,12 +523,23 @@ fn real_main() -> Result<()> {
             (Some(e), Some(b)) if b > 0.0 => Some(e / b),
             _ => None,
         };
+        // With repeats, a difference whose min–max ranges overlap is not a direction.
+        let overlap = bv.len() > 1 && ev.len() > 1 && {
+            let ((_, blo, bhi), (_, elo, ehi)) = (stats(&bv), stats(&ev));
+            blo.max(elo) <= bhi.min(ehi)
+        };
         let gdir = ratio.map(|r| direction(r, m.higher_better));
+        let gword = match gdir {
+            Some(d) if d != 0 && overlap => "ranges overlap",
+            Some(d) => dir_word(d),
+            None => "–",
+        };
+        let gdir = gdir.map(|d| if overlap { 0 } else { d });
         let hr = host.as_ref().and_then(|h| h.get(m.host));
         let hdir = hr.map(|r| direction(r, m.higher_better));
         let same = match (gdir, hdir) {
             (Some(g), Some(h)) if g == h => "yes",
-            (Some(g), Some(h)) if g == 0 || h == 0 => "≈ (one within 5%)",
+            (Some(g), Some(h)) if g == 0 || h == 0 => "≈ (one shows no clear difference)",
             (Some(_), Some(_)) => {
                 disagree.push(m.title);
                 "**no**"
@@ -474,17 +552,34 @@ fn real_main() -> Result<()> {
             m.title,
             if m.higher_better { " (higher is better)" } else { " (lower is better)" },
             fr(ratio),
-            gdir.map(dir_word).unwrap_or("–"),
+            gword,
             fr(hr),
             hdir.map(dir_word).unwrap_or("–"),
         );
     }
     md += "\nThe host-side column for the total-latency row is the same host figure as for the mean clat row. \
-           \"(e) better/worse\" means by more than 5%.\n";
+           \"(e) better/worse\" means by more than 5% (and, in the guest, with the min–max ranges of (b) and (e) apart); \
+           \"ranges overlap\": more than 5% apart in the medians but not in every repeat.\n";
     if !disagree.is_empty() {
-        md += &format!("\nGuest and host disagree in direction on: {}.\n", disagree.join(", "));
+        md += &format!("\nGuest and host disagree in direction on: {}.\n", disagree.join("; "));
     }
 
+    md += "\n## Diagnostics (median, min–max)\n\n";
+    md += "| figure | (b) qsd raw | min–max | (e) vblk | min–max | (e)/(b) |\n|---|---|---|---|---|---|\n";
+    for (k, title) in DIAG {
+        let (bv, ev) = (col(Server::QsdRaw, k), col(Server::Vblk, k));
+        let (bm, bmm) = med_range(&bv);
+        let (em, emm) = med_range(&ev);
+        let ratio = match (median(&ev), median(&bv)) {
+            (Some(e), Some(b)) if b > 0.0 => format!("{:.2}×", e / b),
+            _ => "–".into(),
+        };
+        md += &format!("| {title} | {bm} | {bmm} | {em} | {emm} | {ratio} |\n");
+    }
+    md += "\nServer figures: utime+stime (/proc/PID/stat, 10 ms ticks) and voluntary + involuntary context switches of \
+           the server's threads (/proc/PID/task/*/status) from just before QEMU starts until the guest prints VBLK-FIO-DONE \
+           after its last fio job (boot and the engine probe included), divided by the I/Os of the three fio jobs; \
+           threads: the server's threads at that moment.\n";
     md += "\n## Every run\n\n| repeat | server | QD1 IOPS | QD1 mean clat µs | QD1 p99 clat µs | QD1 mean lat µs | QD32 read IOPS | QD32 write IOPS | engine | guest /init at s | run s |\n";
     md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in &runs {
