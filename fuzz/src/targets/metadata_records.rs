@@ -255,7 +255,8 @@ impl Mirror {
                     size_bytes: (1 + size_blocks % (MAX_VOLUME_SIZE / BLOCK_SIZE)) * BLOCK_SIZE,
                     created_ns,
                     flags: 0,
-                    layer: id,
+                    // Version 2: the head branch; never 0 (ids start at 1).
+                    layer: id.max(1),
                     origin_layer: 0,
                     origin_gen: 0,
                     name: valid_name(&name),
