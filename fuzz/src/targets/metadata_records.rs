@@ -110,7 +110,9 @@ pub fn run(data: &[u8]) {
                     );
                     assert!((1..=MAX_NAME_LEN).contains(&r.name.len()), "name length {}", r.name.len());
                     assert_eq!(r.flags & !format::vol_flags::KNOWN, 0);
-                    assert_eq!((r.layer, r.origin_layer, r.origin_gen), (r.id, 0, 0), "fields reserved in v1");
+                    // Version 2: the layer is the head branch (any non-zero id); origins stay reserved.
+                    assert!(r.layer != 0, "volume record with layer 0 accepted");
+                    assert_eq!((r.origin_layer, r.origin_gen), (0, 0), "reserved origin fields accepted");
                     assert_eq!(r.encode(), v, "volume record is not canonical");
                 }
                 Err(e) => assert_corrupt_at(&e, &key),
