@@ -18,6 +18,16 @@
 //! 10 parse_map_key(rest)
 //! 11 round trip: rest is `arbitrary` data for a [`Mirror`] record, made valid, encoded, decoded
 //!    (must be identical), then one bit of the stored value (or of its key) flipped: refused
+//! 12 BranchRecord::decode(key, value)     (version 2) key: even: branch_key(u64), odd: raw
+//! 13 ... value sealed
+//! 14 SnapRecord::decode(key, value)       key: even: snap_key(u64, u64), odd: raw
+//! 15 ... value sealed
+//! 16 HistEntry::decode(key, value)        key: even: hist_key(u64, u64, u64), odd: raw
+//! 17 ... value sealed
+//! 18 decode_dead_value(key, value)        key: even: dead_key(4 x u64), odd: raw
+//! 19 ... value sealed
+//! 20 decode_birth_value(key, value)       key: even: birth_key(3 x u64), odd: raw
+//! 21 ... value sealed
 //! ```
 //! Properties: decoders never panic; a record decoder that fails returns `Error::Corrupt` located
 //! at the record's key; whatever a decoder accepts satisfies the format's rules (FORMAT.md §2–3)
@@ -35,7 +45,7 @@ use vblk_engine::Error;
 
 use crate::cursor::{Cursor, Writer};
 
-const MODES: u8 = 12;
+const MODES: u8 = 22;
 
 /// crc32c(key || body) appended: what `format::seal` does (private there).
 pub fn seal(key: &[u8], body: &[u8]) -> Vec<u8> {
@@ -153,7 +163,64 @@ pub fn run(data: &[u8]) {
                 None => assert!(k.len() != format::MAP_KEY_LEN || k[0] != format::key::MAP),
             }
         }
-        _ => round_trip(c.rest()),
+        11 => round_trip(c.rest()),
+        12 | 13 => {
+            let key = read_key(&mut c, |c| format::branch_key(c.u64()));
+            let v = if mode == 13 { seal(&key, c.rest()) } else { c.rest().to_vec() };
+            match format::BranchRecord::decode(&key, &v) {
+                Ok(r) => {
+                    assert_eq!(key, format::branch_key(r.id), "branch record accepted under another key");
+                    assert!(r.id != 0 && r.gen != 0 && r.origin_branch != r.id);
+                    assert_eq!(r.origin_branch == 0, r.origin_gen == 0, "half an origin accepted");
+                    assert_eq!(r.encode(), v, "branch record is not canonical");
+                }
+                Err(e) => assert_corrupt_at(&e, &key),
+            }
+        }
+        14 | 15 => {
+            let key = read_key(&mut c, |c| format::snap_key(c.u64(), c.u64()));
+            let v = if mode == 15 { seal(&key, c.rest()) } else { c.rest().to_vec() };
+            match format::SnapRecord::decode(&key, &v) {
+                Ok(r) => {
+                    assert_eq!(key, format::snap_key(r.branch, r.gen), "snapshot record accepted under another key");
+                    assert!(r.gen != 0 && r.flags & !format::snap_flags::KNOWN == 0);
+                    assert!(r.size_bytes > 0 && r.size_bytes % BLOCK_SIZE == 0 && r.size_bytes <= MAX_VOLUME_SIZE);
+                    assert!(format::validate_name(&r.name).is_ok(), "{:?}", r.name);
+                    assert_eq!(r.encode(), v, "snapshot record is not canonical");
+                }
+                Err(e) => assert_corrupt_at(&e, &key),
+            }
+        }
+        16 | 17 => {
+            let key = read_key(&mut c, |c| format::hist_key(c.u64(), c.u64(), c.u64()));
+            let v = if mode == 17 { seal(&key, c.rest()) } else { c.rest().to_vec() };
+            match format::HistEntry::decode(&key, &v) {
+                Ok(h) => {
+                    assert_eq!(format::parse_hist_key(&key).map(|k| k.2), Some(h.entry.birth_gen), "birth differs from the key's");
+                    assert!(h.kill > h.entry.birth_gen, "killed before it was born");
+                    assert_eq!(h.entry.flags & !format::map_flags::KNOWN, 0);
+                    assert!(!h.entry.is_tombstone() || h.entry.pba == 0, "tombstone with a block");
+                    assert_eq!(h.encode(&key), v, "history entry is not canonical");
+                }
+                Err(e) => assert_corrupt_at(&e, &key),
+            }
+        }
+        18 | 19 => {
+            let key = read_key(&mut c, |c| format::dead_key(c.u64(), c.u64(), c.u64(), c.u64()));
+            let v = if mode == 19 { seal(&key, c.rest()) } else { c.rest().to_vec() };
+            match format::decode_dead_value(&key, &v) {
+                Ok((pba, flags)) => assert_eq!(format::encode_dead_value(&key, pba, flags), v, "dead-list value is not canonical"),
+                Err(e) => assert_corrupt_at(&e, &key),
+            }
+        }
+        _ => {
+            let key = read_key(&mut c, |c| format::birth_key(c.u64(), c.u64(), c.u64()));
+            let v = if mode == 21 { seal(&key, c.rest()) } else { c.rest().to_vec() };
+            match format::decode_birth_value(&key, &v) {
+                Ok(()) => assert_eq!(format::encode_birth_value(&key), v, "birth index value is not canonical"),
+                Err(e) => assert_corrupt_at(&e, &key),
+            }
+        }
     }
 }
 
@@ -377,6 +444,20 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         b.extend((0..96u8).map(|i| i.wrapping_mul(37).wrapping_add(v as u8) | 1));
         out.push((name, b));
     }
+    // Version 2 records: one valid value each (bodies for the sealed modes).
+    let br = format::BranchRecord { id: 4, gen: 7, origin_branch: 2, origin_gen: 3, head_volume: 9, created_ns: 5 };
+    let bv = br.encode();
+    out.push(("branch-sealed", w.u8(13).u8(0).u64(4).bytes(&bv[..bv.len() - 4]).finish()));
+    let sr = format::SnapRecord { branch: 4, gen: 6, volume: 9, created_ns: 1, size_bytes: 1 << 20, referenced_blocks: 3, flags: 0, name: "s1".into() };
+    let sv = sr.encode();
+    out.push(("snapshot-sealed", w.u8(15).u8(0).u64(4).u64(6).bytes(&sv[..sv.len() - 4]).finish()));
+    let hk = format::hist_key(4, 10, 3);
+    let hv = format::HistEntry { entry: MapEntry::new(77, 3), kill: 5 }.encode(&hk);
+    out.push(("history-sealed", w.u8(17).u8(0).u64(4).u64(10).u64(3).bytes(&hv[..hv.len() - 4]).finish()));
+    let dk = format::dead_key(4, 5, 3, 10);
+    let dv = format::encode_dead_value(&dk, 77, 0);
+    out.push(("dead-sealed", w.u8(19).u8(0).u64(4).u64(5).u64(3).u64(10).bytes(&dv[..dv.len() - 4]).finish()));
+    out.push(("birth-sealed", w.u8(21).u8(0).u64(4).u64(3).u64(10).finish()));
     out
 }
 
