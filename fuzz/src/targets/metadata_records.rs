@@ -1,5 +1,6 @@
 //! `metadata_records`: the on-disk decoders of `vblk_engine::format` (superblock, pool record,
-//! volume record, name index value, block map entry and key).
+//! volume record, name index value, block map entry and key; version 2: branch, snapshot, history,
+//! dead-list and birth-index records).
 //!
 //! The first input byte picks a mode (modulo the number of modes):
 //! ```text
