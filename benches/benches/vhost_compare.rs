@@ -24,15 +24,13 @@
 //! benches/results/), VBLK_BIN (use this vblk binary instead of building target/release/vblk).
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vblk_benches::vhost::*;
-use vblk_benches::{process_cpu_seconds, stats, Rng};
+use vblk_benches::{process_cpu_seconds, stats};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -342,28 +340,6 @@ impl Bench {
     }
 }
 
-/// Write `size` bytes of non-zero, non-repeating data (every 4 KiB block different) and sync.
-fn fill_raw(path: &Path, size: u64) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut rng = Rng(0x0123_4567_89AB_CDEF);
-    let mut off = 0u64;
-    while off < size {
-        check_stop()?;
-        let n = (size - off).min(MIB) as usize;
-        for c in buf.chunks_mut(8) {
-            c.copy_from_slice(&rng.next().to_le_bytes());
-        }
-        for (i, b) in buf.chunks_mut(4096).enumerate() {
-            b[..8].copy_from_slice(&((off / 4096) + i as u64).to_le_bytes());
-            b[8..16].copy_from_slice(b"vblkbnch");
-        }
-        f.write_all(&buf[..n])?;
-        off += n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
-}
 
 fn tool_exists(prog: &str) -> bool {
     Command::new(prog).arg("--version").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok()
