@@ -200,10 +200,21 @@ impl Shared {
         Ok(out)
     }
 
-    /// What removing pin `g` of branch `b` frees, in chunks of at most `limit` keys.
-    /// `prev`/`next`: the neighbouring pins; `headless`: the branch has no head volume.
-    #[allow(clippy::too_many_arguments)]
-    fn pin_sweep(&self, b: u64, g: u64, prev: Option<u64>, next: Option<u64>, gen: u64, headless: bool, limit: usize) -> Result<Sweep> {
+    /// What removing pin `g` of branch `b` frees, in chunks of at most `limit` keys. Reads the
+    /// neighbouring pins, the branch's generation and whether it has a head from the catalog
+    /// (pin `g` itself is not counted when it is marked DELETING).
+    fn pin_sweep(&self, b: u64, g: u64, limit: usize) -> Result<Sweep> {
+        let (prev, next, gen, headless) = {
+            let cat = lock(&self.cat);
+            let pins = cat.pins(b);
+            let br = cat.branches.get(&b);
+            (
+                pins.iter().copied().filter(|&p| p < g).max(),
+                pins.iter().copied().find(|&p| p > g),
+                br.map(|r| r.gen).unwrap_or(g + 1),
+                br.map(|r| r.head_volume == 0).unwrap_or(true),
+            )
+        };
         let mut sw = Sweep::default();
         let hi = next.unwrap_or(gen);
         // Births this pin is the first to see (0 = copies made by flatten, seen by all).
@@ -234,30 +245,38 @@ impl Shared {
                 self.birth_scan(b, (lo, g), room, &mut |birth, lba| found.push((birth, lba, None)))?;
             }
             for (birth, lba, known) in found {
-                if birth >= FIRST_INDEXED_BIRTH {
-                    sw.deletes.push(birth_key(b, birth, lba));
-                }
-                let k = map_key(b, lba);
-                let pba = match known {
-                    Some(p) => Some(p),
-                    None => match self.db.get_pinned(k).map_err(Error::meta("get"))? {
-                        Some(v) => {
-                            let e = MapEntry::decode(&k, &v)?;
-                            (e.birth_gen == birth).then(|| self.data_of(&e).unwrap_or(u64::MAX))
-                        }
-                        None => None,
-                    },
-                };
-                if let Some(p) = pba {
-                    sw.deletes.push(k.to_vec());
-                    if p != u64::MAX {
-                        sw.frees.push(p);
-                        sw.data_blocks += 1;
-                    }
-                }
+                self.sweep_head_entry(&mut sw, b, birth, lba, known)?;
             }
         }
         Ok(sw)
+    }
+
+    /// Add to `sw` the removal of branch `b`'s head entry at `lba` if it was born at `birth`
+    /// (and of its birth-index key): `known` is its block when already read (`u64::MAX` for a
+    /// tombstone), `None` to look the entry up.
+    fn sweep_head_entry(&self, sw: &mut Sweep, b: u64, birth: u64, lba: u64, known: Option<u64>) -> Result<()> {
+        if birth >= FIRST_INDEXED_BIRTH {
+            sw.deletes.push(birth_key(b, birth, lba));
+        }
+        let k = map_key(b, lba);
+        let pba = match known {
+            Some(p) => Some(p),
+            None => match self.db.get_pinned(k).map_err(Error::meta("get"))? {
+                Some(v) => {
+                    let e = MapEntry::decode(&k, &v)?;
+                    (e.birth_gen == birth).then(|| self.data_of(&e).unwrap_or(u64::MAX))
+                }
+                None => None,
+            },
+        };
+        if let Some(p) = pba {
+            sw.deletes.push(k.to_vec());
+            if p != u64::MAX {
+                sw.frees.push(p);
+                sw.data_blocks += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Apply a sweep: delete its keys durably, then let its blocks be reused.
@@ -395,15 +414,7 @@ impl Pool {
 
     /// Blocks that deleting snapshot (b, g) would free now.
     fn exclusive_blocks(&self, b: u64, g: u64) -> Result<u64> {
-        let (prev, next, gen, headless) = {
-            let cat = lock(&self.shared.cat);
-            let pins = cat.pins(b);
-            let prev = pins.iter().copied().filter(|&p| p < g).max();
-            let next = pins.iter().copied().find(|&p| p > g);
-            let br = cat.branches.get(&b);
-            (prev, next, br.map(|r| r.gen).unwrap_or(g + 1), br.map(|r| r.head_volume == 0).unwrap_or(true))
-        };
-        Ok(self.shared.pin_sweep(b, g, prev, next, gen, headless, usize::MAX)?.data_blocks)
+        Ok(self.shared.pin_sweep(b, g, usize::MAX)?.data_blocks)
     }
 
     /// Snapshots of `vol` (or of every volume), oldest first.
@@ -478,18 +489,7 @@ impl Pool {
             }
         }
         loop {
-            let (prev, next, gen, headless) = {
-                let cat = lock(&sh.cat);
-                let pins = cat.pins(b);
-                let br = cat.branches.get(&b);
-                (
-                    pins.iter().copied().filter(|&p| p < g).max(),
-                    pins.iter().copied().find(|&p| p > g),
-                    br.map(|r| r.gen).unwrap_or(g + 1),
-                    br.map(|r| r.head_volume == 0).unwrap_or(true),
-                )
-            };
-            let sw = sh.pin_sweep(b, g, prev, next, gen, headless, CHUNK)?;
+            let sw = sh.pin_sweep(b, g, CHUNK)?;
             if sw.deletes.is_empty() {
                 break;
             }
@@ -595,17 +595,7 @@ impl Pool {
             }
             let mut sw = Sweep::default();
             for &(birth, lba) in &found {
-                sw.deletes.push(birth_key(b, birth, lba));
-                let k = map_key(b, lba);
-                if let Some(v) = sh.db.get_pinned(k).map_err(Error::meta("get"))? {
-                    let e = MapEntry::decode(&k, &v)?;
-                    if e.birth_gen == birth {
-                        sw.deletes.push(k.to_vec());
-                        if let Some(p) = sh.data_of(&e) {
-                            sw.frees.push(p);
-                        }
-                    }
-                }
+                sh.sweep_head_entry(&mut sw, b, birth, lba, None)?;
             }
             let more = found.len() >= CHUNK;
             sh.apply_sweep(sw, None)?;
