@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
-use vblk_benches::{run_for, stats, Aligned, Rng};
+use vblk_benches::{engine_qd32, run_for, stats, Aligned, Rng};
 use vblk_engine::*;
 
 const QD: usize = 32;
@@ -47,54 +47,6 @@ fn raw(path: &PathBuf, blocks: u64, write: bool, dur: Duration) -> f64 {
         }
         done.len() as u64
     })
-}
-
-/// The engine's Queue at QD32. `span` is the lba range used; `fresh` picks never-written
-/// blocks sequentially-random (allocating writes).
-fn engine(q: &mut Queue, span: u64, kind: ReqKind, dur: Duration, fresh_base: Option<&mut u64>) -> f64 {
-    let mut buf = Aligned::new(QD * BS);
-    let mut rng = Rng(0x2545F4914F6CDD1D);
-    let mut fresh = fresh_base;
-    let mut next_off = |rng: &mut Rng| match fresh.as_deref_mut() {
-        Some(n) => {
-            // The fresh volume has 2 x span blocks; past that writes would be overwrites.
-            if *n == 2 * span {
-                eprintln!("warning: the fresh volume is full; later 'allocating' writes are overwrites");
-            }
-            let o = (*n % (2 * span)) * BS as u64;
-            *n += 1;
-            o
-        }
-        None => (rng.next() % span) * BS as u64,
-    };
-    for s in 0..QD {
-        let off = next_off(&mut rng);
-        // SAFETY: buf outlives all requests: we drain before returning.
-        unsafe {
-            q.submit(Request { kind, offset: off, len: BS as u64, iov: vec![IoVec { ptr: buf.ptr(s), len: BS }], tag: s as u64 })
-        };
-    }
-    let mut out = Vec::with_capacity(QD);
-    let efd = q.event_fd();
-    let r = run_for(dur, || {
-        let mut p = libc::pollfd { fd: efd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, 1000) };
-        out.clear();
-        q.reap(&mut out);
-        for c in &out {
-            assert!(c.result.is_ok(), "{c:?} kind {kind:?} span {span}");
-            let off = next_off(&mut rng);
-            let s = c.tag as usize;
-            // SAFETY: as above.
-            unsafe {
-                q.submit(Request { kind, offset: off, len: BS as u64, iov: vec![IoVec { ptr: buf.ptr(s), len: BS }], tag: c.tag })
-            };
-        }
-        out.len() as u64
-    });
-    q.drain(&mut out);
-    r
 }
 
 fn main() {
@@ -137,9 +89,9 @@ fn main() {
     let on = |i: usize| only.as_ref().is_none_or(|o| o.contains(&i));
     for rep in 0..repeats {
         if on(0) { res[0].push(raw(&path, span, false, dur)); }
-        if on(1) { res[1].push(engine(&mut q, span, ReqKind::Read, dur, None)); }
+        if on(1) { res[1].push(engine_qd32(&mut q, span, ReqKind::Read, dur, None)); }
         if on(2) { res[2].push(raw(&path, span, true, dur)); }
-        if on(3) { res[3].push(engine(&mut q, span, ReqKind::Write, dur, None)); }
+        if on(3) { res[3].push(engine_qd32(&mut q, span, ReqKind::Write, dur, None)); }
         if !on(4) { eprintln!("repeat {} done", rep + 1); continue; }
         if fresh_next > 0 {
             fresh_next = 0;
@@ -147,7 +99,7 @@ fn main() {
             io.discard(0, 2 * gib << 30).unwrap();
             io.flush().unwrap();
         }
-        res[4].push(engine(&mut fq, span, ReqKind::Write, dur, Some(&mut fresh_next)));
+        res[4].push(engine_qd32(&mut fq, span, ReqKind::Write, dur, Some(&mut fresh_next)));
         eprintln!("repeat {} done", rep + 1);
     }
     println!("\n| 4 KiB QD32, {secs} s x {repeats} | IOPS median | min-max | vs raw |");

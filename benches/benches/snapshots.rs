@@ -16,42 +16,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vblk_benches::{run_for, stats, Aligned, Rng};
+use vblk_benches::{engine_qd32, stats};
 use vblk_engine::*;
 
-const QD: usize = 32;
 const BS: usize = 4096;
 
 
 /// 4 KiB random requests of `kind` at QD32 over `span` blocks for `dur`: IOPS.
 fn qd32(vol: &Volume, span: u64, kind: ReqKind, dur: Duration) -> f64 {
-    let mut q = vol.open_queue().unwrap();
-    let mut buf = Aligned::new(QD * BS);
-    let mut rng = Rng(0x2545F4914F6CDD1D);
-    for s in 0..QD {
-        let off = (rng.next() % span) * BS as u64;
-        // SAFETY: buf outlives all requests: we drain before returning.
-        unsafe { q.submit(Request { kind, offset: off, len: BS as u64, iov: vec![IoVec { ptr: buf.ptr(s), len: BS }], tag: s as u64 }) };
-    }
-    let mut out = Vec::with_capacity(QD);
-    let efd = q.event_fd();
-    let r = run_for(dur, || {
-        let mut p = libc::pollfd { fd: efd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut p, 1, 1000) };
-        out.clear();
-        q.reap(&mut out);
-        for c in &out {
-            assert!(c.result.is_ok(), "{c:?}");
-            let off = (rng.next() % span) * BS as u64;
-            let s = c.tag as usize;
-            // SAFETY: as above.
-            unsafe { q.submit(Request { kind, offset: off, len: BS as u64, iov: vec![IoVec { ptr: buf.ptr(s), len: BS }], tag: c.tag }) };
-        }
-        out.len() as u64
-    });
-    q.drain(&mut out);
-    r
+    engine_qd32(&mut vol.open_queue().unwrap(), span, kind, dur, None)
 }
 
 fn fill(vol: &Volume, bytes: u64, byte: u8) {

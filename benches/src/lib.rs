@@ -62,3 +62,55 @@ pub fn process_cpu_seconds() -> f64 {
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// Requests kept in flight by [`engine_qd32`].
+pub const QD32: usize = 32;
+
+/// 4 KiB requests of `kind` through the engine's Queue at QD32 for `dur`: IOPS. `span` is the
+/// lba range used (random offsets); `fresh_base` instead picks never-written blocks in order
+/// (allocating writes).
+pub fn engine_qd32(q: &mut vblk_engine::Queue, span: u64, kind: vblk_engine::ReqKind, dur: Duration, fresh_base: Option<&mut u64>) -> f64 {
+    let mut buf = Aligned::new(QD32 * 4096);
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut fresh = fresh_base;
+    let mut next_off = |rng: &mut Rng| match fresh.as_deref_mut() {
+        Some(n) => {
+            // The fresh volume has 2 x span blocks; past that writes would be overwrites.
+            if *n == 2 * span {
+                eprintln!("warning: the fresh volume is full; later 'allocating' writes are overwrites");
+            }
+            let o = (*n % (2 * span)) * 4096u64;
+            *n += 1;
+            o
+        }
+        None => (rng.next() % span) * 4096u64,
+    };
+    for s in 0..QD32 {
+        let off = next_off(&mut rng);
+        // SAFETY: buf outlives all requests: we drain before returning.
+        unsafe {
+            q.submit(vblk_engine::Request { kind, offset: off, len: 4096u64, iov: vec![vblk_engine::IoVec { ptr: buf.ptr(s), len: 4096 }], tag: s as u64 })
+        };
+    }
+    let mut out = Vec::with_capacity(QD32);
+    let efd = q.event_fd();
+    let r = run_for(dur, || {
+        let mut p = libc::pollfd { fd: efd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 1000) };
+        out.clear();
+        q.reap(&mut out);
+        for c in &out {
+            assert!(c.result.is_ok(), "{c:?} kind {kind:?} span {span}");
+            let off = next_off(&mut rng);
+            let s = c.tag as usize;
+            // SAFETY: as above.
+            unsafe {
+                q.submit(vblk_engine::Request { kind, offset: off, len: 4096u64, iov: vec![vblk_engine::IoVec { ptr: buf.ptr(s), len: 4096 }], tag: c.tag })
+            };
+        }
+        out.len() as u64
+    });
+    q.drain(&mut out);
+    r
+}
