@@ -415,7 +415,7 @@ impl BlkBackend {
             return;
         }
         q.throttled = false;
-        let mem = self.mem.memory();
+        let mut mem = self.mem.memory();
         let limits = self.limits(q);
         // Checked once per pass: a volume without limits or group pays nothing more.
         let qos = Some(&*self.dev.qos).filter(|q| q.is_active());
@@ -435,6 +435,20 @@ impl BlkBackend {
                     break;
                 }
                 let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else { break };
+                // The frontend may have added a memory region (ADD_MEM_REG, acknowledged) and
+                // then published this chain after `mem` was loaded: this thread can be preempted
+                // between the load and the pop. A chain seen in the ring was published after
+                // every region it may use, so a map loaded now has them all. If the map changed,
+                // step back over the chain and take it again with the new map (a chain parsed
+                // with the old one would fail with "guest memory not mapped").
+                let now = self.mem.memory();
+                if !std::ptr::eq::<GuestMem>(&*now, &*mem) {
+                    drop(chain);
+                    let queue = vr.get_queue_mut();
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    mem = now;
+                    continue;
+                }
                 let parsed = request::parse_request(chain, &limits);
                 if let Some(io) = qos_io(&parsed) {
                     if let Some(Admission::Wait(d)) = qos.map(|qos| qos.admit(q.qos_id, io)) {

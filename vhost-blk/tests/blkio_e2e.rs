@@ -125,29 +125,17 @@ fn reconnect_and_stop() {
     {
         let mut c = Client::connect(&s.socket, 2).unwrap();
         c.buf()[..8192].copy_from_slice(&data);
-        // KNOWN FLAKE (issue 2, root cause not found yet): in about one of six loaded CI runs the
-        // first request after a (re)connect completed with -EIO (seen on this write, and on the
-        // read after a reconnect below); it never reproduced in 45 quiet local runs. One retry keeps CI meaningful (a second failure,
-        // or wrong data below, still fails the test) while it is investigated; the retry is
-        // reported on stderr.
-        let r = c.write(1, 40960, 0, 8192);
-        if r != 0 {
-            eprintln!("reconnect_and_stop: first write on queue 1 returned {r}; retrying once (known flake, issue 2)");
-            assert_eq!(c.write(1, 40960, 0, 8192), 0);
-        }
+        // The first request of a connection, on a second queue: it once failed with "guest
+        // memory not mapped" when the queue thread had loaded the memory map before the
+        // frontend's ADD_MEM_REG (fixed in process_avail).
+        assert_eq!(c.write(1, 40960, 0, 8192), 0);
         assert_eq!(c.flush(1), 0);
     }
     wait_for("disconnect", || !dev.connected());
     for _ in 0..3 {
         let mut c = Client::connect(&s.socket, 2).unwrap();
         assert!(dev.connected());
-        // KNOWN FLAKE (issue 2): this first read after a reconnect completed with -EIO in one
-        // loaded CI run (blkio_e2e.rs:135 at the time); see the note on the first write above.
-        let r = c.read(0, 40960, 0, 8192);
-        if r != 0 {
-            eprintln!("reconnect_and_stop: first read after reconnect returned {r}; retrying once (known flake, issue 2)");
-            assert_eq!(c.read(0, 40960, 0, 8192), 0);
-        }
+        assert_eq!(c.read(0, 40960, 0, 8192), 0);
         assert_eq!(&c.buf()[..8192], &data[..]);
         drop(c);
         wait_for("disconnect", || !dev.connected());

@@ -16,7 +16,14 @@ pub struct Setup {
     pub socket: PathBuf,
 }
 
+/// Log warnings (and RUST_LOG) to the test's captured output, so a failure shows its cause.
+pub fn init_log() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 pub fn setup() -> Setup {
+    init_log();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
     create_pool(&path, &CreateOptions { size_bytes: Some(256 << 20), ..Default::default() }).unwrap();
