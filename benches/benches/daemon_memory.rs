@@ -34,6 +34,9 @@ struct Mem {
     threads: u64,
 }
 
+/// How long the daemon settles before a measurement: more than its heap-trim period (5 s).
+const SETTLE: Duration = Duration::from_secs(6);
+
 fn mem(pid: u32) -> Result<Mem> {
     Ok(Mem {
         rss: proc_status(pid, "VmRSS")?,
@@ -176,7 +179,7 @@ fn real_main() -> Result<()> {
         clients.push(c);
     }
     let io_secs = t_io.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(SETTLE);
     let m_written = mem(pid)?;
     let status = d.json(&["pool", "status"])?;
     let used = status["used_bytes"].as_u64().unwrap_or(0);
@@ -184,8 +187,9 @@ fn real_main() -> Result<()> {
     let meta_dir = dir.join("pool.img.meta");
     let meta_bytes = du_bytes(&meta_dir);
     drop(clients);
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(SETTLE);
     let m_disconnected = mem(pid)?;
+    let status_disc = d.json(&["pool", "status"])?;
     d.stop()?;
 
     // Report.
@@ -221,8 +225,8 @@ fn real_main() -> Result<()> {
     for (what, m) in [
         ("right after start (API answering)".to_string(), m_start),
         (format!("{vols} volumes created and attached, no client"), m_attached),
-        (format!("{vols} clients connected, {} MiB written each, 3 s after the last flush", per_vol / MIB), m_written),
-        ("all clients disconnected, 3 s later".to_string(), m_disconnected),
+        (format!("{vols} clients connected, {} MiB written each, 6 s after the last flush", per_vol / MIB), m_written),
+        ("all clients disconnected, 6 s later".to_string(), m_disconnected),
     ] {
         md += &format!(
             "| {what} | {} | {} | {} | {} | {} | {} |\n",
@@ -240,6 +244,25 @@ fn real_main() -> Result<()> {
         mib(m_written.rss.saturating_sub(m_start.rss)),
         m_written.rss.saturating_sub(m_start.rss) as f64 / (expect as f64 / MIB as f64).max(1.0)
     );
+    md += "\nWhere it goes (`vblk pool status --json`, field `memory`; MiB):\n\n";
+    md += "| daemon state | RSS | heap in use | heap free (held) | map cache (entries) | uncommitted map | RocksDB block cache | memtables | table readers |\n";
+    md += "|---|---|---|---|---|---|---|---|---|\n";
+    for (what, st) in [("written, clients connected", &status), ("clients disconnected", &status_disc)] {
+        let m = &st["memory"];
+        let f = |k: &str| format!("{:.1}", m[k].as_u64().unwrap_or(0) as f64 / MIB as f64);
+        md += &format!(
+            "| {what} | {} | {} | {} | {} ({}) | {} | {} | {} | {} |\n",
+            f("rss_bytes"),
+            f("heap_in_use_bytes"),
+            f("heap_free_bytes"),
+            f("map_cache_bytes"),
+            m["map_cache_entries"].as_u64().unwrap_or(0),
+            f("pending_bytes"),
+            f("rocksdb_block_cache_bytes"),
+            f("rocksdb_memtable_bytes"),
+            f("rocksdb_table_readers_bytes")
+        );
+    }
     if used != expect {
         md += &format!("\n**Note**: pool used bytes {used} differ from the {expect} bytes written.\n");
     }

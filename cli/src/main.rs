@@ -33,14 +33,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// glibc gives every thread that allocates its own arena (up to 8 per core); with a worker per
-/// queue, the daemon's freed memory then stays spread over dozens of partly used arenas. Two
-/// arenas keep the footprint close to what is live (`daemon_memory` bench). `MALLOC_ARENA_MAX`
-/// in the environment still wins.
-fn limit_malloc_arenas() {
+/// Allocator tunables for the daemon (`daemon_memory` bench, `pool status` memory figures):
+/// - glibc gives every thread that allocates its own arena (up to 8 per core); with a worker per
+///   queue, the daemon's freed memory then stays spread over dozens of partly used arenas. Two
+///   arenas keep the footprint close to what is live.
+/// - Large blocks (map tables, RocksDB memtable arenas) from mmap, returned to the system when
+///   freed. glibc's default threshold rises to 32 MiB once such blocks are freed, after which
+///   they come from the heap and, freed, stay there: measured 62 MiB of free heap held by a
+///   daemon with 90 MiB in use.
+///
+/// `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment still win.
+fn tune_malloc() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only changes allocator tunables; called before other threads exist.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: as above.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
     }
 }
 
@@ -50,7 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pool(PoolCmd::Create(a)) => pool_create(a, json),
         Command::Check(CheckArgs { pool: Some(p), meta_dir }) => check_offline(&p, meta_dir, json),
         Command::Daemon(a) => {
-            limit_malloc_arenas();
+            tune_malloc();
             init_logging(&a.log_level)?;
             let api = a.socket.clone().unwrap_or(sock);
             runtime()?.block_on(server::run(a, api))?;

@@ -197,6 +197,25 @@ pub fn pool_status(s: &proto::PoolStatusResponse) -> String {
             format!("{} ({} provisioned, {} of the pool)", s.volumes.len(), format_size(provisioned), percent(provisioned, s.total_bytes)),
         ),
     ]);
+    if let Some(m) = &s.memory {
+        out.push_str("\n\n");
+        out.push_str(&kv(&[
+            ("daemon memory", format!("{} resident", format_size(m.rss_bytes))),
+            ("map cache", format!("{} ({} entries)", format_size(m.map_cache_bytes), m.map_cache_entries)),
+            (
+                "RocksDB",
+                format!(
+                    "block cache {}, memtables {}, table readers {}",
+                    format_size(m.rocksdb_block_cache_bytes),
+                    format_size(m.rocksdb_memtable_bytes),
+                    format_size(m.rocksdb_table_readers_bytes)
+                ),
+            ),
+            ("cache budget", format_size(m.cache_budget_bytes)),
+            ("uncommitted", format!("{} ({} entries)", format_size(m.pending_bytes), m.pending_entries)),
+            ("heap", format!("{} in use, {} free", format_size(m.heap_in_use_bytes), format_size(m.heap_free_bytes))),
+        ]));
+    }
     if !s.volumes.is_empty() {
         let rows: Vec<Vec<String>> = s
             .volumes

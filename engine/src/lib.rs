@@ -21,8 +21,8 @@ pub use error::{Error, Result};
 pub use format::BLOCK_SIZE;
 pub use io::{Completion, IoVec, Queue, ReqKind, Request, SECTOR_SIZE};
 pub use pool::{
-    create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, Pool, PoolOptions, Preallocate,
-    PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
+    create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, MemoryStats, Pool, PoolOptions,
+    Preallocate, PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
 };
 pub use snap::{parse_snap_spec, DiffRange, SnapshotInfo};
 

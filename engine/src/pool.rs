@@ -385,6 +385,8 @@ pub(crate) struct Shared {
     pub open_problems: Vec<String>,
     pub nospace_logged: AtomicBool,
     pub cache: CacheBudget,
+    /// `PoolOptions::cache_bytes`, as configured.
+    pub cache_budget_bytes: usize,
     /// Held by every metadata write whose content depends on which entries snapshots share
     /// (commits, snapshot create/delete), so they never interleave.
     pub meta: Mutex<()>,
@@ -1233,6 +1235,16 @@ pub struct VolumeInfo {
     pub origin: Option<String>,
 }
 
+/// Bytes a hashbrown table of `capacity` entries of `entry` bytes holds: buckets are a power of
+/// two at most 7/8 full, each one entry plus a control byte.
+fn table_bytes(capacity: usize, entry: usize) -> u64 {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = (capacity * 8 / 7).next_power_of_two();
+    (buckets * (entry + 1)) as u64
+}
+
 /// Pool-wide usage.
 #[derive(Debug, Clone)]
 pub struct PoolStatus {
@@ -1249,6 +1261,26 @@ pub struct PoolStatus {
     /// snapshot would free.
     pub snapshot_bytes: u64,
     pub volumes: Vec<VolumeInfo>,
+}
+
+/// Where the pool's memory goes (estimates from the structures' sizes and RocksDB's own
+/// properties); for `vblk pool status` and the memory benchmark.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStats {
+    /// The configured metadata cache (`PoolOptions::cache_bytes`): half RocksDB block cache,
+    /// half map cache.
+    pub cache_budget_bytes: u64,
+    /// Map cache entries held (all volumes) and their estimated bytes.
+    pub map_cache_entries: u64,
+    pub map_cache_bytes: u64,
+    /// Uncommitted map entries (all volumes) and the bytes their tables hold (capacity).
+    pub pending_entries: u64,
+    pub pending_bytes: u64,
+    /// RocksDB: memtables (active and immutable), block cache in use, table readers (index and
+    /// filter blocks, which are kept out of the block cache).
+    pub rocksdb_memtable_bytes: u64,
+    pub rocksdb_block_cache_bytes: u64,
+    pub rocksdb_table_readers_bytes: u64,
 }
 
 /// Result of `check`.
@@ -1472,6 +1504,7 @@ impl Pool {
             open_problems: problems,
             nospace_logged: AtomicBool::new(false),
             cache,
+            cache_budget_bytes: opts.cache_bytes,
             meta: Mutex::new(()),
             cat: Mutex::new(cat),
             snap_readers: Mutex::new(HashMap::new()),
@@ -1712,6 +1745,29 @@ impl Pool {
             },
             volumes: self.list_volumes(),
         }
+    }
+
+    /// Where the pool's memory goes (see [`MemoryStats`]).
+    pub fn memory(&self) -> MemoryStats {
+        let sh = &self.shared;
+        let prop = |name: &str| sh.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        let mut m = MemoryStats {
+            cache_budget_bytes: sh.cache_budget_bytes as u64,
+            rocksdb_memtable_bytes: prop("rocksdb.cur-size-all-mem-tables"),
+            rocksdb_block_cache_bytes: prop("rocksdb.block-cache-usage"),
+            rocksdb_table_readers_bytes: prop("rocksdb.estimate-table-readers-mem"),
+            ..MemoryStats::default()
+        };
+        if let Ok(vols) = sh.vols.read() {
+            for v in vols.values() {
+                let p = v.lock_pending();
+                m.map_cache_entries += p.cache.len() as u64;
+                m.map_cache_bytes += table_bytes(p.cache.capacity(), std::mem::size_of::<(u64, crate::volume::CVal)>());
+                m.pending_entries += p.map.len() as u64;
+                m.pending_bytes += table_bytes(p.map.capacity(), std::mem::size_of::<(u64, crate::volume::PEntry)>());
+            }
+        }
+        m
     }
 
     /// Verify the pool: every record's checksum and fields, map vs allocation (double

@@ -337,7 +337,12 @@ impl BlkBackend {
             for i in 0..dev.num_queues {
                 queues.push(Mutex::new(QueueWorker {
                     index: i,
-                    engine: EngineQueue(vol.open_queue()?),
+                    engine: EngineQueue({
+                        let mut e = vol.open_queue()?;
+                        // device.rs registers the completion fd edge-triggered.
+                        e.set_edge_triggered();
+                        e
+                    }),
                     vring: None,
                     slots: Vec::new(),
                     free: Vec::new(),
@@ -429,6 +434,8 @@ impl BlkBackend {
             if let Err(e) = vr.disable_notification() {
                 tracing::warn!(queue = q.index, error = %e, "disable_notification failed");
             }
+            // One io_uring_enter per few requests of this pass, not one per request.
+            q.engine.0.plug();
             loop {
                 if q.inflight >= q.limit {
                     q.throttled = true;
@@ -463,6 +470,7 @@ impl BlkBackend {
                 }
                 added |= self.start(q, &mut vr, &mem, parsed);
             }
+            q.engine.0.unplug();
             if q.throttled || qos_wait.is_some() {
                 // Notifications stay disabled: completions or the QoS timer resume the queue.
                 break;

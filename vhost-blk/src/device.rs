@@ -177,7 +177,9 @@ fn serve_one(listener: &mut Listener, dev: &Arc<DevShared>, ctl: &Mutex<ConnCtl>
     let (id, timer_id) = (backend.completion_event_id(), backend.timer_event_id());
     for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
         let fd = backend.completion_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
-        h.register_listener(fd, EventSet::IN, id).map_err(Error::Io)?;
+        // Edge-triggered: every completion signal is an event, and the engine does not read
+        // the eventfd on each reap (the queue was set up for it in BlkBackend::new).
+        h.register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, id).map_err(Error::Io)?;
         let fd = backend.timer_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
         h.register_listener(fd, EventSet::IN, timer_id).map_err(Error::Io)?;
     }
