@@ -20,7 +20,8 @@
 //! VBLK_BENCH_GIB working set (2; fractions allowed), VBLK_BENCH_FRESH_GIB size of the fresh
 //! volume / qcow2 for allocating writes (2 x the working set; a cell ends early when it has written
 //! every block), VBLK_BENCH_PREALLOC pool --preallocate (full), VBLK_BENCH_CACHE vblk --cache
-//! (64M), VBLK_BENCH_WORKLOADS (comma-separated row keys, e.g. aw4k-qd32,cw4k-qd32), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
+//! (64M), VBLK_BENCH_WORKLOADS (comma-separated row keys, e.g. aw4k-qd32,cw4k-qd32), VBLK_BENCH_PERF=DIR
+//! (`perf record -g` of every server cell into DIR), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
 //! benches/results/), VBLK_BIN (use this vblk binary instead of building target/release/vblk).
 
 use std::collections::HashMap;
@@ -268,9 +269,30 @@ impl Bench {
             record_latency: w.latency,
             seed,
         };
+        // VBLK_BENCH_PERF=DIR: record the server with `perf record -g` during the cell (for
+        // profiling; the CPU figures then include perf's overhead).
+        let perf = match std::env::var_os("VBLK_BENCH_PERF") {
+            Some(dir) => {
+                let out = Path::new(&dir).join(format!("{}-{pid}.perf.data", w.key));
+                Some(
+                    Command::new("perf")
+                        .args(["record", "-g", "-q", "-p", &pid.to_string(), "-o"])
+                        .arg(&out)
+                        .stdout(std::process::Stdio::null())
+                        .spawn()
+                        .context("starting perf record")?,
+                )
+            }
+            None => None,
+        };
         let (s0, c0) = (proc_cpu_seconds(pid)?, process_cpu_seconds());
         let mut out = client.run(&spec)?;
         let (s1, c1) = (proc_cpu_seconds(pid)?, process_cpu_seconds());
+        if let Some(mut p) = perf {
+            // SAFETY: kill(2) on our own child's pid; SIGINT makes perf write its file and exit.
+            unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
+            let _ = p.wait();
+        }
         drop(client);
         let ops = out.ops.max(1) as f64;
         let iops = out.iops();

@@ -22,6 +22,10 @@ use clap::Parser;
 
 use cli_args::{CheckArgs, Cli, Command, PoolCmd, PoolCreateArgs};
 
+/// Large blocks (the map cache's tables) on transparent huge pages: see HugePageAlloc.
+#[global_allocator]
+static ALLOC: vblk_engine::HugePageAlloc = vblk_engine::HugePageAlloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {

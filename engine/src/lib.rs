@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod error;
 pub mod format;
+mod hugealloc;
 mod io;
 mod pool;
 mod snap;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use format::BLOCK_SIZE;
+pub use hugealloc::HugePageAlloc;
 pub use io::{Completion, IoVec, Queue, ReqKind, Request, SECTOR_SIZE};
 pub use pool::{
     create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, MemoryStats, Pool, PoolOptions,
