@@ -8,7 +8,9 @@
 //! - (e) vblk: a fully written thin volume (filled with `vblk import` of the raw file);
 //! - (f) vblk: a second copy of that volume, written right after a snapshot of it (copy-on-write
 //!   writes; its own copy, so that the relocation of its blocks never changes (e)'s layout);
-//! - (g) vblk: a freshly created volume, for allocating writes.
+//! - (g) vblk: a freshly created volume, for allocating writes;
+//! - (h) (e) with a QoS IOPS limit it never reaches (the cost of the accounting), and (i) (e)
+//!   limited to 20k IOPS (the limit holds), on the randread QD32 workload.
 //!
 //! Every server is started fresh for every cell on the same directory, and the cells are
 //! interleaved: for each repeat, for each workload, a b c e ... Reported: IOPS (MiB/s for
@@ -49,7 +51,14 @@ enum Server {
     QsdQcow2Fresh,
     QsdQcow2Overlay,
     VblkSnap,
+    /// (e) with a QoS IOPS limit far above what the disk does: the cost of the accounting.
+    VblkQosHigh,
+    /// (e) limited to [`QOS_LIMIT_IOPS`]: the limit holds.
+    VblkQosLimited,
 }
+
+/// The QoS limit of row (i), requests per second.
+const QOS_LIMIT_IOPS: u64 = 20_000;
 
 impl Server {
     fn label(self) -> &'static str {
@@ -62,6 +71,8 @@ impl Server {
             Server::QsdQcow2Fresh => "(c) qsd, fresh qcow2",
             Server::QsdQcow2Overlay => "(d) qsd, qcow2 overlay on (c)",
             Server::VblkSnap => "(f) vblk, volume + snapshot",
+            Server::VblkQosHigh => "(h) vblk, (e) + QoS limit 10M IOPS (not reached)",
+            Server::VblkQosLimited => "(i) vblk, (e) + QoS limit 20k IOPS",
         }
     }
 }
@@ -133,6 +144,18 @@ fn workloads(qcow2: bool) -> Vec<Workload> {
             latency: false,
             servers: fresh,
             base: "rw4k-qd32",
+        },
+        Workload {
+            key: "qr4k-qd32",
+            title: "4K randread QD32 with QoS limits",
+            write: false,
+            bs: 4 * KIB,
+            qd: 32,
+            queues: 1,
+            pattern: Pattern::Random,
+            latency: false,
+            servers: vec![Vblk, VblkQosHigh, VblkQosLimited],
+            base: "rr4k-qd32",
         },
         Workload {
             key: "cw4k-qd32",
@@ -239,6 +262,18 @@ impl Bench {
                 let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
                 d.stop()?;
                 Ok(c)
+            }
+            Server::VblkQosHigh | Server::VblkQosLimited => {
+                let attach = format!("--attach=full:{}:{EXPORT_QUEUES}", sock.display());
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[attach])?;
+                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
+                let limit = if server == Server::VblkQosHigh { 10_000_000 } else { QOS_LIMIT_IOPS };
+                d.cli(&["qos", "set", "full", "--iops-total", &limit.to_string()])?;
+                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed);
+                // The limits are kept in the pool's qos.json: remove them for the other cells.
+                d.cli(&["qos", "set", "full", "--iops-total", "0"])?;
+                d.stop()?;
+                c
             }
             Server::VblkFresh => {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
