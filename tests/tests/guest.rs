@@ -132,6 +132,31 @@ fn guest_survives_daemon_restart_with_reconnect() {
     assert!(dev.to_string().contains("rc"), "{dev}");
 }
 
+/// A volume grown online while a guest runs on it: the daemon sends
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, QEMU re-reads the configuration space and interrupts
+/// the guest, which sees the new capacity within seconds (not at its next boot) and can write
+/// and read its new last MiB.
+#[test]
+fn guest_sees_volume_grown_online() {
+    use vblk_tests::guest::run_guest_with_hook;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Daemon::create_pool(dir.path(), "256M").unwrap();
+    let sock = dir.path().join("vda.sock");
+    let d = Daemon::start(dir.path(), &pool, &[]).unwrap();
+    d.cli(&["vol", "create", "g", "64M"]).unwrap();
+    d.cli(&["attach", "g", "--socket", sock.to_str().unwrap()]).unwrap();
+    let grow = || {
+        d.cli(&["vol", "resize", "g", "96M"]).unwrap();
+    };
+    let out = run_guest_with_hook(&GuestRun::new("grow", vec![DiskSpec::new(&sock)]).with_arg("20"), Some(("VBLK-READY", Box::new(grow)))).unwrap();
+    if out.ensure_passed().is_err() {
+        let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+        panic!("{}\ndaemon log:\n{log}", out.console_tail(20));
+    }
+    assert_eq!(out.info("size.before"), Some("131072"), "64 MiB in sectors");
+    assert_eq!(out.info("size.after"), Some("196608"), "96 MiB in sectors");
+}
+
 /// QoS seen from a real guest running fio (4 KiB randread, QD32, libaio, O_DIRECT): a volume
 /// limited to 2000 IOPS measures within ±5% of 2000 over 10 s, a limit changed live takes
 /// effect, and an unlimited volume on the same daemon runs faster than the limited one.

@@ -58,6 +58,24 @@ pub(crate) struct DevShared {
     pub volume: Mutex<Option<Volume>>,
     /// The volume's QoS, shared by all queues (and owned by the daemon across attachments).
     pub qos: Arc<VolumeQos>,
+    /// The connected frontend's backend request channel (BACKEND_REQ negotiated), for
+    /// telling it that the configuration changed (the volume grew).
+    pub backend_req: Mutex<Option<vhost::vhost_user::Backend>>,
+}
+
+impl DevShared {
+    /// Tell the connected frontend that the configuration space changed, if it gave us a
+    /// channel for that. Returns whether a notification was sent.
+    pub fn notify_config_change(&self) -> bool {
+        let Some(b) = lock(&self.backend_req).clone() else { return false };
+        match b.send_config_change() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(volume = %self.name, error = %e, "config-change notification failed");
+                false
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -403,6 +421,7 @@ impl BlkBackend {
     /// on its used ring (best effort: the ring memory is still mapped, and a frontend that
     /// reconnects reads the used index back).
     pub fn disconnect(&self) {
+        lock(&self.dev.backend_req).take();
         for q in &self.queues {
             self.drain(&mut lock(q), DrainMode::Post);
         }
@@ -867,8 +886,14 @@ impl VhostUserBackend for BlkBackend {
         tracing::debug!(volume = %self.dev.name, features = format_args!("{features:#x}"), writeback, "features acked");
     }
 
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        // The frontend's channel for our requests: used to announce a grown volume.
+        *lock(&self.dev.backend_req) = Some(backend);
+    }
+
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::RESET_DEVICE

@@ -94,14 +94,18 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         connected: std::sync::atomic::AtomicBool::new(false),
         volume: Mutex::new(None),
         qos,
+        backend_req: Mutex::new(None),
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
         if let Some(d) = weak.upgrade() {
             d.size_bytes.store(size, Ordering::Release);
-            // vhost 0.18's `Backend` has no way to send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG:
-            // the guest sees the new capacity when it next reads the configuration space.
-            tracing::info!(volume = %d.name, size, "volume grew; no config-change notification is sent");
+            // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: the frontend re-reads the configuration
+            // space and interrupts the guest, which sees the new capacity. Without the channel
+            // (a frontend that did not negotiate BACKEND_REQ) the guest sees it when it next
+            // reads the configuration space.
+            let told = d.notify_config_change();
+            tracing::info!(volume = %d.name, size, frontend_notified = told, "volume grew");
         }
     }));
     *lock(&dev.volume) = Some(volume);

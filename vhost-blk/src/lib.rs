@@ -15,8 +15,9 @@
 //!
 //! Known gaps: no VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (vhost-user-backend 0.24 does not
 //! support it), so requests in flight when the backend process dies are lost to the guest; no
-//! config-change notification on volume growth (vhost 0.18's `Backend` cannot send
-//! CONFIG_CHANGE_MSG); no dirty-page logging (VHOST_F_LOG_ALL) for live migration.
+//! dirty-page logging (VHOST_F_LOG_ALL) for live migration. A volume that grows while attached
+//! is announced with VHOST_USER_BACKEND_CONFIG_CHANGE_MSG when the frontend negotiated
+//! BACKEND_REQ (QEMU does), through the patched vhost in `third_party/`.
 
 pub mod config;
 mod backend;
