@@ -34,7 +34,7 @@ struct Mem {
     threads: u64,
 }
 
-/// How long the daemon settles before a measurement: more than its heap-trim period (5 s).
+/// How long the daemon settles before a measurement: more than its heap-trim check (every second).
 const SETTLE: Duration = Duration::from_secs(6);
 
 fn mem(pid: u32) -> Result<Mem> {

@@ -866,12 +866,12 @@ fn memory_msg(m: &vblk_engine::MemoryStats) -> proto::MemoryStats {
 /// Free heap above which the daemon hands memory back to the system.
 const TRIM_ABOVE: usize = 8 << 20;
 
-/// Give free heap memory back to the system every few seconds when there is much of it. The
+/// Give free heap memory back to the system (checked every second) when there is much of it. The
 /// RocksDB block cache and the map tables churn many small blocks; glibc keeps the pages of
 /// freed ones (measured: 45 MiB free but resident next to 83 MiB in use, `daemon_memory` bench)
 /// until `malloc_trim` releases every free page inside its heaps.
 async fn trim_heap_periodically() {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Free bytes at the last trim: trimmed pages stay counted as free, so trim again only when
     // the free heap changed by a few MiB since.

@@ -104,8 +104,17 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
             // space and interrupts the guest, which sees the new capacity. Without the channel
             // (a frontend that did not negotiate BACKEND_REQ) the guest sees it when it next
             // reads the configuration space.
-            let told = d.notify_config_change();
-            tracing::info!(volume = %d.name, size, frontend_notified = told, "volume grew");
+            // From a thread of its own: the frontend acknowledges the message, and a frontend
+            // that does not answer (stopped, hung) must not hang the resize that called us.
+            tracing::info!(volume = %d.name, size, "volume grew; notifying the frontend");
+            let spawned = std::thread::Builder::new().name("vblk-cfgchg".into()).spawn(move || {
+                if d.notify_config_change() {
+                    tracing::debug!(volume = %d.name, "frontend notified of the new size");
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the config-change notification thread");
+            }
         }
     }));
     *lock(&dev.volume) = Some(volume);
