@@ -863,37 +863,49 @@ fn memory_msg(m: &vblk_engine::MemoryStats) -> proto::MemoryStats {
     }
 }
 
-/// Free heap above which the daemon hands memory back to the system.
-const TRIM_ABOVE: usize = 8 << 20;
+/// Growth of the resident set since the last trim (or its lowest point since) that makes the
+/// daemon hand free heap memory back to the system.
+const TRIM_AFTER_GROWTH: u64 = 8 << 20;
 
-/// Give free heap memory back to the system (checked every second) when there is much of it. The
-/// RocksDB block cache and the map tables churn many small blocks; glibc keeps the pages of
-/// freed ones (measured: 45 MiB free but resident next to 83 MiB in use, `daemon_memory` bench)
-/// until `malloc_trim` releases every free page inside its heaps.
+/// The process's resident set in bytes (/proc/self/statm: no allocator locks taken).
+fn resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+/// Give free heap memory back to the system when the resident set has grown. The RocksDB block
+/// cache and the map tables churn many small blocks; glibc keeps the pages of freed ones
+/// (measured: 45 MiB free but resident next to 83 MiB in use, `daemon_memory` bench) until
+/// `malloc_trim` releases every free page inside its heaps. Checked every second from the
+/// resident set alone: `mallinfo2` and `malloc_trim` take the allocator's arena locks, which the
+/// I/O threads need, so they run only when there is something to gain.
 async fn trim_heap_periodically() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Free bytes at the last trim: trimmed pages stay counted as free, so trim again only when
-    // the free heap changed by a few MiB since.
-    let mut last = 0usize;
+    // The lowest resident set since the last trim.
+    let mut low = u64::MAX;
     loop {
         tick.tick().await;
-        let Ok(now) = tokio::task::spawn_blocking(move || {
-            // SAFETY: mallinfo2 and malloc_trim only read and adjust the allocator's own state.
-            let free = unsafe { libc::mallinfo2() }.fordblks;
-            if free <= TRIM_ABOVE || free.abs_diff(last) < TRIM_ABOVE / 2 {
-                return last;
-            }
+        let Some(rss) = resident_bytes() else { continue };
+        low = low.min(rss);
+        if rss < low + TRIM_AFTER_GROWTH {
+            continue;
+        }
+        let Ok(after) = tokio::task::spawn_blocking(move || {
             let t = std::time::Instant::now();
-            // SAFETY: as above.
+            // SAFETY: malloc_trim only adjusts the allocator's own state.
             unsafe { libc::malloc_trim(0) };
-            tracing::debug!(free_bytes = free, ms = t.elapsed().as_secs_f64() * 1e3, "heap trimmed");
-            free
+            let after = resident_bytes().unwrap_or(rss);
+            tracing::debug!(rss_before = rss, rss_after = after, ms = t.elapsed().as_secs_f64() * 1e3, "heap trimmed");
+            after
         })
         .await
         else {
             continue;
         };
-        last = now;
+        low = after;
     }
 }

@@ -199,8 +199,17 @@ impl Queue {
             .setup_taskrun_flag()
             // A failing SQE does not stop the rest of a batch in the kernel.
             .setup_submit_all()
-            .build(RING_ENTRIES)
-            .map_err(Error::io("io_uring_setup", &shared.path))?;
+            .build(RING_ENTRIES);
+        let ring = match ring {
+            Ok(r) => r,
+            // Kernels before 5.19 do not know these flags: the plain ring works the same, a
+            // little slower.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+                .setup_cqsize(RING_ENTRIES * 4)
+                .build(RING_ENTRIES)
+                .map_err(Error::io("io_uring_setup", &shared.path))?,
+            Err(e) => return Err(Error::io("io_uring_setup", &shared.path)(e)),
+        };
         // SAFETY: eventfd() has no memory effects; we check the result.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {

@@ -439,7 +439,6 @@ impl BlkBackend {
             return;
         }
         q.throttled = false;
-        let mut mem = self.mem.memory();
         let limits = self.limits(q);
         // Checked once per pass: a volume without limits or group pays nothing more.
         let qos = Some(&*self.dev.qos).filter(|q| q.is_active());
@@ -448,6 +447,8 @@ impl BlkBackend {
         if !vr.get_queue().ready() {
             return;
         }
+        // Loaded with the vring held, after the ring setup it may depend on.
+        let mut mem = self.mem.memory();
         let mut added = false;
         loop {
             if let Err(e) = vr.disable_notification() {
@@ -460,7 +461,17 @@ impl BlkBackend {
                     q.throttled = true;
                     break;
                 }
-                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else { break };
+                let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                    // With a map older than the ring's memory the avail index is unreadable;
+                    // enable_notification (on the current map) would then see chains and come
+                    // back here forever. Retry once with the current map.
+                    let now = self.mem.memory();
+                    if !std::ptr::eq::<GuestMem>(&*now, &*mem) {
+                        mem = now;
+                        continue;
+                    }
+                    break;
+                };
                 // The frontend may have added a memory region (ADD_MEM_REG, acknowledged) and
                 // then published this chain after `mem` was loaded: this thread can be preempted
                 // between the load and the pop. A chain seen in the ring was published after

@@ -99,7 +99,8 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
         if let Some(d) = weak.upgrade() {
-            d.size_bytes.store(size, Ordering::Release);
+            // An attached volume only grows; concurrent grows may call back out of order.
+            d.size_bytes.fetch_max(size, Ordering::AcqRel);
             // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: the frontend re-reads the configuration
             // space and interrupts the guest, which sees the new capacity. Without the channel
             // (a frontend that did not negotiate BACKEND_REQ) the guest sees it when it next

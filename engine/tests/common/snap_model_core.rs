@@ -199,7 +199,15 @@ fn case_dir() -> tempfile::TempDir {
     if let Some(d) = std::env::var_os("VBLK_MODEL_TMPDIR") {
         return tempfile::tempdir_in(d).unwrap();
     }
-    tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).unwrap()
+    // The pool's data file is opened with O_DIRECT, which tmpfs supports from Linux 6.6.
+    let direct_ok = |d: &tempfile::TempDir| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create(true).custom_flags(libc::O_DIRECT).open(d.path().join("probe")).is_ok()
+    };
+    match tempfile::tempdir_in("/dev/shm") {
+        Ok(d) if direct_ok(&d) => d,
+        _ => tempfile::tempdir().unwrap(),
+    }
 }
 
 pub fn run_case(ops: Vec<Op>, tiny_cache: bool) -> Result<(), TestCaseError> {
