@@ -245,7 +245,7 @@ fn real_main() -> Result<()> {
         m_written.rss.saturating_sub(m_start.rss) as f64 / (expect as f64 / MIB as f64).max(1.0)
     );
     md += "\nWhere it goes (`vblk pool status --json`, field `memory`; MiB):\n\n";
-    md += "| daemon state | RSS | heap in use | heap free (held) | map cache (entries) | uncommitted map | RocksDB block cache | memtables | table readers |\n";
+    md += "| daemon state | RSS | heap in use | heap free (trimmed pages not resident) | map cache (entries) | uncommitted map | RocksDB block cache | memtables | table readers |\n";
     md += "|---|---|---|---|---|---|---|---|---|\n";
     for (what, st) in [("written, clients connected", &status), ("clients disconnected", &status_disc)] {
         let m = &st["memory"];
