@@ -282,6 +282,14 @@ fn daemon_lifecycle_volumes_import_export_check() {
     assert!(used <= alloc_sum + u(&s, "pending_free_bytes"), "used {used} > allocated {alloc_sum} + pending free");
     let human = ok(&api, &["pool", "status"]);
     assert!(human.contains("pending free:"), "{human}");
+    // Where the daemon's memory goes: its RSS, the configured cache, a map cache that holds
+    // the imported volume's entries within its half of the budget.
+    let m = &s["memory"];
+    assert!(u(m, "rss_bytes") > MIB, "{m}");
+    assert_eq!(u(m, "cache_budget_bytes"), 64 * MIB, "{m}");
+    assert!(u(m, "map_cache_entries") >= data_blocks, "{m}");
+    assert!(u(m, "map_cache_bytes") > 0 && u(m, "map_cache_bytes") <= 32 * MIB, "{m}");
+    assert!(human.contains("daemon memory:") && human.contains("RocksDB:"), "{human}");
 
     // Check, through the daemon; offline check is refused while the daemon holds the pool.
     let c = json(&api, &["check"]);
