@@ -835,17 +835,10 @@ mod tests {
     }
 }
 
-/// The engine's memory figures plus the process's (RSS from /proc, the allocator's from
-/// mallinfo2).
+/// The engine's memory figures plus the process's (RSS from /proc/self/statm, the allocator's
+/// from mallinfo2).
 fn memory_msg(m: &vblk_engine::MemoryStats) -> proto::MemoryStats {
-    let rss_bytes = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
+    let rss_bytes = resident_bytes().unwrap_or(0);
     // SAFETY: mallinfo2 only reads the allocator's statistics; no pointers are involved.
     let mi = unsafe { libc::mallinfo2() };
     proto::MemoryStats {

@@ -191,25 +191,21 @@ struct Part {
 
 impl Queue {
     pub(crate) fn new(shared: Arc<Shared>, vol: Arc<VolumeState>, read_only: bool) -> Result<Queue> {
-        let ring = IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 4)
+        let mut plain = IoUring::builder();
+        plain.setup_cqsize(RING_ENTRIES * 4);
+        let ring = plain
+            .clone()
             // Completion work is queued for this thread without an interrupting IPI (an exit
             // in a VM) while it runs; a sleeping thread is still woken (the eventfd fires).
             .setup_coop_taskrun()
             .setup_taskrun_flag()
             // A failing SQE does not stop the rest of a batch in the kernel.
             .setup_submit_all()
-            .build(RING_ENTRIES);
-        let ring = match ring {
-            Ok(r) => r,
+            .build(RING_ENTRIES)
             // Kernels before 5.19 do not know these flags: the plain ring works the same, a
             // little slower.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-                .setup_cqsize(RING_ENTRIES * 4)
-                .build(RING_ENTRIES)
-                .map_err(Error::io("io_uring_setup", &shared.path))?,
-            Err(e) => return Err(Error::io("io_uring_setup", &shared.path)(e)),
-        };
+            .or_else(|e| if e.raw_os_error() == Some(libc::EINVAL) { plain.build(RING_ENTRIES) } else { Err(e) })
+            .map_err(Error::io("io_uring_setup", &shared.path))?;
         // SAFETY: eventfd() has no memory effects; we check the result.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {

@@ -465,9 +465,7 @@ impl BlkBackend {
                     // With a map older than the ring's memory the avail index is unreadable;
                     // enable_notification (on the current map) would then see chains and come
                     // back here forever. Retry once with the current map.
-                    let now = self.mem.memory();
-                    if !std::ptr::eq::<GuestMem>(&*now, &*mem) {
-                        mem = now;
+                    if self.refresh_mem(&mut mem) {
                         continue;
                     }
                     break;
@@ -478,12 +476,10 @@ impl BlkBackend {
                 // every region it may use, so a map loaded now has them all. If the map changed,
                 // step back over the chain and take it again with the new map (a chain parsed
                 // with the old one would fail with "guest memory not mapped").
-                let now = self.mem.memory();
-                if !std::ptr::eq::<GuestMem>(&*now, &*mem) {
+                if self.refresh_mem(&mut mem) {
                     drop(chain);
                     let queue = vr.get_queue_mut();
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                    mem = now;
                     continue;
                 }
                 let parsed = request::parse_request(chain, &limits);
@@ -526,6 +522,17 @@ impl BlkBackend {
             Some(d) => self.qos_wait(q, d),
             None => self.qos_resumed(q),
         }
+    }
+
+    /// Replace `mem` with the current guest memory map if the frontend changed it since `mem`
+    /// was loaded; returns whether it did.
+    fn refresh_mem(&self, mem: &mut MemGuard) -> bool {
+        let now = self.mem.memory();
+        if std::ptr::eq::<GuestMem>(&*now, &**mem) {
+            return false;
+        }
+        *mem = now;
+        true
     }
 
     /// QoS holds the queue back for `d`: arm its timer.
