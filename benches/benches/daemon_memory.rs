@@ -143,6 +143,33 @@ fn real_main() -> Result<()> {
     let m_attached = mem(pid)?;
     eprintln!("{vols} volumes attached, no client: RSS {} MiB", mib(m_attached.rss));
 
+    // While the clients write, sample the daemon: its RSS every 100 ms and the `pool status`
+    // memory breakdown every second; keep the breakdown taken at the highest RSS seen, so the
+    // report can say what the peak (VmHWM) is made of.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        let api = d.api.clone();
+        std::thread::spawn(move || {
+            let mut best: Option<(u64, serde_json::Value)> = None;
+            let mut last = Instant::now() - Duration::from_secs(1);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                let rss = proc_status(pid, "VmRSS").unwrap_or(0);
+                let higher = best.as_ref().is_none_or(|(r, _)| rss > *r + 1024);
+                if higher && last.elapsed() >= Duration::from_millis(1000) {
+                    last = Instant::now();
+                    if let Ok(st) = vblk_tests::vblk_json(&api, &["pool", "status"]) {
+                        let r = st["memory"]["rss_bytes"].as_u64().unwrap_or(0) / 1024;
+                        if best.as_ref().is_none_or(|(b, _)| r > *b) {
+                            best = Some((r, st));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            best.map(|(_, st)| st)
+        })
+    };
     let mut clients = Vec::new();
     let mut rates = Vec::new();
     let t_io = Instant::now();
@@ -179,6 +206,8 @@ fn real_main() -> Result<()> {
         clients.push(c);
     }
     let io_secs = t_io.elapsed().as_secs_f64();
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let status_peak = sampler.join().map_err(|_| anyhow!("the memory sampler panicked"))?;
     std::thread::sleep(SETTLE);
     let m_written = mem(pid)?;
     let status = d.json(&["pool", "status"])?;
@@ -247,7 +276,13 @@ fn real_main() -> Result<()> {
     md += "\nWhere it goes (`vblk pool status --json`, field `memory`; MiB):\n\n";
     md += "| daemon state | RSS | heap in use | heap free (trimmed pages not resident) | map cache (entries) | uncommitted map | RocksDB block cache | memtables | table readers |\n";
     md += "|---|---|---|---|---|---|---|---|---|\n";
-    for (what, st) in [("written, clients connected", &status), ("clients disconnected", &status_disc)] {
+    let mut rows = Vec::new();
+    if let Some(st) = &status_peak {
+        rows.push(("highest RSS sampled while writing", st));
+    }
+    rows.push(("written, clients connected", &status));
+    rows.push(("clients disconnected", &status_disc));
+    for (what, st) in rows {
         let m = &st["memory"];
         let f = |k: &str| format!("{:.1}", m[k].as_u64().unwrap_or(0) as f64 / MIB as f64);
         md += &format!(

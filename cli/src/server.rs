@@ -860,6 +860,9 @@ fn memory_msg(m: &vblk_engine::MemoryStats) -> proto::MemoryStats {
 /// daemon hand free heap memory back to the system.
 const TRIM_AFTER_GROWTH: u64 = 8 << 20;
 
+/// Seconds the resident set must stay within a MiB, after it moved, for the settling trim.
+const TRIM_WHEN_SETTLED_SECS: u32 = 3;
+
 /// The process's resident set in bytes (/proc/self/statm: no allocator locks taken).
 fn resident_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -869,22 +872,36 @@ fn resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).unwrap_or(4096))
 }
 
-/// Give free heap memory back to the system when the resident set has grown. The RocksDB block
-/// cache and the map tables churn many small blocks; glibc keeps the pages of freed ones
-/// (measured: 45 MiB free but resident next to 83 MiB in use, `daemon_memory` bench) until
-/// `malloc_trim` releases every free page inside its heaps. Checked every second from the
-/// resident set alone: `mallinfo2` and `malloc_trim` take the allocator's arena locks, which the
-/// I/O threads need, so they run only when there is something to gain.
+/// Give free heap memory back to the system when the resident set has grown, and once more
+/// when it has settled after a change. The RocksDB block cache and the map tables churn many
+/// small blocks; glibc keeps the pages of freed ones (measured: 45 MiB free but resident next
+/// to 83 MiB in use, `daemon_memory` bench) until `malloc_trim` releases every free page inside
+/// its heaps. The second rule catches what a burst of writes leaves behind: its compactions and
+/// commits free their buffers after the growth that triggered the last trim (measured: 53 MiB
+/// free and resident 6 s after the writes, RSS 141 MiB; 121 MiB with the rule). Checked every
+/// second from the resident set alone: `mallinfo2` and `malloc_trim` take the allocator's arena
+/// locks, which the I/O threads need, so they run only when there is something to gain.
 async fn trim_heap_periodically() {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The lowest resident set since the last trim.
     let mut low = u64::MAX;
+    // The previous reading, the seconds since it last moved by a MiB or more, and whether it
+    // moved since the last trim.
+    let (mut last, mut quiet, mut moved) = (0u64, 0u32, false);
     loop {
         tick.tick().await;
         let Some(rss) = resident_bytes() else { continue };
         low = low.min(rss);
-        if rss < low + TRIM_AFTER_GROWTH {
+        if rss.abs_diff(last) >= 1 << 20 {
+            (moved, quiet) = (true, 0);
+        } else {
+            quiet += 1;
+        }
+        last = rss;
+        let grown = rss >= low + TRIM_AFTER_GROWTH;
+        let settled = moved && quiet >= TRIM_WHEN_SETTLED_SECS;
+        if !grown && !settled {
             continue;
         }
         let Ok(after) = tokio::task::spawn_blocking(move || {
@@ -892,13 +909,13 @@ async fn trim_heap_periodically() {
             // SAFETY: malloc_trim only adjusts the allocator's own state.
             unsafe { libc::malloc_trim(0) };
             let after = resident_bytes().unwrap_or(rss);
-            tracing::debug!(rss_before = rss, rss_after = after, ms = t.elapsed().as_secs_f64() * 1e3, "heap trimmed");
+            tracing::debug!(rss_before = rss, rss_after = after, ms = t.elapsed().as_secs_f64() * 1e3, grown, settled, "heap trimmed");
             after
         })
         .await
         else {
             continue;
         };
-        low = after;
+        (low, last, moved) = (after, after, false);
     }
 }

@@ -6,8 +6,11 @@
 //! (`resolve_read`, two loads). Hosts usually run THP in `madvise` mode, so the table must ask.
 //!
 //! Allocations of at least [`HUGE`] bytes (and alignment up to a page) get their own anonymous
-//! mapping, rounded up to a multiple of 2 MiB (which the kernel aligns on a 2 MiB boundary) and
-//! advised `MADV_HUGEPAGE`; freeing unmaps it, so the memory goes back to the system at once.
+//! mapping, rounded up to a multiple of 2 MiB (which the kernel aligns on a 2 MiB boundary).
+//! The whole 2 MiB pieces that the allocation fills are advised `MADV_HUGEPAGE`; the last,
+//! partly used piece keeps 4 KiB pages, so the rounding costs address space but no memory (a
+//! 3.2 MiB table is 2 MiB of huge page and 1.2 MiB of small pages, not 4 MiB resident).
+//! Freeing unmaps the block, so the memory goes back to the system at once.
 //! Everything else goes to the system allocator.
 //!
 //! Use: `#[global_allocator] static A: vblk_engine::HugePageAlloc = vblk_engine::HugePageAlloc;`
@@ -28,7 +31,17 @@ fn map_len(size: usize) -> usize {
     size.div_ceil(HUGE) * HUGE
 }
 
-fn map(len: usize) -> *mut u8 {
+/// Advise huge pages for the whole 2 MiB pieces of the first `size` bytes at `p`.
+fn advise(p: *mut libc::c_void, size: usize) {
+    let huge = size / HUGE * HUGE;
+    if huge > 0 {
+        // SAFETY: advice on (a prefix of) a mapping of ours; failure (THP disabled) is harmless.
+        unsafe { libc::madvise(p, huge, libc::MADV_HUGEPAGE) };
+    }
+}
+
+fn map(size: usize) -> *mut u8 {
+    let len = map_len(size);
     // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
     let p = unsafe {
         libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
@@ -36,8 +49,7 @@ fn map(len: usize) -> *mut u8 {
     if p == libc::MAP_FAILED {
         return std::ptr::null_mut();
     }
-    // SAFETY: advice on the mapping just created; failure (THP disabled) is harmless.
-    unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+    advise(p, size);
     p.cast()
 }
 
@@ -47,7 +59,7 @@ fn map(len: usize) -> *mut u8 {
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_huge(layout.size(), layout.align()) {
-            return map(map_len(layout.size()));
+            return map(layout.size());
         }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { System.alloc(layout) }
@@ -56,7 +68,7 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_huge(layout.size(), layout.align()) {
             // Anonymous mappings are zero-filled.
-            return map(map_len(layout.size()));
+            return map(layout.size());
         }
         // SAFETY: forwarded with the caller's guarantees.
         unsafe { System.alloc_zeroed(layout) }
@@ -78,22 +90,13 @@ unsafe impl GlobalAlloc for HugePageAlloc {
             // SAFETY: forwarded with the caller's guarantees.
             return unsafe { System.realloc(ptr, layout, new_size) };
         }
-        if old_huge && new_huge {
-            let (old_len, new_len) = (map_len(layout.size()), map_len(new_size));
-            if old_len == new_len {
-                return ptr;
-            }
-            // SAFETY: `ptr` is a mapping of `old_len` bytes from `map`; MREMAP_MAYMOVE keeps its
-            // contents (up to the smaller length) wherever the new mapping lands.
-            let p = unsafe { libc::mremap(ptr.cast(), old_len, new_len, libc::MREMAP_MAYMOVE) };
-            if p == libc::MAP_FAILED {
-                return std::ptr::null_mut();
-            }
-            // SAFETY: advice on the mapping just resized; failure is harmless.
-            unsafe { libc::madvise(p, new_len, libc::MADV_HUGEPAGE) };
-            return p.cast();
+        if old_huge && new_huge && map_len(layout.size()) == map_len(new_size) {
+            advise(ptr.cast(), new_size);
+            return ptr;
         }
-        // Crossing the threshold: a new block, copy, free the old one.
+        // Crossing the threshold, or another mapping length: a new block, copy, free the old
+        // one. (Not mremap: the advice splits a mapping into a huge and a small-page part, and
+        // mremap refuses a range that spans both.)
         // SAFETY: the layout is valid (same align, non-zero size as `new_size` >= the smaller).
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         // SAFETY: as in `alloc`.

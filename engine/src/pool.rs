@@ -238,6 +238,7 @@ fn db_options(cache_bytes: usize, create: bool, memtable_bytes: usize) -> Result
     o.set_max_write_buffer_number(2);
     o.set_max_total_wal_size(64 << 20);
     o.set_max_background_jobs(2);
+    o.set_target_file_size_base(16 << 20);
     let mut t = BlockBasedOptions::default();
     let cache = Cache::new_lru_cache(cache_bytes).map_err(Error::meta("create cache"))?;
     t.set_block_cache(&cache);
@@ -1805,7 +1806,7 @@ impl Pool {
             for v in vols.values() {
                 let p = v.lock_pending();
                 m.map_cache_entries += p.cache.len() as u64;
-                m.map_cache_bytes += table_bytes(p.cache.capacity(), std::mem::size_of::<(u64, crate::volume::CVal)>());
+                m.map_cache_bytes += p.cache.capacities().map(|c| table_bytes(c, std::mem::size_of::<(u64, crate::volume::CVal)>())).sum::<u64>();
                 m.pending_entries += p.map.len() as u64;
                 m.pending_bytes += table_bytes(p.map.capacity(), std::mem::size_of::<(u64, crate::volume::PEntry)>());
             }
