@@ -250,9 +250,10 @@ pub struct DaemonArgs {
     /// Metadata directory [default: POOL.meta].
     #[arg(long, value_name = "DIR")]
     pub meta_dir: Option<PathBuf>,
-    /// Metadata cache, with a unit: half is RocksDB's block cache, half an in-memory cache of
-    /// block-map entries that spares most requests a RocksDB lookup. The daemon's memory is about
-    /// 20-30 MiB plus this.
+    /// Metadata cache, with a unit: half is RocksDB's (its write buffer, at most a quarter of
+    /// that half, and its block cache), half an in-memory cache of block-map entries that spares
+    /// most requests a RocksDB lookup. The daemon's resident memory stays under 64 MiB plus this
+    /// (measured with 16 busy volumes: under 128 MiB at the default).
     #[arg(long, value_parser = size_arg, default_value = "64M", value_name = "SIZE")]
     pub cache: u64,
     /// Attach VOL at startup: VOL:SOCKET[:QUEUES] (repeatable).

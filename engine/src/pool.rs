@@ -31,12 +31,14 @@ pub struct PoolOptions {
     /// Metadata (RocksDB) directory; default `PATH.meta` beside a pool file, required for a
     /// block device.
     pub meta_dir: Option<PathBuf>,
-    /// The metadata cache (default 64 MiB): half is RocksDB's block cache, half an in-memory
-    /// cache of block-map entries that spares the data path a RocksDB lookup per request.
+    /// The metadata cache (default 64 MiB): half is RocksDB's (its active memtable, at most a
+    /// quarter of that half, and the block cache), half an in-memory cache of block-map entries
+    /// that spares the data path a RocksDB lookup per request.
     pub cache_bytes: usize,
     /// Commit uncommitted mappings at least this often even without a guest FLUSH.
     pub commit_interval: Duration,
-    /// RocksDB's memtable size (default 8 MiB; up to two are in memory). It also sizes each
+    /// RocksDB's memtable size (default 8 MiB, at most an eighth of `cache_bytes`; up to two
+    /// are in memory while one is flushed). It also sizes each
     /// write-ahead log's preallocation (1.1x) and caps the MANIFEST's (4 MiB), which small
     /// test pools on tmpfs pay per open.
     pub memtable_bytes: usize,
@@ -224,6 +226,15 @@ fn pread_exact(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
 fn pwrite_all(f: &File, path: &Path, buf: &[u8], off: u64) -> Result<()> {
     use std::os::unix::fs::FileExt;
     f.write_all_at(buf, off).map_err(Error::io("write", path))
+}
+
+/// RocksDB's half of the metadata cache: (block cache, memtable size). The active memtable is
+/// charged to it (at most a quarter of it), so that `--cache` bounds RocksDB's caching memory
+/// as a whole: 24 MiB of block cache and an 8 MiB memtable at the default 64 MiB.
+fn rocksdb_split(cache_bytes: usize, memtable_bytes: usize) -> (usize, usize) {
+    let half = cache_bytes / 2;
+    let memtable = memtable_bytes.min(half / 4).max(64 << 10);
+    (half.saturating_sub(memtable).max(1 << 20), memtable)
 }
 
 fn db_options(cache_bytes: usize, create: bool, memtable_bytes: usize) -> Result<Options> {
@@ -1302,8 +1313,8 @@ pub struct PoolStatus {
 /// properties); for `vblk pool status` and the memory benchmark.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStats {
-    /// The configured metadata cache (`PoolOptions::cache_bytes`): half RocksDB block cache,
-    /// half map cache.
+    /// The configured metadata cache (`PoolOptions::cache_bytes`): half RocksDB (active
+    /// memtable and block cache), half map cache.
     pub cache_budget_bytes: u64,
     /// Map cache entries held (all volumes) and their estimated bytes.
     pub map_cache_entries: u64,
@@ -1375,7 +1386,8 @@ impl Pool {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no RocksDB here"),
             });
         }
-        let db = DB::open(&db_options((opts.cache_bytes / 2).max(1 << 20), false, opts.memtable_bytes)?, &meta_dir).map_err(Error::meta("open"))?;
+        let (block_cache, memtable) = rocksdb_split(opts.cache_bytes, opts.memtable_bytes);
+        let db = DB::open(&db_options(block_cache, false, memtable)?, &meta_dir).map_err(Error::meta("open"))?;
         let rec = match db.get(POOL_KEY).map_err(Error::meta("get pool record"))? {
             Some(v) => PoolRecord::decode(&v)?,
             None => {
@@ -2085,6 +2097,17 @@ impl Drop for Pool {
 mod tests {
     use super::*;
     use crate::io::QueueShared;
+
+    #[test]
+    fn rocksdb_gets_half_the_cache_memtable_included() {
+        const M: usize = 1 << 20;
+        assert_eq!(rocksdb_split(64 * M, 8 * M), (24 * M, 8 * M));
+        assert_eq!(rocksdb_split(16 * M, 8 * M), (6 * M, 2 * M));
+        assert_eq!(rocksdb_split(64 * M, 256 << 10), (32 * M - (256 << 10), 256 << 10));
+        // Tiny caches still get a working RocksDB.
+        assert_eq!(rocksdb_split(M, 8 * M), (M, 128 << 10));
+        assert_eq!(rocksdb_split(0, 8 * M), (M, 64 << 10));
+    }
 
     /// The write-ordering rules for partial blocks, checked at the decision point (the kernel's
     /// ordering of the racing writes is not controllable from a test).
