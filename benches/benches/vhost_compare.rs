@@ -23,7 +23,8 @@
 //! volume / qcow2 for allocating writes (2 x the working set; a cell ends early when it has written
 //! every block), VBLK_BENCH_PREALLOC pool --preallocate (full), VBLK_BENCH_CACHE vblk --cache
 //! (64M), VBLK_BENCH_WORKLOADS (comma-separated row keys, e.g. aw4k-qd32,cw4k-qd32), VBLK_BENCH_PERF=DIR
-//! (`perf record -g` of every server cell into DIR), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
+//! (`perf record -g` of every server cell into DIR; VBLK_BENCH_PERF_ARGS replaces `-g`, e.g.
+//! `--call-graph dwarf,16384 -F 2000` for Rust frames without frame pointers), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
 //! benches/results/), VBLK_BIN (use this vblk binary instead of building target/release/vblk).
 
 use std::collections::HashMap;
@@ -311,7 +312,9 @@ impl Bench {
                 let out = Path::new(&dir).join(format!("{}-{pid}.perf.data", w.key));
                 Some(
                     Command::new("perf")
-                        .args(["record", "-g", "-q", "-p", &pid.to_string(), "-o"])
+                        .arg("record")
+                        .args(std::env::var("VBLK_BENCH_PERF_ARGS").as_deref().unwrap_or("-g").split_whitespace())
+                        .args(["-q", "-p", &pid.to_string(), "-o"])
                         .arg(&out)
                         .stdout(std::process::Stdio::null())
                         .spawn()
