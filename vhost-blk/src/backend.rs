@@ -764,7 +764,11 @@ impl BlkBackend {
     fn finish(&self, queue: u16, vr: &mut VringState<Gm>, chain: Chain, status: u8) {
         self.dev.stats.record(chain.kind, chain.bytes, status == STATUS_OK);
         let used_len = match chain.status_addr {
-            Some(a) => match vm_memory::Bytes::write_obj(&*chain.mem, status, a) {
+            // One region lookup (vm-memory's `write_obj` on guest memory walks its region
+            // iterator, ~1% of the CPU of a 4 KiB read).
+            Some(a) => match vm_memory::GuestMemoryBackend::get_slice(&*chain.mem, a, 1)
+                .and_then(|b| vm_memory::Bytes::write_obj(&b, status, 0).map_err(vm_memory::GuestMemoryError::from))
+            {
                 Ok(()) => chain.used_len,
                 Err(e) => {
                     tracing::debug!(queue, head = chain.head, error = %e, "cannot write the status byte");

@@ -344,6 +344,15 @@ fn data_buf<M: GuestMemoryBackend + ?Sized>(
     let offset = sector << SECTOR_SHIFT; // sector <= capacity < 2^55: no overflow.
     let mut iov = Vec::with_capacity(segs.len());
     for s in &segs {
+        // One region holds the whole segment (nearly always): one lookup. Otherwise walk the
+        // regions it spans, which also finds the first unmapped byte.
+        if let Ok(slice) = mem.get_slice(s.addr, s.len as usize) {
+            if iov.len() == MAX_IOVECS {
+                return Err(RequestError::TooManySegments(iov.len() + 1));
+            }
+            iov.push(IoVec { ptr: slice.ptr_guard_mut().as_ptr(), len: slice.len() });
+            continue;
+        }
         for piece in GuestMemoryBackend::get_slices(mem, s.addr, s.len as usize) {
             let slice = piece.map_err(|_| RequestError::BadAddress { addr: s.addr.raw_value(), len: u64::from(s.len) })?;
             if iov.len() == MAX_IOVECS {
@@ -448,6 +457,14 @@ pub fn read_stream<M: GuestMemoryBackend + ?Sized>(
     skip: u64,
     buf: &mut [u8],
 ) -> Result<(), RequestError> {
+    // The header of a request sits in its first descriptor (nearly always): read it from one
+    // region without building the sub-stream.
+    if let Some(first) = segs.first().filter(|f| skip == 0 && f.len as usize >= buf.len()) {
+        if let Ok(slice) = mem.get_slice(first.addr, buf.len()) {
+            slice.copy_to(buf);
+            return Ok(());
+        }
+    }
     let mut done = 0usize;
     for s in sub_stream(segs, skip, buf.len() as u64)? {
         let n = s.len as usize;
