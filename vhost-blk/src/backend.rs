@@ -61,9 +61,44 @@ pub(crate) struct DevShared {
     /// The connected frontend's backend request channel (BACKEND_REQ negotiated), for
     /// telling it that the configuration changed (the volume grew).
     pub backend_req: Mutex<Option<vhost::vhost_user::Backend>>,
+    /// Config-change notification thread state: (a thread is sending, another grow came
+    /// meanwhile). At most one thread per device, however often the volume grows.
+    pub cfg_notify: Mutex<(bool, bool)>,
 }
 
 impl DevShared {
+    /// The volume grew: tell the frontend from a thread of its own (the frontend acknowledges
+    /// the message, and one that does not answer (stopped, hung) must not hang the resize that
+    /// called us). While a notification is in flight, further grows only mark that another
+    /// is due; the same thread sends it, so a silent frontend holds one thread, not one per
+    /// resize.
+    pub fn config_changed(self: &Arc<Self>) {
+        {
+            let mut st = lock(&self.cfg_notify);
+            if st.0 {
+                st.1 = true;
+                return;
+            }
+            *st = (true, false);
+        }
+        let d = self.clone();
+        let spawned = std::thread::Builder::new().name("vblk-cfgchg".into()).spawn(move || loop {
+            if d.notify_config_change() {
+                tracing::debug!(volume = %d.name, "frontend notified of the new size");
+            }
+            let mut st = lock(&d.cfg_notify);
+            if !st.1 {
+                st.0 = false;
+                return;
+            }
+            st.1 = false;
+        });
+        if let Err(e) = spawned {
+            *lock(&self.cfg_notify) = (false, false);
+            tracing::warn!(error = %e, "cannot start the config-change notification thread");
+        }
+    }
+
     /// Tell the connected frontend that the configuration space changed, if it gave us a
     /// channel for that. Returns whether a notification was sent.
     pub fn notify_config_change(&self) -> bool {

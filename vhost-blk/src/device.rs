@@ -95,6 +95,7 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         volume: Mutex::new(None),
         qos,
         backend_req: Mutex::new(None),
+        cfg_notify: Mutex::new((false, false)),
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
@@ -105,17 +106,8 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
             // space and interrupts the guest, which sees the new capacity. Without the channel
             // (a frontend that did not negotiate BACKEND_REQ) the guest sees it when it next
             // reads the configuration space.
-            // From a thread of its own: the frontend acknowledges the message, and a frontend
-            // that does not answer (stopped, hung) must not hang the resize that called us.
             tracing::info!(volume = %d.name, size, "volume grew; notifying the frontend");
-            let spawned = std::thread::Builder::new().name("vblk-cfgchg".into()).spawn(move || {
-                if d.notify_config_change() {
-                    tracing::debug!(volume = %d.name, "frontend notified of the new size");
-                }
-            });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start the config-change notification thread");
-            }
+            d.config_changed();
         }
     }));
     *lock(&dev.volume) = Some(volume);

@@ -432,3 +432,44 @@ fn in_flight_requests_are_bounded_by_the_queue_size() {
     assert_eq!(d.status(STATUS), 0);
     assert_eq!(f.dev.as_ref().unwrap().stats().writes, 36);
 }
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|t| t.as_ref().ok().and_then(|t| std::fs::read_to_string(t.path().join("comm")).ok()).is_some_and(|c| c.trim() == name))
+        .count()
+}
+
+/// A frontend that takes the backend channel and never answers on it: the first grow's
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG waits for its acknowledgement; later grows do not
+/// start a thread each, the waiting one sends one more message once the frontend answers.
+#[test]
+fn a_frontend_that_never_acknowledges_config_changes_holds_one_thread() {
+    let f = fixture();
+    let mut d = Driver::connect(&f);
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    d.fe.set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    assert_eq!(threads_named("vblk-cfgchg"), 0);
+    for i in 1..=5u64 {
+        f._pool.resize_volume("vol-frontend", VOL_SIZE + (i << 20), false).unwrap();
+    }
+    // The configuration space has the newest size at once.
+    let cfg = d.config();
+    assert_eq!(u64::from_le_bytes(cfg[..8].try_into().unwrap()), (VOL_SIZE + (5 << 20)) / 512);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(threads_named("vblk-cfgchg"), 1, "one notification thread, however many grows");
+    // The message that is waiting for its answer is there to read.
+    let mut hdr = [0u8; 12];
+    ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::io::Read::read_exact(&mut &ours, &mut hdr).unwrap();
+    assert_eq!(u32::from_le_bytes(hdr[..4].try_into().unwrap()), 2, "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG");
+    // The frontend goes away: the thread ends (its pending notification fails at once).
+    drop(ours);
+    let t0 = Instant::now();
+    while threads_named("vblk-cfgchg") > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the notification thread did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
