@@ -319,7 +319,7 @@ fn host_ratios() -> Option<HostRatios> {
         }
         return h;
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let dir = workspace_root().join("benches").join("results");
     let mut files: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())

@@ -70,7 +70,7 @@ pub fn bench_dir() -> PathBuf {
 
 /// The workspace root (parent of this package).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    vblk_tests::guest::manifest_dir().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Bytes available to an unprivileged user on the file system holding `dir` (statvfs).
@@ -817,7 +817,7 @@ pub fn results_path(name: &str, smoke: bool) -> Result<PathBuf> {
         std::fs::create_dir_all(&t)?;
         return Ok(t.join(format!("{name}-smoke-latest.md")));
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let dir = workspace_root().join("benches").join("results");
     std::fs::create_dir_all(&dir)?;
     let date = today();
     let mut p = dir.join(format!("{date}-{name}.md"));

@@ -237,15 +237,26 @@ fn tail_lines(s: &str, n: usize) -> String {
 // ---------------------------------------------------------------------------
 // artifacts
 
+/// This crate's directory: cargo's `CARGO_MANIFEST_DIR` at run time (`cargo test` sets it),
+/// else the one it was compiled in. A test binary reused from a shared target directory
+/// (`CARGO_TARGET_DIR` caches across checkouts, as in CI) may have been compiled in another
+/// checkout, which can be gone.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .filter(|d| Path::new(d).join("Cargo.toml").is_file())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The workspace root (parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    let manifest = manifest_dir();
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 
 /// `tests/guest` in the source tree.
 pub fn guest_src_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest")
+    manifest_dir().join("guest")
 }
 
 /// The artifact cache directory: `$VBLK_GUEST_DIR`, else
