@@ -326,9 +326,40 @@ struct QueueWorker {
     qos_since: Option<u64>,
     /// Requests admitted since the counters were last published.
     qos_counts: LocalCounts,
+    /// A large bounce buffer kept for the next request that needs one (see `bounce_buf`).
+    spare: Option<AlignedBuf>,
 }
 
+/// Bounce buffers from this size up are kept for reuse, one per queue: the heap hands out
+/// blocks of 256 KiB and more as fresh mappings (`M_MMAP_THRESHOLD` in the daemon), so every
+/// such request cost an mmap, page faults on every page and a munmap.
+const SPARE_MIN: usize = 256 << 10;
+/// ... up to this size (a queue keeps at most this much resident for it).
+const SPARE_MAX: usize = 4 << 20;
+
 impl QueueWorker {
+    /// A bounce buffer of at least `len` bytes (its first `len` bytes are the request's; a
+    /// reused buffer holds an earlier request's data of this queue, which the request
+    /// overwrites before anything reads it: a read is copied back only when the engine filled
+    /// all of it, a write's data is copied in from the guest first).
+    fn bounce_buf(&mut self, len: usize) -> Option<AlignedBuf> {
+        if len >= SPARE_MIN {
+            if let Some(b) = self.spare.take_if(|b| b.as_slice().len() >= len) {
+                return Some(b);
+            }
+        }
+        AlignedBuf::new(len)
+    }
+
+    /// Keep a finished request's bounce buffer for reuse if it is in the kept size range and
+    /// larger than the one kept.
+    fn recycle(&mut self, b: AlignedBuf) {
+        let n = b.as_slice().len();
+        if (SPARE_MIN..=SPARE_MAX).contains(&n) && self.spare.as_ref().is_none_or(|s| s.as_slice().len() < n) {
+            self.spare = Some(b);
+        }
+    }
+
     fn alloc(&mut self, c: Chain) -> usize {
         self.inflight += 1;
         match self.free.pop() {
@@ -408,6 +439,7 @@ impl BlkBackend {
                     qos_waiting: false,
                     qos_since: None,
                     qos_counts: LocalCounts::default(),
+                    spare: None,
                 }));
             }
         }
@@ -635,7 +667,7 @@ impl BlkBackend {
                 chain.bytes = buf.len;
                 if buf.len > 0 {
                     let iov = if needs_bounce(&buf.iov) {
-                        let Some(mut b) = AlignedBuf::new(buf.len as usize) else {
+                        let Some(mut b) = q.bounce_buf(buf.len as usize) else {
                             self.finish(q.index, vr, chain, STATUS_IOERR);
                             return true;
                         };
@@ -654,7 +686,7 @@ impl BlkBackend {
                 chain.flush_after = writethrough;
                 if buf.len > 0 {
                     let iov = if needs_bounce(&buf.iov) {
-                        let Some(mut b) = AlignedBuf::new(buf.len as usize) else {
+                        let Some(mut b) = q.bounce_buf(buf.len as usize) else {
                             self.finish(q.index, vr, chain, STATUS_IOERR);
                             return true;
                         };
@@ -773,15 +805,19 @@ impl BlkBackend {
             unsafe { q.engine.0.submit(r) };
             return false;
         }
-        let Some(chain) = q.release(slot) else { return false };
+        let Some(mut chain) = q.release(slot) else { return false };
         let mut status = STATUS_OK;
+        let bounce = chain.bounce.take();
         if let Some(errno) = chain.err {
             tracing::debug!(queue = q.index, head = chain.head, errno, kind = ?chain.kind, "request failed");
             status = STATUS_IOERR;
-        } else if let Some(b) = &chain.bounce {
+        } else if let Some(b) = &bounce {
             if b.len > 0 && request::write_stream(&*chain.mem, &b.segs, &b.buf.as_slice()[..b.len]).is_err() {
                 status = STATUS_IOERR;
             }
+        }
+        if let Some(b) = bounce {
+            q.recycle(b.buf);
         }
         match vr {
             Some(vr) => {
