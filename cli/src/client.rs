@@ -244,6 +244,7 @@ pub async fn attach(socket: &Path, a: AttachArgs, json: bool) -> anyhow::Result<
         num_queues: a.queues.into(),
         queue_size: a.queue_size.into(),
         read_only: a.read_only,
+        threads: a.threads.map(u32::from).unwrap_or(0),
     };
     let r = c.attach(req).await.map_err(rpc_error)?.into_inner();
     if json {

@@ -433,6 +433,7 @@ fn attach_and_detach_manage_device_sockets() {
     let a = json(&api, &["attach", "vm1", "--socket", sock.to_str().unwrap(), "--queues", "2"]);
     assert_eq!(a["socket"], sock.to_str().unwrap());
     assert_eq!(a["read_only"], false);
+    assert_eq!(u(&a, "threads"), 2, "one worker thread per queue by default");
     let m = std::fs::symlink_metadata(&sock).unwrap();
     assert!(m.file_type().is_socket());
     assert_eq!(m.permissions().mode() & 0o777, 0o600);
@@ -469,8 +470,12 @@ fn attach_and_detach_manage_device_sockets() {
 
     // Read-only attachment: exportable, not importable.
     let ro_sock = d.join("ro.sock");
-    let a = json(&api, &["attach", "ro", "--socket", ro_sock.to_str().unwrap(), "--read-only"]);
+    let err = fails(&api, &["attach", "ro", "--socket", ro_sock.to_str().unwrap(), "--queues", "2", "--threads", "3"]);
+    assert!(err.contains("threads must be 1..=2"), "{err}");
+    assert!(!ro_sock.exists());
+    let a = json(&api, &["attach", "ro", "--socket", ro_sock.to_str().unwrap(), "--read-only", "--queues", "2", "--threads", "1"]);
     assert_eq!(a["read_only"], true);
+    assert_eq!(u(&a, "threads"), 1);
     ok(&api, &["export", "ro", d.join("ro.raw").to_str().unwrap()]);
     let err = fails(&api, &["import", img.to_str().unwrap(), "ro"]);
     assert!(err.contains("attached read-only"), "{err}");

@@ -64,6 +64,8 @@ pub(crate) struct DevShared {
     /// Config-change notification thread state: (a thread is sending, another grow came
     /// meanwhile). At most one thread per device, however often the volume grows.
     pub cfg_notify: Mutex<(bool, bool)>,
+    /// Worker threads per connection (at most one per queue).
+    pub threads: u16,
 }
 
 impl DevShared {
@@ -454,10 +456,22 @@ impl BlkBackend {
         })
     }
 
-    /// Event id of queue `i`'s engine completion eventfd in its worker's epoll loop (ids up to
-    /// num_queues are reserved by vhost-user-backend).
-    pub fn completion_event_id(&self) -> u64 {
-        u64::from(self.dev.num_queues) + 1
+    /// Worker threads serving this connection's queues: queue `q` is served by thread
+    /// `q % threads` (each queue by one thread; a thread may serve several).
+    pub fn threads(&self) -> u16 {
+        self.dev.threads.clamp(1, self.dev.num_queues.max(1))
+    }
+
+    /// The queue that is the `local`-th one of worker `thread`, if any.
+    fn queue_of(&self, thread: usize, local: usize) -> Option<usize> {
+        let q = thread + local * usize::from(self.threads());
+        (q < usize::from(self.dev.num_queues)).then_some(q)
+    }
+
+    /// Event id of the completion eventfd of a worker's `local`-th queue in its epoll loop
+    /// (ids up to num_queues are vhost-user-backend's: kicks by local index, then its own).
+    pub fn completion_event_id(&self, local: usize) -> u64 {
+        u64::from(self.dev.num_queues) + 1 + 2 * local as u64
     }
 
     /// The engine completion eventfd of queue `i`.
@@ -465,9 +479,9 @@ impl BlkBackend {
         self.queues.get(i).map(|q| lock(q).engine.0.event_fd())
     }
 
-    /// Event id of queue `i`'s QoS timerfd in its worker's epoll loop.
-    pub fn timer_event_id(&self) -> u64 {
-        u64::from(self.dev.num_queues) + 2
+    /// Event id of the QoS timerfd of a worker's `local`-th queue.
+    pub fn timer_event_id(&self, local: usize) -> u64 {
+        u64::from(self.dev.num_queues) + 2 + 2 * local as u64
     }
 
     /// The QoS timerfd of queue `i`.
@@ -936,6 +950,13 @@ fn check_regions_backed(mem: &GuestMemoryMmap) -> Result<(), String> {
     Ok(())
 }
 
+/// vhost-user-backend's queue masks: worker `t` serves the queues `q` with `q % threads == t`
+/// (in ascending order, which is the local index its events carry).
+fn thread_masks(num_queues: u16, threads: u16) -> Vec<u64> {
+    let t = threads.clamp(1, num_queues.max(1));
+    (0..t).map(|thread| (0..num_queues).filter(|q| q % t == thread).fold(0u64, |m, q| m | 1 << q)).collect()
+}
+
 fn needs_bounce(iov: &[IoVec]) -> bool {
     iov.iter().any(|v| !(v.ptr as usize).is_multiple_of(DIO_ALIGN) || !v.len.is_multiple_of(DIO_ALIGN))
 }
@@ -1046,7 +1067,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.dev.num_queues).map(|i| 1u64 << i).collect()
+        thread_masks(self.dev.num_queues, self.threads())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -1076,20 +1097,30 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn handle_event(&self, device_event: u16, _evset: EventSet, vrings: &[Vring], thread_id: usize) -> io::Result<()> {
-        // One queue per thread: the thread id is the queue index and its vring is vrings[0].
-        let (Some(qm), Some(vring)) = (self.queues.get(thread_id), vrings.first()) else {
+        // Kicks come as the local index of the thread's vring; our own events (completion,
+        // QoS timer) as num_queues + 1 + 2 * local (+ 1 for the timer).
+        enum Ev {
+            Kick,
+            Completion,
+            Timer,
+        }
+        let (n, ev) = (u64::from(self.dev.num_queues), u64::from(device_event));
+        let (local, what) = match ev {
+            e if e < n => (e as usize, Ev::Kick),
+            e if e > n => (((e - n - 1) / 2) as usize, if (e - n - 1) % 2 == 0 { Ev::Completion } else { Ev::Timer }),
+            _ => return Ok(()),
+        };
+        let (Some(qm), Some(vring)) = (self.queue_of(thread_id, local).and_then(|i| self.queues.get(i)), vrings.get(local)) else {
             return Ok(());
         };
         let mut q = lock(qm);
         if q.vring.is_none() {
             q.vring = Some(vring.clone());
         }
-        if device_event == 0 {
-            self.process_avail(&mut q, vring);
-        } else if u64::from(device_event) == self.completion_event_id() {
-            self.process_completions(&mut q, vring);
-        } else if u64::from(device_event) == self.timer_event_id() {
-            self.process_timer(&mut q, vring);
+        match what {
+            Ev::Kick => self.process_avail(&mut q, vring),
+            Ev::Completion => self.process_completions(&mut q, vring),
+            Ev::Timer => self.process_timer(&mut q, vring),
         }
         // Never return an error: it would end the worker thread.
         Ok(())
@@ -1099,6 +1130,16 @@ impl VhostUserBackend for BlkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queues_spread_over_worker_threads() {
+        assert_eq!(thread_masks(4, 4), vec![0b0001, 0b0010, 0b0100, 0b1000]);
+        assert_eq!(thread_masks(4, 1), vec![0b1111]);
+        assert_eq!(thread_masks(4, 3), vec![0b1001, 0b0010, 0b0100]);
+        assert_eq!(thread_masks(16, 2), vec![0x5555, 0xaaaa]);
+        assert_eq!(thread_masks(2, 0), vec![0b11], "at least one thread");
+        assert_eq!(thread_masks(2, 5), vec![0b01, 0b10], "at most one per queue");
+    }
 
     #[test]
     fn bounce_detection() {

@@ -49,6 +49,12 @@ fn validate(cfg: &DeviceConfig) -> Result<(), Error> {
     if !(1..=16).contains(&cfg.num_queues) {
         return Err(Error::InvalidConfig(format!("num_queues must be 1..=16 (got {})", cfg.num_queues)));
     }
+    if cfg.threads > cfg.num_queues {
+        return Err(Error::InvalidConfig(format!(
+            "threads must be 1..={} (one per queue at most; got {})",
+            cfg.num_queues, cfg.threads
+        )));
+    }
     if cfg.queue_size < 2 || !cfg.queue_size.is_power_of_two() {
         return Err(Error::InvalidConfig(format!(
             "queue_size must be a power of two between 2 and 32768 (got {})",
@@ -96,6 +102,7 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         qos,
         backend_req: Mutex::new(None),
         cfg_notify: Mutex::new((false, false)),
+        threads: if cfg.threads == 0 { cfg.num_queues } else { cfg.threads },
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
@@ -180,14 +187,16 @@ fn serve_one(listener: &mut Listener, dev: &Arc<DevShared>, ctl: &Mutex<ConnCtl>
     let backend = Arc::new(BlkBackend::new(dev.clone(), mem.clone())?);
     let mut daemon = VhostUserDaemon::new(format!("vblk-fe-{}", short(&dev.name, 7)), backend.clone(), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
-    let (id, timer_id) = (backend.completion_event_id(), backend.timer_event_id());
-    for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
-        let fd = backend.completion_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
-        // Edge-triggered: every completion signal is an event, and the engine does not read
-        // the eventfd on each reap (the queue was set up for it in BlkBackend::new).
-        h.register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, id).map_err(Error::Io)?;
-        let fd = backend.timer_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
-        h.register_listener(fd, EventSet::IN, timer_id).map_err(Error::Io)?;
+    let threads = usize::from(backend.threads());
+    for (t, h) in daemon.get_epoll_handlers().iter().enumerate() {
+        for (local, i) in (t..usize::from(dev.num_queues)).step_by(threads).enumerate() {
+            let fd = backend.completion_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
+            // Edge-triggered: every completion signal is an event, and the engine does not read
+            // the eventfd on each reap (the queue was set up for it in BlkBackend::new).
+            h.register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, backend.completion_event_id(local)).map_err(Error::Io)?;
+            let fd = backend.timer_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
+            h.register_listener(fd, EventSet::IN, backend.timer_event_id(local)).map_err(Error::Io)?;
+        }
     }
     daemon.start(listener).map_err(|e| Error::Daemon(e.to_string()))?;
     {

@@ -40,6 +40,9 @@ pub struct DeviceConfig {
     /// Maximum virtqueue size (a power of two; default 256). Also the per-queue bound on
     /// requests in flight.
     pub queue_size: u16,
+    /// Worker threads serving the queues (1..=num_queues; queue q is served by thread
+    /// q % threads). 0 means one per queue.
+    pub threads: u16,
 }
 
 impl DeviceConfig {
@@ -48,7 +51,7 @@ impl DeviceConfig {
 
     /// One queue of the default size on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> DeviceConfig {
-        DeviceConfig { socket: socket.into(), num_queues: 1, queue_size: Self::DEFAULT_QUEUE_SIZE }
+        DeviceConfig { socket: socket.into(), num_queues: 1, queue_size: Self::DEFAULT_QUEUE_SIZE, threads: 0 }
     }
 }
 

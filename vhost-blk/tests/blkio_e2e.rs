@@ -72,17 +72,27 @@ fn write_flush_read_back() {
     drop(s.pool.open_volume("v", false).unwrap());
 }
 
+/// 4 queues served by one worker thread each (the default), by one thread for all, and by 3
+/// threads (thread 0 serves queues 0 and 3).
 #[test]
 fn queue_depth_and_multiqueue() {
     let s = setup();
-    let dev = device(&s, 4);
+    for threads in [0u16, 1, 3] {
+        queue_depth_and_multiqueue_with(&s, threads);
+    }
+}
+
+fn queue_depth_and_multiqueue_with(s: &Setup, threads: u16) {
+    let vol = s.pool.open_volume("v", false).unwrap();
+    let dev = start(vol, DeviceConfig { socket: s.socket.clone(), num_queues: 4, queue_size: 256, threads }).unwrap();
     let mut c = Client::connect(&s.socket, 4).unwrap();
     assert_eq!(c.qs.len(), 4);
+    let seed = u64::from(threads) * 1000;
     // 32 writes in flight per queue, 4 queues; each 4 KiB block gets its own pattern.
     for q in 0..4 {
         for i in 0..32usize {
             let slot = q * 32 + i;
-            let blk = pattern(slot as u64, 4096);
+            let blk = pattern(seed + slot as u64, 4096);
             c.buf()[slot * 4096..(slot + 1) * 4096].copy_from_slice(&blk);
         }
     }
@@ -111,7 +121,7 @@ fn queue_depth_and_multiqueue() {
     c.buf()[..128 * 4096].fill(0);
     assert_eq!(c.read(3, 0, 0, 128 * 4096), 0);
     for slot in 0..128usize {
-        assert_eq!(&c.buf()[slot * 4096..(slot + 1) * 4096], &pattern(slot as u64, 4096)[..], "block {slot}");
+        assert_eq!(&c.buf()[slot * 4096..(slot + 1) * 4096], &pattern(seed + slot as u64, 4096)[..], "threads {threads}: block {slot}");
     }
     drop(c);
     dev.stop().unwrap();
@@ -169,9 +179,9 @@ fn socket_handling() {
     let vol = s.pool.open_volume("v", true).unwrap();
     assert!(matches!(start(vol, DeviceConfig::new(&s.socket)), Err(Error::NotASocket(_))));
     std::fs::remove_file(&s.socket).unwrap();
-    for (q, size) in [(0u16, 256u16), (17, 256), (1, 100), (1, 0)] {
+    for (q, size, threads) in [(0u16, 256u16, 0u16), (17, 256, 0), (1, 100, 0), (1, 0, 0), (2, 256, 3)] {
         let vol = s.pool.open_volume("v", true).unwrap();
-        let cfg = DeviceConfig { socket: s.socket.clone(), num_queues: q, queue_size: size };
+        let cfg = DeviceConfig { socket: s.socket.clone(), num_queues: q, queue_size: size, threads };
         assert!(matches!(start(vol, cfg), Err(Error::InvalidConfig(_))), "{q} {size}");
     }
 }

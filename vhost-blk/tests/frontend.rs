@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::threads_named;
 use vblk_engine::{create_pool, CreateOptions, Pool, PoolOptions};
 use vblk_vhost::{start, Device, DeviceConfig};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -46,7 +48,7 @@ fn fixture_with(queue_size: u16) -> Fixture {
     pool.create_volume("vol-frontend", VOL_SIZE).unwrap();
     let socket = dir.path().join("s.sock");
     let vol = pool.open_volume("vol-frontend", false).unwrap();
-    let dev = start(vol, DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size }).unwrap();
+    let dev = start(vol, DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size, threads: 0 }).unwrap();
     Fixture { _dir: dir, _pool: pool, dev: Some(dev), socket }
 }
 
@@ -431,14 +433,6 @@ fn in_flight_requests_are_bounded_by_the_queue_size() {
     assert!(got.iter().all(|&(id, len)| id == u32::from(h) && len == 1));
     assert_eq!(d.status(STATUS), 0);
     assert_eq!(f.dev.as_ref().unwrap().stats().writes, 36);
-}
-
-/// Threads of this process named `name`.
-fn threads_named(name: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter(|t| t.as_ref().ok().and_then(|t| std::fs::read_to_string(t.path().join("comm")).ok()).is_some_and(|c| c.trim() == name))
-        .count()
 }
 
 /// A frontend that takes the backend channel and never answers on it: the first grow's

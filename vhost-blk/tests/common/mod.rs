@@ -35,7 +35,7 @@ pub fn setup() -> Setup {
 
 pub fn device(s: &Setup, num_queues: u16) -> Device {
     let vol = s.pool.open_volume("v", false).unwrap();
-    start(vol, DeviceConfig { socket: s.socket.clone(), num_queues, queue_size: 256 }).unwrap()
+    start(vol, DeviceConfig { socket: s.socket.clone(), num_queues, queue_size: 256, threads: 0 }).unwrap()
 }
 
 /// A libblkio client with one shared buffer.
@@ -114,3 +114,11 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
+
+/// Threads of this process named `name`.
+pub fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|t| t.as_ref().ok().and_then(|t| std::fs::read_to_string(t.path().join("comm")).ok()).is_some_and(|c| c.trim() == name))
+        .count()
+}
