@@ -10,7 +10,9 @@
 //!   writes; its own copy, so that the relocation of its blocks never changes (e)'s layout);
 //! - (g) vblk: a freshly created volume, for allocating writes;
 //! - (h) (e) with a QoS IOPS limit it never reaches (the cost of the accounting), and (i) (e)
-//!   limited to 20k IOPS (the limit holds), on the randread QD32 workload.
+//!   limited to 20k IOPS (the limit holds), on the randread QD32 workload;
+//! - (j) (e) attached with `--threads 1` (both queues on one worker thread, as qsd serves
+//!   them), on the 2-queue randwrite workload.
 //!
 //! Every server is started fresh for every cell on the same directory, and the cells are
 //! interleaved: for each repeat, for each workload, a b c e ... Reported: IOPS (MiB/s for
@@ -56,6 +58,8 @@ enum Server {
     VblkQosHigh,
     /// (e) limited to [`QOS_LIMIT_IOPS`]: the limit holds.
     VblkQosLimited,
+    /// (e) attached with `--threads 1`: both queues on one worker thread (as qsd serves them).
+    VblkOneThread,
 }
 
 /// The QoS limit of row (i), requests per second.
@@ -74,6 +78,7 @@ impl Server {
             Server::VblkSnap => "(f) vblk, volume + snapshot",
             Server::VblkQosHigh => "(h) vblk, (e) + QoS limit 10M IOPS (not reached)",
             Server::VblkQosLimited => "(i) vblk, (e) + QoS limit 20k IOPS",
+            Server::VblkOneThread => "(j) vblk, (e) with --threads 1",
         }
     }
 }
@@ -130,7 +135,10 @@ fn workloads(qcow2: bool) -> Vec<Workload> {
     vec![
         w("rr4k-qd32", "4K randread QD32, 1 queue", false, 4 * KIB, 32, 1, Pattern::Random, false),
         w("rw4k-qd32", "4K randwrite QD32, 1 queue", true, 4 * KIB, 32, 1, Pattern::Random, false),
-        w("rw4k-qd32x2", "4K randwrite QD32 x 2 queues", true, 4 * KIB, 32, 2, Pattern::Random, false),
+        Workload {
+            servers: all.iter().copied().chain([VblkOneThread]).collect(),
+            ..w("rw4k-qd32x2", "4K randwrite QD32 x 2 queues", true, 4 * KIB, 32, 2, Pattern::Random, false)
+        },
         w("rr4k-qd1", "4K randread QD1", false, 4 * KIB, 1, 1, Pattern::Random, true),
         w("sr128k-qd8", "128K seq read QD8", false, 128 * KIB, 8, 1, Pattern::Sequential, false),
         w("sw128k-qd8", "128K seq write QD8", true, 128 * KIB, 8, 1, Pattern::Sequential, false),
@@ -261,6 +269,16 @@ impl Bench {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[attach])?;
                 vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
                 let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
+                d.stop()?;
+                Ok(c)
+            }
+            Server::VblkOneThread => {
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
+                let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+                d.cli(&["attach", "full", "--socket", s, "--queues", &EXPORT_QUEUES.to_string(), "--threads", "1"])?;
+                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
+                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
+                d.cli(&["detach", "full"])?;
                 d.stop()?;
                 Ok(c)
             }
