@@ -412,9 +412,34 @@ impl Pool {
         }
     }
 
-    /// Blocks that deleting snapshot (b, g) would free now.
+    /// Blocks that deleting snapshot (b, g) would free now: its own, and those of the hidden
+    /// snapshots the delete releases in turn. Removing the last snapshot of a branch without a
+    /// head deletes the branch (`gc_branch`), and its origin, if that is a hidden snapshot (one
+    /// deleted while it had dependents) with no other dependent, is removed with it, and so
+    /// on up the chain. (Found by the snapshot_model fuzz target: a volume rolled back to s1,
+    /// snapshotted as s2, s1 deleted (hidden), rolled back to s2 and flattened; deleting s2
+    /// then freed s1's block too, while s2 reported 0 exclusive bytes.)
     fn exclusive_blocks(&self, b: u64, g: u64) -> Result<u64> {
-        Ok(self.shared.pin_sweep(b, g, usize::MAX)?.data_blocks)
+        let sh = &self.shared;
+        let mut total = sh.pin_sweep(b, g, usize::MAX)?.data_blocks;
+        let (mut b, mut g) = (b, g);
+        for _ in 0..100_000 {
+            let next = {
+                let cat = lock(&sh.cat);
+                let Some(br) = cat.branches.get(&b) else { break };
+                let branch_goes = br.head_volume == 0 && cat.snaps.range((b, 0)..=(b, u64::MAX)).all(|(k, _)| k.1 == g);
+                let origin = br.origin().filter(|&(ob, og)| {
+                    cat.snaps.get(&(ob, og)).is_some_and(|s| s.flags & snap_flags::HIDDEN != 0) && cat.dependents(ob, og) == [b]
+                });
+                match origin {
+                    Some(o) if branch_goes => o,
+                    _ => break,
+                }
+            };
+            total += sh.pin_sweep(next.0, next.1, usize::MAX)?.data_blocks;
+            (b, g) = next;
+        }
+        Ok(total)
     }
 
     /// Snapshots of `vol` (or of every volume), oldest first.
