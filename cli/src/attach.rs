@@ -40,6 +40,11 @@ impl Device {
         self.0.stop().map_err(|e| error_chain(&e))
     }
 
+    /// Worker threads serving the queues.
+    pub fn threads(&self) -> u16 {
+        self.0.threads()
+    }
+
     /// A front end is connected.
     pub fn connected(&self) -> bool {
         self.0.connected()

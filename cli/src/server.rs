@@ -73,7 +73,6 @@ struct Attached {
     socket: PathBuf,
     num_queues: u16,
     queue_size: u16,
-    threads: u16,
     read_only: bool,
     device: attach::Device,
 }
@@ -114,7 +113,7 @@ impl DaemonState {
             num_queues: a.num_queues.into(),
             queue_size: a.queue_size.into(),
             read_only: a.read_only,
-            threads: a.threads.into(),
+            threads: a.device.threads().into(),
             connected: a.device.connected(),
             stats: Some(a.device.stats()),
             qos: Some(self.qos.info(a.volume_id, name)),
@@ -154,10 +153,9 @@ impl DaemonState {
             return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
         }
         let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
-        let threads = if threads == 0 { num_queues } else { threads };
         let device = attach::start(vol, socket, num_queues, queue_size, threads, self.qos.volume(info.id, &info.name))?;
         info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
-        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, threads, read_only, device };
+        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, device };
         let msg = self.attachment_of(&a, &info.name);
         devs.insert(info.id, a);
         Ok(msg)

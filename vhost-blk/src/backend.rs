@@ -463,7 +463,7 @@ impl BlkBackend {
     }
 
     /// The queue that is the `local`-th one of worker `thread`, if any.
-    fn queue_of(&self, thread: usize, local: usize) -> Option<usize> {
+    pub fn queue_of(&self, thread: usize, local: usize) -> Option<usize> {
         let q = thread + local * usize::from(self.threads());
         (q < usize::from(self.dev.num_queues)).then_some(q)
     }

@@ -187,9 +187,8 @@ fn serve_one(listener: &mut Listener, dev: &Arc<DevShared>, ctl: &Mutex<ConnCtl>
     let backend = Arc::new(BlkBackend::new(dev.clone(), mem.clone())?);
     let mut daemon = VhostUserDaemon::new(format!("vblk-fe-{}", short(&dev.name, 7)), backend.clone(), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
-    let threads = usize::from(backend.threads());
     for (t, h) in daemon.get_epoll_handlers().iter().enumerate() {
-        for (local, i) in (t..usize::from(dev.num_queues)).step_by(threads).enumerate() {
+        for (local, i) in (0..).map_while(|local| backend.queue_of(t, local)).enumerate() {
             let fd = backend.completion_fd(i).ok_or_else(|| Error::Daemon(format!("no queue {i}")))?;
             // Edge-triggered: every completion signal is an event, and the engine does not read
             // the eventfd on each reap (the queue was set up for it in BlkBackend::new).
@@ -271,6 +270,11 @@ impl Device {
     /// Request counters since start.
     pub fn stats(&self) -> DeviceStats {
         self.dev.stats.snapshot()
+    }
+
+    /// Worker threads serving the queues (`DeviceConfig::threads`, 0 resolved to one per queue).
+    pub fn threads(&self) -> u16 {
+        self.dev.threads
     }
 
     /// The QoS that admits this device's requests (change its limits live through it).
