@@ -43,6 +43,16 @@ impl Catalog {
     pub fn dependents(&self, b: u64, g: u64) -> Vec<u64> {
         self.branches.values().filter(|r| r.origin() == Some((b, g))).map(|r| r.id).collect()
     }
+    /// Branch `b` has no head and no snapshot record but (generation) `except`: once `except`
+    /// is gone too, `gc_branch` deletes it.
+    pub fn branch_collectable(&self, b: u64, except: Option<u64>) -> bool {
+        self.branches.get(&b).is_some_and(|r| r.head_volume == 0) && self.snaps.range((b, 0)..=(b, u64::MAX)).all(|(k, _)| Some(k.1) == except)
+    }
+    /// Snapshot (b, g) is hidden (deleted while it had dependents) and no branch but `except`
+    /// depends on it: once `except` is gone, `release_origin` removes it.
+    pub fn hidden_released(&self, b: u64, g: u64, except: Option<u64>) -> bool {
+        self.snaps.get(&(b, g)).is_some_and(|s| s.flags & snap_flags::HIDDEN != 0) && self.dependents(b, g).iter().all(|&d| Some(d) == except)
+    }
     /// Ancestors of branch `b`, nearest first.
     pub fn chain(&self, b: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
@@ -426,13 +436,11 @@ impl Pool {
         for _ in 0..100_000 {
             let next = {
                 let cat = lock(&sh.cat);
-                let Some(br) = cat.branches.get(&b) else { break };
-                let branch_goes = br.head_volume == 0 && cat.snaps.range((b, 0)..=(b, u64::MAX)).all(|(k, _)| k.1 == g);
-                let origin = br.origin().filter(|&(ob, og)| {
-                    cat.snaps.get(&(ob, og)).is_some_and(|s| s.flags & snap_flags::HIDDEN != 0) && cat.dependents(ob, og) == [b]
-                });
-                match origin {
-                    Some(o) if branch_goes => o,
+                if !cat.branch_collectable(b, Some(g)) {
+                    break;
+                }
+                match cat.branches.get(&b).and_then(|r| r.origin()) {
+                    Some((ob, og)) if cat.hidden_released(ob, og, Some(b)) => (ob, og),
                     _ => break,
                 }
             };
@@ -536,14 +544,13 @@ impl Pool {
 
     /// A branch with neither a head nor pins is deleted; then its origin may go too.
     fn gc_branch(&self, b: u64) -> Result<()> {
-        let (headless, pinless, origin) = {
+        let origin = {
             let cat = lock(&self.shared.cat);
-            let Some(r) = cat.branches.get(&b) else { return Ok(()) };
-            (r.head_volume == 0, cat.pins(b).is_empty() && cat.snaps.range((b, 0)..=(b, u64::MAX)).next().is_none(), r.origin())
+            if !cat.branch_collectable(b, None) {
+                return Ok(());
+            }
+            cat.branches.get(&b).and_then(|r| r.origin())
         };
-        if !(headless && pinless) {
-            return Ok(());
-        }
         self.delete_branch(b)?;
         if let Some((ob, og)) = origin {
             self.release_origin(ob, og)?;
@@ -555,9 +562,10 @@ impl Pool {
     fn release_origin(&self, ob: u64, og: u64) -> Result<()> {
         let rec = {
             let cat = lock(&self.shared.cat);
-            match cat.snaps.get(&(ob, og)) {
-                Some(s) if s.flags & snap_flags::HIDDEN != 0 && cat.dependents(ob, og).is_empty() => Some(s.clone()),
-                _ => None,
+            if cat.hidden_released(ob, og, None) {
+                cat.snaps.get(&(ob, og)).cloned()
+            } else {
+                None
             }
         };
         match rec {
