@@ -68,9 +68,9 @@ pub fn bench_dir() -> PathBuf {
     std::env::var("VBLK_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/var/tmp"))
 }
 
-/// The workspace root (parent of this package).
+/// The workspace root (see `vblk_tests::guest::workspace_root`).
 pub fn workspace_root() -> PathBuf {
-    vblk_tests::guest::manifest_dir().parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    vblk_tests::guest::workspace_root()
 }
 
 /// Bytes available to an unprivileged user on the file system holding `dir` (statvfs).

@@ -237,26 +237,22 @@ fn tail_lines(s: &str, n: usize) -> String {
 // ---------------------------------------------------------------------------
 // artifacts
 
-/// This crate's directory: cargo's `CARGO_MANIFEST_DIR` at run time (`cargo test` sets it),
-/// else the one it was compiled in. A test binary reused from a shared target directory
+/// The workspace root: the parent of cargo's run-time `CARGO_MANIFEST_DIR` (set for whichever
+/// workspace member runs, tests or benches; each is a directory of the root), else of the
+/// directory this crate was compiled in. A test binary reused from a shared target directory
 /// (`CARGO_TARGET_DIR` caches across checkouts, as in CI) may have been compiled in another
 /// checkout, which can be gone.
-pub fn manifest_dir() -> PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .filter(|d| Path::new(d).join("Cargo.toml").is_file())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
-
-/// The workspace root (parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    let manifest = manifest_dir();
-    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+    let compiled = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .and_then(|d| Path::new(&d).parent().map(Path::to_path_buf))
+        .filter(|root| root.join("tests").join("guest").join("build.sh").is_file())
+        .unwrap_or_else(|| compiled.parent().unwrap_or(compiled).to_path_buf())
 }
 
 /// `tests/guest` in the source tree.
 pub fn guest_src_dir() -> PathBuf {
-    manifest_dir().join("guest")
+    workspace_root().join("tests").join("guest")
 }
 
 /// The artifact cache directory: `$VBLK_GUEST_DIR`, else
