@@ -255,11 +255,7 @@ impl Bench {
             Server::VblkSnap => {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
                 d.cli(&["snap", "create", "cow@s"])?;
-                let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-                d.cli(&["attach", "cow", "--socket", s, "--queues", &EXPORT_QUEUES.to_string()])?;
-                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
-                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
-                d.cli(&["detach", "cow"])?;
+                let c = self.attached_cell(&d, "cow", &[], &sock, w, self.span, seed)?;
                 d.cli(&["snap", "delete", "cow@s"])?;
                 d.stop()?;
                 Ok(c)
@@ -274,11 +270,7 @@ impl Bench {
             }
             Server::VblkOneThread => {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
-                let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-                d.cli(&["attach", "full", "--socket", s, "--queues", &EXPORT_QUEUES.to_string(), "--threads", "1"])?;
-                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
-                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
-                d.cli(&["detach", "full"])?;
+                let c = self.attached_cell(&d, "full", &["--threads", "1"], &sock, w, self.span, seed)?;
                 d.stop()?;
                 Ok(c)
             }
@@ -298,16 +290,27 @@ impl Bench {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
                 let _ = d.cli(&["vol", "delete", "fresh"]);
                 d.cli(&["vol", "create", "fresh", &self.fresh_size.to_string()])?;
-                let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-                d.cli(&["attach", "fresh", "--socket", s, "--queues", &EXPORT_QUEUES.to_string()])?;
-                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
-                let c = self.blkio_cell(&sock, d.pid(), w, self.fresh_size, seed)?;
-                d.cli(&["detach", "fresh"])?;
+                let c = self.attached_cell(&d, "fresh", &[], &sock, w, self.fresh_size, seed)?;
                 d.cli(&["vol", "delete", "fresh"])?;
                 d.stop()?;
                 Ok(c)
             }
         }
+    }
+
+    /// Attach volume `vol` of daemon `d` at `sock` (`EXPORT_QUEUES` queues, `extra` attach
+    /// options), run the cell over it, detach.
+    #[allow(clippy::too_many_arguments)]
+    fn attached_cell(&self, d: &VblkDaemon, vol: &str, extra: &[&str], sock: &Path, w: &Workload, span: u64, seed: u64) -> Result<Cell> {
+        let s = sock.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+        let queues = EXPORT_QUEUES.to_string();
+        let mut args = vec!["attach", vol, "--socket", s, "--queues", &queues];
+        args.extend_from_slice(extra);
+        d.cli(&args)?;
+        vblk_tests::wait_for_socket(sock, Duration::from_secs(30))?;
+        let c = self.blkio_cell(sock, d.pid(), w, span, seed)?;
+        d.cli(&["detach", vol])?;
+        Ok(c)
     }
 
     fn blkio_cell(&self, sock: &Path, pid: u32, w: &Workload, span: u64, seed: u64) -> Result<Cell> {
