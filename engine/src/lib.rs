@@ -11,6 +11,7 @@ pub mod error;
 pub mod format;
 mod hugealloc;
 mod io;
+mod lba_table;
 mod pool;
 mod snap;
 mod volume;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::format::{map_key, MapEntry, MAP_KEY_LEN};
+use crate::lba_table::LbaTable;
 
 /// Hasher for block numbers: a keyed multiply-fold (as in foldhash / ahash's fallback), much
 /// cheaper than SipHash on the per-request path. Keys are guest-chosen block numbers, so the
@@ -36,6 +37,15 @@ impl Default for LbaHash {
             (u64::from_le_bytes(b[..8].try_into().unwrap_or([1; 8])), u64::from_le_bytes(b[8..].try_into().unwrap_or([2; 8])) | 1)
         });
         LbaHash { k0, k1 }
+    }
+}
+
+impl LbaHash {
+    /// The hash of one `u64` (what hashing it through [`LbaHasher`] gives).
+    #[inline]
+    pub fn hash_u64(&self, x: u64) -> u64 {
+        let m = ((x ^ self.k0) as u128).wrapping_mul((self.k1 ^ 0x9E37_79B9_7F4A_7C15) as u128);
+        (m as u64) ^ ((m >> 64) as u64)
     }
 }
 
@@ -154,15 +164,15 @@ const CACHE_SHARD_BITS: u32 = 2;
 const CACHE_SHARDS: usize = 1 << CACHE_SHARD_BITS;
 
 /// A volume's map cache (lba -> [`CVal`]), split by the lba's low bits into [`CACHE_SHARDS`]
-/// hash tables keyed by the rest. hashbrown grows a table by doubling it and holds the old and
-/// the new one while it moves the entries: with one table that was half again the volume's
-/// whole cache for a moment (a 14 MiB table growing from 7 MiB), and the daemon's peak RSS
-/// while writing rose above its budget by as much (`daemon_memory` bench). Split, a volume's
-/// cache grows a quarter at a time. Four, not more: a table of 2 MiB or more gets transparent
-/// huge pages ([`crate::HugePageAlloc`]), which the random probes of reads need.
+/// tables ([`LbaTable`]) keyed by the rest. A table grows by doubling and holds the old and the
+/// new array while it moves the entries: with one table that was half again the volume's whole
+/// cache for a moment (a 14 MiB table growing from 7 MiB), and the daemon's peak RSS while
+/// writing rose above its budget by as much (`daemon_memory` bench). Split, a volume's cache
+/// grows a quarter at a time. Four, not more: a table of 2 MiB or more gets transparent huge
+/// pages ([`crate::HugePageAlloc`]), which the random probes of reads need.
 #[derive(Default)]
 pub(crate) struct MapCache {
-    shards: [HashMap<u64, CVal, LbaHash>; CACHE_SHARDS],
+    shards: [LbaTable; CACHE_SHARDS],
 }
 
 impl MapCache {
@@ -172,12 +182,12 @@ impl MapCache {
 
     pub fn get(&self, lba: &u64) -> Option<&CVal> {
         let (s, k) = Self::split(*lba);
-        self.shards[s].get(&k)
+        self.shards[s].get(k)
     }
 
     pub fn get_mut(&mut self, lba: &u64) -> Option<&mut CVal> {
         let (s, k) = Self::split(*lba);
-        self.shards[s].get_mut(&k)
+        self.shards[s].get_mut(k)
     }
 
     pub fn contains_key(&self, lba: &u64) -> bool {
@@ -193,27 +203,20 @@ impl MapCache {
     /// table does not grow), else from another. False when the cache is empty.
     pub fn evict_for(&mut self, lba: u64) -> bool {
         let (first, _) = Self::split(lba);
-        for i in 0..CACHE_SHARDS {
-            let t = &mut self.shards[(first + i) % CACHE_SHARDS];
-            if let Some(&victim) = t.keys().next() {
-                t.remove(&victim);
-                return true;
-            }
-        }
-        false
+        (0..CACHE_SHARDS).any(|i| self.shards[(first + i) % CACHE_SHARDS].remove_any())
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
+        self.shards.iter().map(LbaTable::len).sum()
     }
 
     pub fn clear(&mut self) {
-        self.shards.iter_mut().for_each(HashMap::clear);
+        self.shards.iter_mut().for_each(LbaTable::clear);
     }
 
-    /// The tables' capacities (entries each can hold before it grows).
-    pub fn capacities(&self) -> impl Iterator<Item = usize> + '_ {
-        self.shards.iter().map(HashMap::capacity)
+    /// Bytes of the tables.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(LbaTable::bytes).sum()
     }
 }
 
@@ -227,10 +230,11 @@ pub(crate) struct CacheBudget {
 }
 
 impl CacheBudget {
-    /// Bytes one cached entry costs (hashbrown: 24 bytes of key and value and a control byte
-    /// per bucket, at a load between 7/16 and 7/8 after power-of-two growth). Measured 50.7
-    /// bytes per entry with 16 volumes sharing a full budget (`daemon_memory` bench): 52 keeps
-    /// the map cache within its half of `PoolOptions::cache_bytes`.
+    /// Bytes one cached entry costs ([`LbaTable`]: 24-byte slots at a load between 3/8 and 3/4
+    /// after power-of-two growth, 32 to 64 bytes per entry). With hashbrown (25 bytes per
+    /// bucket, load 7/16 to 7/8) 50.7 bytes per entry were measured with 16 volumes sharing a
+    /// full budget (`daemon_memory` bench); 52 keeps the map cache within its half of
+    /// `PoolOptions::cache_bytes`.
     pub const ENTRY_BYTES: usize = 52;
 }
 
@@ -434,7 +438,7 @@ mod tests {
         }
         assert_eq!(p.cache.len(), 1000);
         assert_eq!(budget.used.load(std::sync::atomic::Ordering::Relaxed), 1000);
-        let per_shard: Vec<usize> = p.cache.shards.iter().map(HashMap::len).collect();
+        let per_shard: Vec<usize> = p.cache.shards.iter().map(LbaTable::len).collect();
         assert!(per_shard.iter().all(|&n| (200..=300).contains(&n)), "tables stay balanced: {per_shard:?}");
         assert!(!p.complete);
         p.cache_clear(&budget);
