@@ -52,6 +52,7 @@ impl LbaTable {
     }
 
     /// Entries the table holds before it grows.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.slots.len() / 4 * 3
     }
@@ -158,6 +159,7 @@ impl LbaTable {
         }
     }
 
+    #[cfg(test)]
     pub fn remove(&mut self, key: u64) -> Option<CVal> {
         let i = self.find(key)?;
         let v = self.slots[i].val;

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use vblk_engine::{Completion, IoVec, ReqKind, Request, Volume};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::config::{self, BlkConfig};
+use crate::inflight::{InflightArea, InflightQueue};
 use crate::qos::{self, Admission, Dir, Io, LocalCounts, VolumeQos};
 use crate::request::{self, BlkOp, GuestSeg, ParsedRequest, RequestLimits, STATUS_IOERR, STATUS_OK};
 use crate::DeviceStats;
@@ -328,6 +329,12 @@ struct QueueWorker {
     qos_since: Option<u64>,
     /// Requests admitted since the counters were last published.
     qos_counts: LocalCounts,
+    /// This queue's region of the inflight area (INFLIGHT_SHMFD), once the queue started.
+    track: Option<InflightQueue>,
+    /// The ring was started on the inflight area (or found none); cleared when it stops.
+    tracked: bool,
+    /// Heads an earlier backend left in flight, run before new chains (oldest first).
+    resubmit: std::collections::VecDeque<u16>,
     /// A large bounce buffer kept for the next request that needs one (see `bounce_buf`).
     spare: Option<AlignedBuf>,
 }
@@ -403,12 +410,23 @@ pub(crate) struct BlkBackend {
     writeback: AtomicBool,
     /// Exit eventfds handed to vhost-user-backend (see `exit_event`), closed on drop.
     exit_fds: Mutex<Vec<RawFd>>,
+    /// The frontend's inflight area (GET/SET_INFLIGHT_FD), if it uses one.
+    inflight: Mutex<Option<Arc<InflightArea>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in another holder cannot leave the queue state inconsistent enough to matter
     // more than stopping the device would: keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl QueueWorker {
+    /// The ring stopped: its inflight region is taken up again when it starts.
+    fn stop_tracking(&mut self) {
+        self.track = None;
+        self.tracked = false;
+        self.resubmit.clear();
+    }
 }
 
 impl BlkBackend {
@@ -441,6 +459,9 @@ impl BlkBackend {
                     qos_waiting: false,
                     qos_since: None,
                     qos_counts: LocalCounts::default(),
+                    track: None,
+                    tracked: false,
+                    resubmit: Default::default(),
                     spare: None,
                 }));
             }
@@ -453,6 +474,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
             exit_fds: Mutex::new(Vec::new()),
+            inflight: Mutex::new(None),
         })
     }
 
@@ -537,6 +559,21 @@ impl BlkBackend {
             }
             // One io_uring_enter per few requests of this pass, not one per request.
             q.engine.0.plug();
+            // Chains an earlier backend left in flight go first (admitted by QoS then).
+            while let Some(head) = q.resubmit.pop_front() {
+                if q.inflight >= q.limit {
+                    q.resubmit.push_front(head);
+                    q.throttled = true;
+                    break;
+                }
+                let queue = vr.get_queue();
+                let descs = request::chain_at(&*mem, GuestAddress(queue.desc_table()), queue.size(), head);
+                let parsed = request::parse_descriptors(&*mem, head, descs, &limits);
+                if let Some(t) = &mut q.track {
+                    t.taken(head);
+                }
+                added |= self.start(q, &mut vr, &mem, parsed);
+            }
             loop {
                 if q.inflight >= q.limit {
                     q.throttled = true;
@@ -575,6 +612,9 @@ impl BlkBackend {
                     }
                     q.qos_counts.add(io);
                 }
+                if let Some(t) = &mut q.track {
+                    t.taken(parsed.head);
+                }
                 added |= self.start(q, &mut vr, &mem, parsed);
             }
             q.engine.0.unplug();
@@ -603,6 +643,37 @@ impl BlkBackend {
             Some(d) => self.qos_wait(q, d),
             None => self.qos_resumed(q),
         }
+    }
+
+    /// The queue runs (its first event since it started): take up its region of the inflight
+    /// area, and with it the chains an earlier backend left in flight (see [`crate::inflight`]).
+    fn start_tracking(&self, q: &mut QueueWorker, vring: &Vring) {
+        let Some(area) = lock(&self.inflight).clone() else {
+            q.tracked = true;
+            return;
+        };
+        let mut vr = vring.get_mut();
+        if !vr.get_queue().ready() {
+            return;
+        }
+        q.tracked = true;
+        let Some(mut t) = area.queue(q.index) else { return };
+        let mem = self.mem.memory();
+        let used = match vr.get_queue().used_idx(&*mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                tracing::warn!(queue = q.index, error = %e, "cannot read the used index: no inflight tracking");
+                return;
+            }
+        };
+        if let Some(r) = t.start(vr.get_queue().size(), used) {
+            if !r.resubmit.is_empty() {
+                tracing::info!(volume = %self.dev.name, queue = q.index, requests = r.resubmit.len(), "resubmitting requests in flight when the previous backend ended");
+            }
+            vr.get_queue_mut().set_next_avail(r.next_avail);
+            q.resubmit = r.resubmit.into();
+        }
+        q.track = Some(t);
     }
 
     /// Replace `mem` with the current guest memory map if the frontend changed it since `mem`
@@ -669,7 +740,7 @@ impl BlkBackend {
             Ok(op) => op,
             Err(e) => {
                 tracing::debug!(queue = q.index, head = p.head, req_type = ?p.req_type, error = %e, "request refused");
-                self.finish(q.index, vr, chain, e.status());
+                self.finish(q.index, q.track.as_ref(), vr, chain, e.status());
                 return true;
             }
         };
@@ -682,7 +753,7 @@ impl BlkBackend {
                 if buf.len > 0 {
                     let iov = if needs_bounce(&buf.iov) {
                         let Some(mut b) = q.bounce_buf(buf.len as usize) else {
-                            self.finish(q.index, vr, chain, STATUS_IOERR);
+                            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_IOERR);
                             return true;
                         };
                         let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
@@ -701,12 +772,12 @@ impl BlkBackend {
                 if buf.len > 0 {
                     let iov = if needs_bounce(&buf.iov) {
                         let Some(mut b) = q.bounce_buf(buf.len as usize) else {
-                            self.finish(q.index, vr, chain, STATUS_IOERR);
+                            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_IOERR);
                             return true;
                         };
                         let n = buf.len as usize;
                         if request::read_stream(&**mem, &buf.segs, 0, &mut b.as_mut_slice()[..n]).is_err() {
-                            self.finish(q.index, vr, chain, STATUS_IOERR);
+                            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_IOERR);
                             return true;
                         }
                         let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: n }];
@@ -730,12 +801,12 @@ impl BlkBackend {
                     Ok(_) => STATUS_OK,
                     Err(_) => STATUS_IOERR,
                 };
-                self.finish(q.index, vr, chain, status);
+                self.finish(q.index, q.track.as_ref(), vr, chain, status);
                 return true;
             }
             BlkOp::Discard(ranges) | BlkOp::WriteZeroes(ranges) if ranges.is_empty() => {
                 // Nothing to do (zero-length or sub-block discard).
-                self.finish(q.index, vr, chain, STATUS_OK);
+                self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_OK);
                 return true;
             }
             BlkOp::Discard(ranges) => {
@@ -760,7 +831,7 @@ impl BlkBackend {
         }
         if reqs.is_empty() {
             // A zero-length read or write.
-            self.finish(q.index, vr, chain, STATUS_OK);
+            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_OK);
             return true;
         }
         chain.parts = reqs.len() as u32;
@@ -835,7 +906,7 @@ impl BlkBackend {
         }
         match vr {
             Some(vr) => {
-                self.finish(q.index, vr, chain, status);
+                self.finish(q.index, q.track.as_ref(), vr, chain, status);
                 true
             }
             None => {
@@ -846,7 +917,7 @@ impl BlkBackend {
     }
 
     /// Write the status byte and put the chain on the used ring.
-    fn finish(&self, queue: u16, vr: &mut VringState<Gm>, chain: Chain, status: u8) {
+    fn finish(&self, queue: u16, track: Option<&InflightQueue>, vr: &mut VringState<Gm>, chain: Chain, status: u8) {
         self.dev.stats.record(chain.kind, chain.bytes, status == STATUS_OK);
         let used_len = match chain.status_addr {
             // One region lookup (vm-memory's `write_obj` on guest memory walks its region
@@ -862,8 +933,14 @@ impl BlkBackend {
             },
             None => 0,
         };
+        if let Some(t) = track {
+            t.before_used(chain.head);
+        }
         if let Err(e) = vr.add_used(chain.head, used_len) {
             tracing::warn!(queue, head = chain.head, error = %e, "cannot add to the used ring");
+        }
+        if let Some(t) = track {
+            t.after_used(chain.head, vr.get_queue().next_used());
         }
     }
 
@@ -1012,13 +1089,50 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, i: &VhostUserInflight) -> io::Result<(VhostUserInflight, std::fs::File)> {
+        if i.num_queues > self.dev.num_queues || i.queue_size > self.dev.queue_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "inflight area for {} queues of {} (device: {} queues of at most {})",
+                    i.num_queues, i.queue_size, self.dev.num_queues, self.dev.queue_size
+                ),
+            ));
+        }
+        let (area, file) = InflightArea::create(i.num_queues, i.queue_size)?;
+        let out = VhostUserInflight { mmap_size: area.len() as u64, mmap_offset: 0, num_queues: i.num_queues, queue_size: i.queue_size };
+        *lock(&self.inflight) = Some(Arc::new(area));
+        tracing::debug!(volume = %self.dev.name, queues = i.num_queues, size = i.queue_size, "inflight area created");
+        Ok((out, file))
+    }
+
+    fn set_inflight_fd(&self, i: &VhostUserInflight, file: std::fs::File) -> io::Result<()> {
+        if i.num_queues > self.dev.num_queues || i.queue_size > self.dev.queue_size {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("inflight area for {} queues of {}", i.num_queues, i.queue_size)));
+        }
+        let area = InflightArea::open(file, i.mmap_offset, i.mmap_size, i.num_queues, i.queue_size).inspect_err(|e| {
+            tracing::warn!(volume = %self.dev.name, error = %e, "inflight area refused");
+        })?;
+        *lock(&self.inflight) = Some(Arc::new(area));
+        for q in &self.queues {
+            lock(q).stop_tracking();
+        }
+        tracing::debug!(volume = %self.dev.name, queues = i.num_queues, size = i.queue_size, "inflight area set");
+        Ok(())
     }
 
     fn reset_device(&self) {
         tracing::debug!(volume = %self.dev.name, "device reset");
         for q in &self.queues {
-            self.drain(&mut lock(q), DrainMode::Discard);
+            let mut q = lock(q);
+            self.drain(&mut q, DrainMode::Discard);
+            q.stop_tracking();
         }
+        // The frontend drops its inflight area on a reset and asks for a new one.
+        lock(&self.inflight).take();
         self.writeback.store(true, Ordering::Relaxed);
         self.acked_features.store(0, Ordering::Relaxed);
     }
@@ -1092,6 +1206,7 @@ impl VhostUserBackend for BlkBackend {
                 tracing::debug!(queue = queue_index, inflight = q.inflight, "draining for vring stop");
             }
             self.drain(&mut q, DrainMode::Post);
+            q.stop_tracking();
         }
         Ok(())
     }
@@ -1116,6 +1231,9 @@ impl VhostUserBackend for BlkBackend {
         let mut q = lock(qm);
         if q.vring.is_none() {
             q.vring = Some(vring.clone());
+        }
+        if !q.tracked {
+            self.start_tracking(&mut q, vring);
         }
         match what {
             Ev::Kick => self.process_avail(&mut q, vring),

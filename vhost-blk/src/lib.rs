@@ -22,6 +22,7 @@
 pub mod config;
 mod backend;
 mod device;
+pub mod inflight;
 pub mod qos;
 pub mod request;
 

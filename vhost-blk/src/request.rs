@@ -195,6 +195,43 @@ where
     parse_descriptors(chain.memory(), head, chain.clone(), limits)
 }
 
+/// The descriptors of the chain whose head is `head`, read from the descriptor table at
+/// `table` of a queue of `queue_size` entries, indirect tables resolved: the walk of
+/// virtio-queue's `DescriptorChain`, for a chain that is not in the avail ring (one that an
+/// earlier backend left in flight, see [`crate::inflight`]). The chain ends where it breaks the
+/// rules (a head or next index past its table, more descriptors than the table holds, a nested
+/// or misaligned indirect table, unreadable memory); [`parse_descriptors`] then refuses what is
+/// left if it is not a whole request.
+pub fn chain_at<M>(mem: &M, table: GuestAddress, queue_size: u16, head: u16) -> Vec<Descriptor>
+where
+    M: GuestMemoryBackend + ?Sized,
+{
+    const DESC: u64 = 16;
+    let mut out = Vec::new();
+    let (mut table, mut size, mut idx) = (table, u32::from(queue_size), u32::from(head));
+    let mut ttl = size;
+    let mut indirect = false;
+    while ttl > 0 && idx < size {
+        ttl -= 1;
+        let Some(addr) = table.checked_add(u64::from(idx) * DESC) else { break };
+        let Ok(d) = mem.read_obj::<Descriptor>(addr) else { break };
+        if d.refers_to_indirect_table() {
+            if indirect || u64::from(d.len()) % DESC != 0 || u64::from(d.len()) / DESC > u64::from(u16::MAX) {
+                break;
+            }
+            (table, size, idx, indirect) = (d.addr(), d.len() / DESC as u32, 0, true);
+            ttl = size;
+            continue;
+        }
+        out.push(d);
+        if !d.has_next() {
+            break;
+        }
+        idx = u32::from(d.next());
+    }
+    out
+}
+
 /// [`parse_request`] over any sequence of descriptors (the fuzzing entry point: no queue
 /// needed). `descs` is the chain in order, indirect tables already resolved.
 pub fn parse_descriptors<M, I>(mem: &M, head: u16, descs: I, limits: &RequestLimits) -> ParsedRequest

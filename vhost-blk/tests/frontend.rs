@@ -3,7 +3,8 @@
 //! chains, and GET_VRING_BASE draining in-flight requests.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ mod common;
 use common::threads_named;
 use vblk_engine::{create_pool, CreateOptions, Pool, PoolOptions};
 use vblk_vhost::{start, Device, DeviceConfig};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
@@ -21,6 +22,11 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 type Mem = GuestMemoryMmap<()>;
+
+thread_local! {
+    /// The inflight area of the last `connect_full` with one (the frontend keeps it).
+    static INFLIGHT_FILE: RefCell<Option<File>> = const { RefCell::new(None) };
+}
 
 const MEM_SIZE: usize = 32 << 20;
 const QSIZE: u16 = 256;
@@ -81,7 +87,21 @@ impl Driver {
     }
 
     fn connect_with(f: &Fixture, qsize: u16) -> Driver {
-        let mem = guest_memory();
+        Driver::connect_full(f, qsize, guest_memory(), 0, None, |_| {})
+    }
+
+    /// Connect with guest memory `mem` (its ring may hold chains already), ring base `base`,
+    /// and, with `inflight`, the inflight area: `Some(None)` asks the backend for a new one,
+    /// `Some(Some(file))` hands it this one. `prepare` runs on the area before it is handed
+    /// over (the test playing the earlier backend).
+    fn connect_full(
+        f: &Fixture,
+        qsize: u16,
+        mem: Mem,
+        base: u16,
+        inflight: Option<Option<File>>,
+        prepare: impl FnOnce(&File),
+    ) -> Driver {
         let mut fe = Frontend::connect(&f.socket, 1).unwrap();
         fe.set_owner().unwrap();
         let features = fe.get_features().unwrap();
@@ -98,6 +118,18 @@ impl Driver {
         assert_eq!(fe.get_queue_num().unwrap(), 1);
         let region = mem.find_region(GuestAddress(0)).unwrap();
         fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()]).unwrap();
+        if let Some(area) = inflight {
+            assert!(proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+            let want = VhostUserInflight { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: qsize };
+            let (info, file) = match area {
+                Some(file) => (VhostUserInflight { mmap_size: file.metadata().unwrap().len(), ..want }, file),
+                None => fe.get_inflight_fd(&want).unwrap(),
+            };
+            assert_eq!(info.mmap_size, vblk_vhost::inflight::queue_region_size(qsize) as u64);
+            prepare(&file);
+            fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+            INFLIGHT_FILE.with(|c| *c.borrow_mut() = Some(file));
+        }
         let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
         fe.set_vring_num(0, qsize).unwrap();
         fe.set_vring_addr(
@@ -113,13 +145,14 @@ impl Driver {
             },
         )
         .unwrap();
-        fe.set_vring_base(0, 0).unwrap();
+        fe.set_vring_base(0, base.into()).unwrap();
         let kick = EventFd::new(0).unwrap();
         let call = EventFd::new(0).unwrap();
         fe.set_vring_call(0, &call).unwrap();
         fe.set_vring_kick(0, &kick).unwrap();
         fe.set_vring_enable(0, true).unwrap();
-        Driver { mem, fe, kick, _call: call, qsize, next_desc: 0, avail_idx: 0, used_seen: 0 }
+        let avail_idx = u16::from_le(mem.read_obj(GuestAddress(AVAIL + 2)).unwrap());
+        Driver { mem, fe, kick, _call: call, qsize, next_desc: avail_idx % qsize, avail_idx, used_seen: base }
     }
 
     /// Post an existing chain again (a misbehaving driver re-offering a head in flight).
@@ -134,28 +167,7 @@ impl Driver {
 
     /// Add a chain of (guest address, length, device-writable) and return its head.
     fn add(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in descs.iter().enumerate() {
-            let idx = (self.next_desc + i as u16) % self.qsize;
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            let next = (idx + 1) % self.qsize;
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let a = GuestAddress(DESC + 16 * u64::from(idx));
-            self.mem.write_obj(addr.to_le(), a).unwrap();
-            self.mem.write_obj(len.to_le(), GuestAddress(a.0 + 8)).unwrap();
-            self.mem.write_obj(flags.to_le(), GuestAddress(a.0 + 12)).unwrap();
-            self.mem.write_obj(next.to_le(), GuestAddress(a.0 + 14)).unwrap();
-        }
-        self.next_desc = (self.next_desc + descs.len() as u16) % self.qsize;
-        let slot = u64::from(self.avail_idx % self.qsize);
-        self.mem.write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * slot)).unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL + 2)).unwrap();
-        fence(Ordering::SeqCst);
-        head
+        ring_add(&self.mem, self.qsize, &mut self.next_desc, &mut self.avail_idx, descs)
     }
 
     fn kick(&self) {
@@ -186,9 +198,7 @@ impl Driver {
     }
 
     fn header(&self, at: u64, t: u32, sector: u64) {
-        self.mem.write_obj(t.to_le(), GuestAddress(at)).unwrap();
-        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
-        self.mem.write_obj(sector.to_le(), GuestAddress(at + 8)).unwrap();
+        write_header(&self.mem, at, t, sector);
     }
 
     fn status(&self, at: u64) -> u8 {
@@ -200,6 +210,40 @@ impl Driver {
         let (_, data) = self.fe.get_config(0, 96, VhostUserConfigFlags::WRITABLE, &buf).unwrap();
         data
     }
+}
+
+/// Write a request header at `at`.
+fn write_header(mem: &Mem, at: u64, t: u32, sector: u64) {
+    mem.write_obj(t.to_le(), GuestAddress(at)).unwrap();
+    mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+    mem.write_obj(sector.to_le(), GuestAddress(at + 8)).unwrap();
+}
+
+/// Put a chain of (guest address, length, device-writable) into the split ring in `mem` at
+/// descriptors from `next_desc`, publish it at `avail_idx`; returns its head.
+fn ring_add(mem: &Mem, qsize: u16, next_desc: &mut u16, avail_idx: &mut u16, descs: &[(u64, u32, bool)]) -> u16 {
+    let head = *next_desc;
+    for (i, &(addr, len, write)) in descs.iter().enumerate() {
+        let idx = (*next_desc + i as u16) % qsize;
+        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        let next = (idx + 1) % qsize;
+        if i + 1 < descs.len() {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        let a = GuestAddress(DESC + 16 * u64::from(idx));
+        mem.write_obj(addr.to_le(), a).unwrap();
+        mem.write_obj(len.to_le(), GuestAddress(a.0 + 8)).unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(a.0 + 12)).unwrap();
+        mem.write_obj(next.to_le(), GuestAddress(a.0 + 14)).unwrap();
+    }
+    *next_desc = (*next_desc + descs.len() as u16) % qsize;
+    let slot = u64::from(*avail_idx % qsize);
+    mem.write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * slot)).unwrap();
+    fence(Ordering::SeqCst);
+    *avail_idx = avail_idx.wrapping_add(1);
+    mem.write_obj(avail_idx.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+    fence(Ordering::SeqCst);
+    head
 }
 
 const HDR: u64 = 0x10_0000;
@@ -501,4 +545,86 @@ fn large_unaligned_buffers_through_a_reused_bounce_buffer() {
         // Never written: zeros, through the buffer that just held this round's data.
         assert!(read_back(&mut d, 60_000, 300 << 10).iter().all(|&b| b == 0), "round {round}: a hole did not read as zeros");
     }
+}
+
+/// Write a little-endian integer at `off` of the inflight area file.
+fn poke(f: &File, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(bytes, off).unwrap();
+}
+
+/// INFLIGHT_SHMFD: a backend started on an inflight area that an earlier backend left with
+/// requests in flight runs exactly those again, oldest first and without a kick, continues
+/// the ring after them, and does not run a request that had completed.
+#[test]
+fn inflight_area_resubmits_what_an_earlier_backend_left_in_flight() {
+    let mut f = fixture();
+    // First connection: the backend creates the area; the driver does one write through it.
+    let mut d = Driver::connect_full(&f, QSIZE, guest_memory(), 0, Some(None), |_| {});
+    let area = INFLIGHT_FILE.with(|c| c.borrow_mut().take()).expect("an inflight area");
+    d.header(HDR, VIRTIO_BLK_T_OUT, 64);
+    d.mem.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
+    d.add(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    assert_eq!(d.next_desc, 3);
+    d.kick();
+    assert_eq!(d.wait_used(1), vec![(0, 1)]);
+    let mem = d.mem.clone();
+    drop(d);
+    let t0 = Instant::now();
+    while f.dev.as_ref().unwrap().connected() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // The ring as the backend of a second connection left it when it died: three more writes
+    // taken (avail index 4); the middle one completed and is on the used ring (used index 2),
+    // but the backend died before clearing it in the area.
+    let (mut next_desc, mut avail_idx) = (3u16, 1u16);
+    let mut heads = Vec::new();
+    for (i, fill) in [(1u64, 0xa1u8), (2, 0xb2), (3, 0xc3)] {
+        write_header(&mem, HDR + 0x100 * i, VIRTIO_BLK_T_OUT, 8 * i);
+        mem.write_slice(&[fill; 512], GuestAddress(DATA + 0x1000 * i)).unwrap();
+        let chain = [(HDR + 0x100 * i, 16, false), (DATA + 0x1000 * i, 512, false), (STATUS + i, 1, true)];
+        heads.push(ring_add(&mem, QSIZE, &mut next_desc, &mut avail_idx, &chain));
+    }
+    mem.write_obj(u32::from(heads[1]).to_le(), GuestAddress(USED + 4 + 8)).unwrap();
+    mem.write_obj(1u32.to_le(), GuestAddress(USED + 4 + 8 + 4)).unwrap();
+    mem.write_obj(2u16.to_le(), GuestAddress(USED + 2)).unwrap();
+    let prepare = |a: &File| {
+        // Region header: version 1, desc_num, last_batch_head = heads[1], used_idx 1 (stale).
+        poke(a, 8, &1u16.to_le_bytes());
+        poke(a, 10, &QSIZE.to_le_bytes());
+        poke(a, 12, &heads[1].to_le_bytes());
+        poke(a, 14, &1u16.to_le_bytes());
+        // All three marked in flight, taken in the order heads[2], heads[0], heads[1].
+        for (&h, counter) in heads.iter().zip([6u64, 7, 5]) {
+            let at = 16 + 16 * u64::from(h);
+            poke(a, at, &[1]);
+            poke(a, at + 8, &counter.to_le_bytes());
+        }
+    };
+    // QEMU restarts the ring at the used index (the dead backend cannot tell it the avail one).
+    let mut d = Driver::connect_full(&f, QSIZE, mem.clone(), 2, Some(Some(area)), prepare);
+    // No kick: the backend resubmits on start (oldest first; they may complete in any order).
+    let mut done = d.wait_used(2);
+    done.sort_unstable();
+    assert_eq!(done, vec![(u32::from(heads[0]), 1), (u32::from(heads[2]), 1)]);
+    assert_eq!((d.status(STATUS + 1), d.status(STATUS + 3)), (0, 0));
+    // The ring goes on after the taken chains; read back what each write left.
+    let read = |d: &mut Driver, sector: u64| -> Vec<u8> {
+        d.header(HDR + 0x800, VIRTIO_BLK_T_IN, sector);
+        d.add(&[(HDR + 0x800, 16, false), (DATA + 0x10_0000, 512, true), (STATUS + 0x80, 1, true)]);
+        d.kick();
+        d.wait_used(1);
+        assert_eq!(d.status(STATUS + 0x80), 0);
+        let mut b = vec![0u8; 512];
+        d.mem.read_slice(&mut b, GuestAddress(DATA + 0x10_0000)).unwrap();
+        b
+    };
+    assert_eq!(read(&mut d, 64), vec![0x11; 512], "the first connection's write");
+    assert_eq!(read(&mut d, 8), vec![0xa1; 512], "resubmitted");
+    assert_eq!(read(&mut d, 16), vec![0; 512], "completed before the restart: not run again");
+    assert_eq!(read(&mut d, 24), vec![0xc3; 512], "resubmitted");
+    drop(d);
+    f.dev.take().unwrap().stop().unwrap();
 }
