@@ -103,6 +103,12 @@ impl GuestRun {
     }
 }
 
+/// Scenarios that run fio in the guest: those named fio*, and `reconnect` (writes in flight
+/// across the daemon's restart).
+fn needs_fio(scenario: &str) -> bool {
+    scenario.starts_with("fio") || scenario == "reconnect"
+}
+
 impl Default for GuestRun {
     fn default() -> Self {
         GuestRun::new("info", Vec::new())
@@ -404,8 +410,8 @@ pub fn qemu_args(run: &GuestRun, art: &GuestArtifacts) -> Vec<String> {
         "-kernel".to_string(),
         art.kernel.display().to_string(),
         "-initrd".to_string(),
-        // Scenarios named fio* boot the initramfs that also carries fio (see build.sh).
-        if run.scenario.starts_with("fio") {
+        // Scenarios that run fio boot the initramfs that also carries it (see build.sh).
+        if needs_fio(&run.scenario) {
             art.dir.join("initramfs-fio.cpio.gz").display().to_string()
         } else {
             art.initrd.display().to_string()

@@ -38,6 +38,7 @@ const SET_VRING_ENABLE: u32 = 18;
 const GET_CONFIG: u32 = 24;
 const SET_CONFIG: u32 = 25;
 const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
 const RESET_DEVICE: u32 = 34;
 const GET_MAX_MEM_SLOTS: u32 = 36;
 const ADD_MEM_REG: u32 = 37;
@@ -400,6 +401,38 @@ fn malformed_vhost_user_messages_do_not_hurt_the_daemon_or_other_volumes() {
         r.finish();
         env.check(&format!("request {req} without its protocol feature"));
     }
+    // --- The inflight area (INFLIGHT_SHMFD) with bad sizes, offsets and files. -----------------
+    // Payload: mmap_size u64, mmap_offset u64, num_queues u16, queue_size u16, 4 bytes padding.
+    let inflight = |size: u64, off: u64, nq: u16, qs: u16| -> Vec<u8> {
+        [&size.to_le_bytes()[..], &off.to_le_bytes(), &nq.to_le_bytes(), &qs.to_le_bytes(), &[0u8; 4]].concat()
+    };
+    let small = memfd(4096);
+    let cases: Vec<(&str, u32, Vec<u8>, Vec<RawFd>)> = vec![
+        ("GET_INFLIGHT_FD for 65535 queues of 32768", GET_INFLIGHT_FD, inflight(0, 0, u16::MAX, 32768), vec![]),
+        ("GET_INFLIGHT_FD for no queue", GET_INFLIGHT_FD, inflight(0, 0, 0, 256), vec![]),
+        ("GET_INFLIGHT_FD for empty queues", GET_INFLIGHT_FD, inflight(0, 0, 1, 0), vec![]),
+        ("SET_INFLIGHT_FD larger than its file", SET_INFLIGHT_FD, inflight(MIB, 0, 1, 256), vec![small.as_raw_fd()]),
+        ("SET_INFLIGHT_FD past the end of its file", SET_INFLIGHT_FD, inflight(4096, 1 << 30, 1, 16), vec![small.as_raw_fd()]),
+        ("SET_INFLIGHT_FD at an unaligned offset", SET_INFLIGHT_FD, inflight(4096, 100, 1, 16), vec![small.as_raw_fd()]),
+        ("SET_INFLIGHT_FD of u64::MAX bytes", SET_INFLIGHT_FD, inflight(u64::MAX, 0, 1, 16), vec![small.as_raw_fd()]),
+        ("SET_INFLIGHT_FD too small for its queues", SET_INFLIGHT_FD, inflight(64, 0, 1, 256), vec![small.as_raw_fd()]),
+        ("SET_INFLIGHT_FD without its fd", SET_INFLIGHT_FD, inflight(4096, 0, 1, 16), vec![]),
+    ];
+    for (what, req, payload, fds) in cases {
+        let mut r = env.raw();
+        let f = r.features().expect("GET_FEATURES");
+        r.msg(SET_OWNER, &[], &[]).unwrap();
+        r.msg(SET_FEATURES, &u64p(f), &[]).unwrap();
+        r.msg(GET_PROTOCOL_FEATURES, &[], &[]).unwrap();
+        let (_, _, p) = r.reply().expect("GET_PROTOCOL_FEATURES reply");
+        let proto = u64::from_le_bytes(p[..8].try_into().unwrap());
+        assert_ne!(proto & (1 << 12), 0, "INFLIGHT_SHMFD offered");
+        r.msg(SET_PROTOCOL_FEATURES, &u64p(1 << 12), &[]).unwrap();
+        let _ = r.msg(req, &payload, &fds);
+        r.finish();
+        env.check(what);
+    }
+
     // Fds attached to a request that takes none.
     let efd = eventfd();
     let mut r = env.raw();
