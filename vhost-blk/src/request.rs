@@ -208,11 +208,11 @@ where
 {
     const DESC: u64 = 16;
     let mut out = Vec::new();
-    let (mut table, mut size, mut idx) = (table, u32::from(queue_size), u32::from(head));
-    let mut ttl = size;
+    let (mut table, mut size, mut idx, mut ttl) = (table, u32::from(queue_size), u32::from(head), u32::from(queue_size));
     let mut indirect = false;
+    // A chain longer than 2^32 bytes is illegal (virtio 1.2, 2.7.5.2): it ends there.
+    let mut bytes: u32 = 0;
     while ttl > 0 && idx < size {
-        ttl -= 1;
         let Some(addr) = table.checked_add(u64::from(idx) * DESC) else { break };
         let Ok(d) = mem.read_obj::<Descriptor>(addr) else { break };
         if d.refers_to_indirect_table() {
@@ -223,11 +223,14 @@ where
             ttl = size;
             continue;
         }
+        let Some(b) = bytes.checked_add(d.len()) else { break };
+        bytes = b;
         out.push(d);
         if !d.has_next() {
             break;
         }
         idx = u32::from(d.next());
+        ttl -= 1;
     }
     out
 }

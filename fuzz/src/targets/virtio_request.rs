@@ -29,7 +29,8 @@
 //! the writable stream minus the status byte, write data = the readable stream minus the header,
 //! no writes, discards or write-zeroes on a read-only device, discard ranges whole 4 KiB blocks.
 //! In queue mode the chain walked by virtio-queue must parse the same through `parse_request`
-//! and `parse_descriptors`.
+//! and `parse_descriptors`, and `request::chain_at` (the walker for chains resubmitted from the
+//! inflight area) must yield the same descriptors.
 
 use vblk_vhost::request::{
     self, parse_descriptors, parse_request, BlkOp, ParsedRequest, RequestError, RequestLimits, MAX_IOVECS,
@@ -309,6 +310,11 @@ fn run_queue(inp: &Input, mem: &Mem, limits: &RequestLimits) {
     let head = chain.head_index();
     assert_eq!(head, inp.head % qsize);
     let descs: Vec<Descriptor> = chain.clone().collect();
+    // The walker for chains resubmitted from the inflight area must walk exactly as
+    // virtio-queue's does.
+    let key = |d: &Descriptor| (d.addr().raw_value(), d.len(), d.flags(), d.next());
+    let walked: Vec<_> = request::chain_at(mem, GuestAddress(table), qsize, head).iter().map(key).collect();
+    assert_eq!(walked, descs.iter().map(key).collect::<Vec<_>>(), "chain_at and virtio-queue walk differently");
     let before = snapshot(mem);
     let p = parse_request(chain, limits);
     assert!(snapshot(mem) == before, "the parser wrote guest memory");
