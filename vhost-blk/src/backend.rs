@@ -1103,7 +1103,7 @@ impl VhostUserBackend for BlkBackend {
             ));
         }
         let (area, file) = InflightArea::create(i.num_queues, i.queue_size)?;
-        let out = VhostUserInflight { mmap_size: area.len() as u64, mmap_offset: 0, num_queues: i.num_queues, queue_size: i.queue_size };
+        let out = VhostUserInflight { mmap_size: area.bytes() as u64, mmap_offset: 0, num_queues: i.num_queues, queue_size: i.queue_size };
         *lock(&self.inflight) = Some(Arc::new(area));
         tracing::debug!(volume = %self.dev.name, queues = i.num_queues, size = i.queue_size, "inflight area created");
         Ok((out, file))

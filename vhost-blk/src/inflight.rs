@@ -105,7 +105,7 @@ impl InflightArea {
         if len < need {
             return Err(bad(format!("area of {len} bytes, {num_queues} queues of {queue_size} need {need}")));
         }
-        if offset % page_size() != 0 {
+        if !offset.is_multiple_of(page_size()) {
             return Err(bad(format!("area offset {offset} is not page-aligned")));
         }
         // The file must hold the mapping: touching a page past its end would be a SIGBUS.
@@ -130,7 +130,7 @@ impl InflightArea {
     }
 
     /// Bytes of the area.
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.len
     }
 
