@@ -231,10 +231,11 @@ pub(crate) struct CacheBudget {
 
 impl CacheBudget {
     /// Bytes one cached entry costs ([`LbaTable`]: 24-byte slots at a load between 3/8 and 3/4
-    /// after power-of-two growth, 32 to 64 bytes per entry). With hashbrown (25 bytes per
-    /// bucket, load 7/16 to 7/8) 50.7 bytes per entry were measured with 16 volumes sharing a
-    /// full budget (`daemon_memory` bench); 52 keeps the map cache within its half of
-    /// `PoolOptions::cache_bytes`.
+    /// after power-of-two growth, 32 to 64 bytes per entry). Measured with 16 volumes sharing a
+    /// full budget (`daemon_memory` bench): 48.7 bytes per entry (50.7 with hashbrown before);
+    /// 52 keeps the map cache within its half of `PoolOptions::cache_bytes` on average. The
+    /// worst case, every table just doubled, is 64 (a fifth over), for as long as the tables
+    /// take to fill again.
     pub const ENTRY_BYTES: usize = 52;
 }
 

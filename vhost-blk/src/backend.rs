@@ -936,11 +936,13 @@ impl BlkBackend {
         if let Some(t) = track {
             t.before_used(chain.head);
         }
-        if let Err(e) = vr.add_used(chain.head, used_len) {
-            tracing::warn!(queue, head = chain.head, error = %e, "cannot add to the used ring");
-        }
-        if let Some(t) = track {
-            t.after_used(chain.head, vr.get_queue().next_used());
+        match vr.add_used(chain.head, used_len) {
+            Ok(()) => {
+                if let Some(t) = track {
+                    t.after_used(chain.head, vr.get_queue().next_used());
+                }
+            }
+            Err(e) => tracing::warn!(queue, head = chain.head, error = %e, "cannot add to the used ring"),
         }
     }
 
@@ -1113,26 +1115,34 @@ impl VhostUserBackend for BlkBackend {
         if i.num_queues > self.dev.num_queues || i.queue_size > self.dev.queue_size {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("inflight area for {} queues of {}", i.num_queues, i.queue_size)));
         }
+        // Only between rings: chains a running ring has in flight are not in a new area, and
+        // starting on it would take them again.
+        if self.queues.iter().any(|q| lock(q).tracked) {
+            tracing::warn!(volume = %self.dev.name, "inflight area refused: a ring is running");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "SET_INFLIGHT_FD while a ring is running"));
+        }
         let area = InflightArea::open(file, i.mmap_offset, i.mmap_size, i.num_queues, i.queue_size).inspect_err(|e| {
             tracing::warn!(volume = %self.dev.name, error = %e, "inflight area refused");
         })?;
         *lock(&self.inflight) = Some(Arc::new(area));
-        for q in &self.queues {
-            lock(q).stop_tracking();
-        }
         tracing::debug!(volume = %self.dev.name, queues = i.num_queues, size = i.queue_size, "inflight area set");
         Ok(())
     }
 
     fn reset_device(&self) {
         tracing::debug!(volume = %self.dev.name, "device reset");
+        // The frontend drops its inflight area on a reset and asks for a new one. Taken first,
+        // so that no worker takes it up again meanwhile.
+        lock(&self.inflight).take();
         for q in &self.queues {
             let mut q = lock(q);
             self.drain(&mut q, DrainMode::Discard);
+            // The discarded chains were never completed: leave no trace of them in the area.
+            if let Some(t) = q.track.as_mut() {
+                t.discard();
+            }
             q.stop_tracking();
         }
-        // The frontend drops its inflight area on a reset and asks for a new one.
-        lock(&self.inflight).take();
         self.writeback.store(true, Ordering::Relaxed);
         self.acked_features.store(0, Ordering::Relaxed);
     }

@@ -81,13 +81,15 @@ impl InflightArea {
         }
         let len = usize::from(num_queues) * queue_region_size(queue_size);
         // SAFETY: memfd_create with a valid NUL-terminated name; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"vblk-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"vblk-inflight".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: fd is a new file descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64)?;
+        // Its size is fixed from now on (as libvhost-user seals its areas): see `open`.
+        seal(&file, libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL)?;
         let other = file.try_clone()?;
         let area = Self::map(file, 0, len, num_queues, queue_size)?;
         Ok((area, other))
@@ -108,7 +110,14 @@ impl InflightArea {
         if !offset.is_multiple_of(page_size()) {
             return Err(bad(format!("area offset {offset} is not page-aligned")));
         }
-        // The file must hold the mapping: touching a page past its end would be a SIGBUS.
+        // The file must hold the mapping, and keep holding it: touching a page past its end
+        // would be a SIGBUS, which kills the daemon with every volume. So the file must be
+        // sealed against shrinking (a memfd from GET_INFLIGHT_FD is; else seal it now).
+        // SAFETY: fcntl F_GET_SEALS on a valid fd; no memory effects.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            seal(&file, libc::F_SEAL_SHRINK).map_err(|e| bad(format!("the area's file cannot be sealed against shrinking: {e}")))?;
+        }
         let size = file.metadata()?.len();
         if offset.checked_add(need as u64).is_none_or(|end| end > size) {
             return Err(bad(format!("area of {need} bytes at {offset} in a file of {size}")));
@@ -139,10 +148,20 @@ impl InflightArea {
         (index < self.num_queues).then(|| InflightQueue {
             area: Arc::clone(self),
             offset: usize::from(index) * queue_region_size(self.queue_size),
-            desc_num: self.queue_size,
+            cap: self.queue_size,
+            desc_num: 0,
             counter: 0,
         })
     }
+}
+
+/// Add `seals` to a memfd.
+fn seal(file: &File, seals: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: fcntl F_ADD_SEALS on a valid fd; no memory effects.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn page_size() -> u64 {
@@ -164,7 +183,10 @@ pub struct Recovered {
 pub struct InflightQueue {
     area: Arc<InflightArea>,
     offset: usize,
-    /// Entries of the region (the area's queue size).
+    /// Entries the region has room for (the area's queue size).
+    cap: u16,
+    /// Entries in use: the ring's size (at most `cap`), set by [`start`](Self::start); heads
+    /// at or above it are never tracked.
     desc_num: u16,
     /// The next chain's counter.
     counter: u64,
@@ -204,21 +226,24 @@ impl InflightQueue {
 
     /// Start the queue on this region: `queue_size` is the ring's size, `ring_used` its used
     /// index in guest memory. Returns the heads to resubmit and the next avail index, or
-    /// `None` when the region held no state (a fresh start: the ring's own indexes stand).
+    /// `None` when the region held no state for a ring of this size (a fresh start: the ring's
+    /// own indexes stand). A ring larger than the region cannot be tracked: then every head is
+    /// left untracked (and a warning logged).
     pub fn start(&mut self, queue_size: u16, ring_used: u16) -> Option<Recovered> {
-        let fresh = self.version().load(Ordering::Acquire) == 0;
-        let fits = queue_size == self.desc_num && self.desc_num_field().load(Ordering::Relaxed) == self.desc_num;
-        if fresh || !fits || queue_size == 0 {
-            if !fresh {
-                tracing::warn!(
-                    region = self.desc_num_field().load(Ordering::Relaxed),
-                    queue = queue_size,
-                    "inflight region does not match the queue; starting it afresh"
-                );
-            }
-            self.reset(queue_size.min(self.desc_num));
+        if queue_size == 0 || queue_size > self.cap {
+            tracing::warn!(ring = queue_size, region = self.cap, "inflight region too small for the ring: not tracked");
+            self.desc_num = 0;
             return None;
         }
+        let stored = self.desc_num_field().load(Ordering::Relaxed);
+        if self.version().load(Ordering::Acquire) == 0 || stored != queue_size {
+            if self.version().load(Ordering::Relaxed) != 0 {
+                tracing::warn!(region = stored, ring = queue_size, "inflight region is for another ring size; starting it afresh");
+            }
+            self.reset(queue_size, ring_used);
+            return None;
+        }
+        self.desc_num = queue_size;
         if self.used_idx().load(Ordering::Relaxed) != ring_used {
             // The last chain reached the used ring but was not cleared here.
             let h = self.last_batch_head().load(Ordering::Relaxed);
@@ -238,18 +263,31 @@ impl InflightQueue {
         Some(Recovered { next_avail: ring_used.wrapping_add(n), resubmit: heads.into_iter().map(|(_, h)| h).collect() })
     }
 
-    fn reset(&mut self, desc_num: u16) {
-        for h in 0..self.desc_num {
+    /// Start the region afresh for a ring of `desc_num` entries whose used index is `used`.
+    fn reset(&mut self, desc_num: u16, used: u16) {
+        self.desc_num = desc_num;
+        self.clear_descs();
+        self.desc_num_field().store(desc_num, Ordering::Relaxed);
+        self.last_batch_head().store(0, Ordering::Relaxed);
+        self.used_idx().store(used, Ordering::Relaxed);
+        self.version().store(INFLIGHT_VERSION, Ordering::Release);
+        self.counter = 0;
+    }
+
+    fn clear_descs(&self) {
+        for h in 0..self.cap {
             self.flag(h).store(0, Ordering::Relaxed);
             self.next(h).store(0, Ordering::Relaxed);
             self.counter(h).store(0, Ordering::Relaxed);
         }
-        self.desc_num = desc_num;
-        self.desc_num_field().store(desc_num, Ordering::Relaxed);
-        self.last_batch_head().store(0, Ordering::Relaxed);
-        self.used_idx().store(0, Ordering::Relaxed);
-        self.version().store(INFLIGHT_VERSION, Ordering::Release);
-        self.counter = 0;
+    }
+
+    /// The device was reset: what was in flight was dropped, not completed. Leave the region
+    /// fresh, so that a frontend handing this area back resubmits nothing from before.
+    pub fn discard(&mut self) {
+        self.version().store(0, Ordering::Release);
+        self.clear_descs();
+        self.desc_num = 0;
     }
 
     /// A chain was taken from the avail ring.
@@ -337,17 +375,28 @@ mod tests {
         let (a, f) = InflightArea::create(1, 8).expect("create");
         let a = Arc::new(a);
         let mut q = a.queue(0).expect("queue");
-        q.start(8, 0);
+        assert_eq!(q.start(8, 0), None);
         q.taken(4);
         drop(q);
-        // The ring is now smaller than the region says: no resubmits, the state is cleared.
+        // A driver may pick a ring smaller than the area's queue size: recovery works on it.
         let mut q = a.queue(0).expect("queue");
-        assert_eq!(q.start(4, 0), None);
-        assert_eq!(q.start(4, 0), Some(Recovered { next_avail: 0, resubmit: vec![] }));
+        assert_eq!(q.start(4, 0), None, "the region was for 8 entries: afresh");
+        q.taken(2);
+        q.taken(3);
+        q.before_used(3);
+        q.after_used(3, 1);
+        let mut q = a.queue(0).expect("queue");
+        assert_eq!(q.start(4, 1), Some(Recovered { next_avail: 2, resubmit: vec![2] }));
         // Out-of-range heads from a driver are ignored, not written past the region.
         q.taken(60_000);
         q.before_used(60_000);
-        q.after_used(60_000, 1);
+        q.after_used(60_000, 2);
+        // A ring larger than the region is not tracked at all.
+        let mut q = a.queue(0).expect("queue");
+        assert_eq!(q.start(16, 0), None);
+        q.taken(7);
+        // The region still holds the smaller ring's state (head 2 was never completed).
+        assert_eq!(a.queue(0).expect("queue").start(4, 2), Some(Recovered { next_avail: 3, resubmit: vec![2] }));
         assert!(a.queue(1).is_none(), "one queue only");
         // Too short, misaligned, or larger than the file: refused.
         let need = queue_region_size(8) as u64;
@@ -356,5 +405,36 @@ mod tests {
         assert!(InflightArea::open(f.try_clone().expect("dup"), 0, need, 2, 8).is_err());
         assert!(InflightArea::open(f.try_clone().expect("dup"), 0, need, 0, 8).is_err());
         assert!(InflightArea::create(0, 8).is_err());
+        // A file that could shrink under the mapping (no sealing): refused.
+        let plain = tempfile::tempfile().expect("temp file");
+        plain.set_len(need).expect("size");
+        let e = InflightArea::open(plain, 0, need, 1, 8).err().expect("refused");
+        assert!(e.to_string().contains("sealed"), "{e}");
+    }
+
+    /// A fresh region takes the ring's used index: a crash before the first completion must
+    /// not clear head `last_batch_head` (0) as if it had just reached the used ring.
+    #[test]
+    fn a_fresh_region_on_a_ring_already_in_use_loses_no_head() {
+        let (a, f) = InflightArea::create(1, 8).expect("create");
+        let a = Arc::new(a);
+        let mut q = a.queue(0).expect("queue");
+        assert_eq!(q.start(8, 1000), None);
+        q.taken(0);
+        q.taken(5);
+        drop((q, a));
+        let mut q = reopen(&f, 1, 8).queue(0).expect("queue");
+        assert_eq!(q.start(8, 1000), Some(Recovered { next_avail: 1002, resubmit: vec![0, 5] }));
+    }
+
+    #[test]
+    fn a_discarded_region_resubmits_nothing() {
+        let (a, _f) = InflightArea::create(1, 8).expect("create");
+        let a = Arc::new(a);
+        let mut q = a.queue(0).expect("queue");
+        q.start(8, 0);
+        q.taken(1);
+        q.discard();
+        assert_eq!(a.queue(0).expect("queue").start(8, 0), None);
     }
 }
