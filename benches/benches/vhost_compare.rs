@@ -12,7 +12,9 @@
 //! - (h) (e) with a QoS IOPS limit it never reaches (the cost of the accounting), and (i) (e)
 //!   limited to 20k IOPS (the limit holds), on the randread QD32 workload;
 //! - (j) (e) attached with `--threads 1` (both queues on one worker thread, as qsd serves
-//!   them), on the 2-queue randwrite workload.
+//!   them), on the 2-queue randwrite workload;
+//! - (k) (e) attached with `--pin-memory` (the client's memory registered as io_uring fixed
+//!   buffers), on the 4K randread QD32 row.
 //!
 //! Every server is started fresh for every cell on the same directory, and the cells are
 //! interleaved: for each repeat, for each workload, a b c e ... Reported: IOPS (MiB/s for
@@ -60,6 +62,8 @@ enum Server {
     VblkQosLimited,
     /// (e) attached with `--threads 1`: both queues on one worker thread (as qsd serves them).
     VblkOneThread,
+    /// (e) attached with `--pin-memory`: the client's memory as io_uring fixed buffers.
+    VblkPinned,
 }
 
 /// The QoS limit of row (i), requests per second.
@@ -79,6 +83,7 @@ impl Server {
             Server::VblkQosHigh => "(h) vblk, (e) + QoS limit 10M IOPS (not reached)",
             Server::VblkQosLimited => "(i) vblk, (e) + QoS limit 20k IOPS",
             Server::VblkOneThread => "(j) vblk, (e) with --threads 1",
+            Server::VblkPinned => "(k) vblk, (e) with --pin-memory",
         }
     }
 }
@@ -133,7 +138,10 @@ fn workloads(qcow2: bool) -> Vec<Workload> {
         base: key,
     };
     vec![
-        w("rr4k-qd32", "4K randread QD32, 1 queue", false, 4 * KIB, 32, 1, Pattern::Random, false),
+        Workload {
+            servers: all.iter().copied().chain([VblkPinned]).collect(),
+            ..w("rr4k-qd32", "4K randread QD32, 1 queue", false, 4 * KIB, 32, 1, Pattern::Random, false)
+        },
         w("rw4k-qd32", "4K randwrite QD32, 1 queue", true, 4 * KIB, 32, 1, Pattern::Random, false),
         Workload {
             servers: all.iter().copied().chain([VblkOneThread]).collect(),
@@ -268,9 +276,10 @@ impl Bench {
                 d.stop()?;
                 Ok(c)
             }
-            Server::VblkOneThread => {
+            Server::VblkOneThread | Server::VblkPinned => {
+                let extra: &[&str] = if server == Server::VblkPinned { &["--pin-memory"] } else { &["--threads", "1"] };
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
-                let c = self.attached_cell(&d, "full", &["--threads", "1"], &sock, w, self.span, seed)?;
+                let c = self.attached_cell(&d, "full", extra, &sock, w, self.span, seed)?;
                 d.stop()?;
                 Ok(c)
             }

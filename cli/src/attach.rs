@@ -29,8 +29,16 @@ fn code(e: &vblk_vhost::Error) -> Code {
 
 /// Serve `volume` (opened read-only or read-write by the caller) on `socket`, its requests
 /// admitted by `qos`.
-pub fn start(volume: Volume, socket: &Path, num_queues: u16, queue_size: u16, threads: u16, qos: Arc<vblk_vhost::qos::VolumeQos>) -> Result<Device, Status> {
-    let cfg = vblk_vhost::DeviceConfig { socket: socket.to_path_buf(), num_queues, queue_size, threads };
+pub fn start(
+    volume: Volume,
+    socket: &Path,
+    num_queues: u16,
+    queue_size: u16,
+    threads: u16,
+    pin_memory: bool,
+    qos: Arc<vblk_vhost::qos::VolumeQos>,
+) -> Result<Device, Status> {
+    let cfg = vblk_vhost::DeviceConfig { socket: socket.to_path_buf(), num_queues, queue_size, threads, pin_memory };
     vblk_vhost::start_with_qos(volume, cfg, qos).map(Device).map_err(|e| Status::new(code(&e), error_chain(&e)))
 }
 
@@ -43,6 +51,11 @@ impl Device {
     /// Worker threads serving the queues.
     pub fn threads(&self) -> u16 {
         self.0.threads()
+    }
+
+    /// Guest memory registered as io_uring fixed buffers.
+    pub fn pin_memory(&self) -> bool {
+        self.0.pin_memory()
     }
 
     /// A front end is connected.

@@ -245,6 +245,7 @@ pub async fn attach(socket: &Path, a: AttachArgs, json: bool) -> anyhow::Result<
         queue_size: a.queue_size.into(),
         read_only: a.read_only,
         threads: a.threads.map(u32::from).unwrap_or(0),
+        pin_memory: a.pin_memory,
     };
     let r = c.attach(req).await.map_err(rpc_error)?.into_inner();
     if json {

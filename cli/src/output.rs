@@ -367,14 +367,15 @@ pub fn devices_table(devs: &[proto::Attachment]) -> String {
 
 pub fn attachment(a: &proto::Attachment) -> String {
     format!(
-        "attached {} {} at {} ({} queue{}, queue size {}{})",
+        "attached {} {} at {} ({} queue{}, queue size {}{}{})",
         a.volume,
         if a.read_only { "read-only" } else { "read-write" },
         a.socket,
         a.num_queues,
         if a.num_queues == 1 { "" } else { "s" },
         a.queue_size,
-        if a.threads != 0 && a.threads != a.num_queues { format!(", {} worker thread{}", a.threads, if a.threads == 1 { "" } else { "s" }) } else { String::new() }
+        if a.threads != 0 && a.threads != a.num_queues { format!(", {} worker thread{}", a.threads, if a.threads == 1 { "" } else { "s" }) } else { String::new() },
+        if a.pin_memory { ", guest memory pinned" } else { "" }
     )
 }
 

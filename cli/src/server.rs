@@ -114,6 +114,7 @@ impl DaemonState {
             queue_size: a.queue_size.into(),
             read_only: a.read_only,
             threads: a.device.threads().into(),
+            pin_memory: a.device.pin_memory(),
             connected: a.device.connected(),
             stats: Some(a.device.stats()),
             qos: Some(self.qos.info(a.volume_id, name)),
@@ -137,7 +138,17 @@ impl DaemonState {
 
     /// Attach `volume` at `socket` (blocking).
     /// `threads` 0 = one worker thread per queue.
-    pub fn attach(&self, volume: &str, socket: &Path, num_queues: u16, queue_size: u16, threads: u16, read_only: bool) -> Result<proto::Attachment, Status> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
+        &self,
+        volume: &str,
+        socket: &Path,
+        num_queues: u16,
+        queue_size: u16,
+        threads: u16,
+        pin_memory: bool,
+        read_only: bool,
+    ) -> Result<proto::Attachment, Status> {
         if !socket.is_absolute() {
             return Err(Status::invalid_argument(format!("socket path {} must be absolute", socket.display())));
         }
@@ -153,7 +164,7 @@ impl DaemonState {
             return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
         }
         let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
-        let device = attach::start(vol, socket, num_queues, queue_size, threads, self.qos.volume(info.id, &info.name))?;
+        let device = attach::start(vol, socket, num_queues, queue_size, threads, pin_memory, self.qos.volume(info.id, &info.name))?;
         info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
         let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, device };
         let msg = self.attachment_of(&a, &info.name);
@@ -420,7 +431,7 @@ impl Vblk for Service {
         let qsize = u16::try_from(r.queue_size).map_err(|_| Status::invalid_argument("queue size too large"))?;
         let threads = u16::try_from(r.threads).map_err(|_| Status::invalid_argument("too many threads"))?;
         let st = self.st.clone();
-        let a = blocking(move || st.attach(&r.volume, Path::new(&r.socket), queues.max(1), if qsize == 0 { attach::DEFAULT_QUEUE_SIZE } else { qsize }, threads, r.read_only)).await?;
+        let a = blocking(move || st.attach(&r.volume, Path::new(&r.socket), queues.max(1), if qsize == 0 { attach::DEFAULT_QUEUE_SIZE } else { qsize }, threads, r.pin_memory, r.read_only)).await?;
         Ok(Response::new(a))
     }
 
@@ -719,7 +730,7 @@ async fn attach_at_startup(st: &Arc<DaemonState>, spec: &AttachSpec) -> anyhow::
     let st2 = st.clone();
     let vol = spec.volume.clone();
     let q = spec.queues;
-    blocking(move || st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false))
+    blocking(move || st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false))
         .await
         .map_err(|s| anyhow::anyhow!("--attach {}: {}", spec.volume, s.message()))?;
     Ok(())

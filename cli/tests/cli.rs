@@ -473,9 +473,12 @@ fn attach_and_detach_manage_device_sockets() {
     let err = fails(&api, &["attach", "ro", "--socket", ro_sock.to_str().unwrap(), "--queues", "2", "--threads", "3"]);
     assert!(err.contains("threads must be 1..=2"), "{err}");
     assert!(!ro_sock.exists());
-    let a = json(&api, &["attach", "ro", "--socket", ro_sock.to_str().unwrap(), "--read-only", "--queues", "2", "--threads", "1"]);
+    let a = json(&api, &["attach", "ro", "--socket", ro_sock.to_str().unwrap(), "--read-only", "--queues", "2", "--threads", "1", "--pin-memory"]);
     assert_eq!(a["read_only"], true);
     assert_eq!(u(&a, "threads"), 1);
+    assert_eq!(a["pin_memory"], true);
+    let devs = json(&api, &["devices"]);
+    assert!(devs.to_string().contains("\"pin_memory\":true"), "{devs}");
     ok(&api, &["export", "ro", d.join("ro.raw").to_str().unwrap()]);
     let err = fails(&api, &["import", img.to_str().unwrap(), "ro"]);
     assert!(err.contains("attached read-only"), "{err}");

@@ -133,6 +133,11 @@ pub struct Queue {
     edge: bool,
     /// Writes waiting for a block to be established (see `resolve_write`), retried on reap.
     deferred: VecDeque<Request>,
+    /// Memory registered with the ring as fixed buffers ([`register_buffers`](Self::register_buffers)):
+    /// `(start, end)` address ranges, sorted; the index is the buffer index.
+    fixed: Vec<(usize, usize)>,
+    /// SQEs submitted with a fixed buffer.
+    fixed_sqes: u64,
     /// Writes, discards and write-zeroes that arrived while a snapshot was being taken.
     frozen_q: VecDeque<Request>,
     /// Admitted write/discard/write-zeroes requests per tag (counted in the volume's
@@ -231,12 +236,71 @@ impl Queue {
             plugged: false,
             edge: false,
             deferred: VecDeque::new(),
+            fixed: Vec::new(),
+            fixed_sqes: 0,
             frozen_q: VecDeque::new(),
             mut_tags: HashMap::new(),
             split: HashMap::new(),
             next_internal: 0,
             zeros: AlignedBuf::new(BLOCK_SIZE as usize),
         })
+    }
+
+    /// Register memory with the ring as fixed buffers (io_uring `REGISTER_BUFFERS`), replacing
+    /// what was registered before. A request part whose single buffer lies inside one of them
+    /// is then read or written with `READ_FIXED` / `WRITE_FIXED`: the kernel skips pinning and
+    /// unpinning its pages for every request (it pins them all here, once). Ranges over 1 GiB
+    /// (the kernel's limit per buffer) are registered as 1 GiB pieces; a buffer across two
+    /// pieces goes the usual way. On failure (e.g. `RLIMIT_MEMLOCK`) nothing is registered.
+    ///
+    /// # Safety
+    /// Every range must stay mapped, at the same addresses, until it is replaced or
+    /// [`unregister_buffers`](Self::unregister_buffers) is called: a request whose buffer lies
+    /// in a registered range is done on the pages pinned here, so a range unmapped and mapped
+    /// again meanwhile would send the data to the old pages.
+    pub unsafe fn register_buffers(&mut self, ranges: &[(*mut u8, usize)]) -> Result<()> {
+        const PIECE: usize = 1 << 30;
+        self.unregister_buffers();
+        let mut pieces: Vec<(usize, usize)> = Vec::new();
+        for &(p, len) in ranges {
+            let start = p as usize;
+            let mut at = start;
+            while at < start.saturating_add(len) {
+                let end = (at + PIECE).min(start + len);
+                pieces.push((at, end));
+                at = end;
+            }
+        }
+        pieces.sort_unstable();
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        let iovs: Vec<libc::iovec> =
+            pieces.iter().map(|&(a, e)| libc::iovec { iov_base: a as *mut libc::c_void, iov_len: e - a }).collect();
+        // SAFETY: the caller keeps every range mapped while it is registered (contract above).
+        unsafe { self.ring.submitter().register_buffers(&iovs) }.map_err(Error::io("io_uring register buffers", &self.shared.path))?;
+        self.fixed = pieces;
+        Ok(())
+    }
+
+    /// Drop the fixed buffers (requests in flight on them finish normally).
+    pub fn unregister_buffers(&mut self) {
+        if !self.fixed.is_empty() {
+            let _ = self.ring.submitter().unregister_buffers();
+            self.fixed.clear();
+        }
+    }
+
+    /// Request parts submitted on fixed buffers so far.
+    pub fn fixed_submissions(&self) -> u64 {
+        self.fixed_sqes
+    }
+
+    /// The fixed buffer holding `[addr, addr + len)`, if one does.
+    fn fixed_index(&self, addr: usize, len: usize) -> Option<u16> {
+        let i = self.fixed.partition_point(|&(a, _)| a <= addr).checked_sub(1)?;
+        let (_, end) = self.fixed[i];
+        (addr.checked_add(len)? <= end).then_some(i as u16)
     }
 
     /// The eventfd that becomes readable when completions are ready to [`reap`](Self::reap).
@@ -581,11 +645,26 @@ impl Queue {
                 (f.iovs[part].as_ptr(), f.iovs[part].len() as u32)
             };
             let ud = ((idx as u64) << 16) | part as u64;
-            let mut sqe = if is_write {
-                opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build().user_data(ud)
+            // A single buffer inside registered memory: the fixed-buffer opcodes.
+            let fixed = if cnt == 1 && !self.fixed.is_empty() {
+                // SAFETY: ptr points to the one iovec of this part (cnt == 1), owned by the slot.
+                let v = unsafe { *ptr };
+                self.fixed_index(v.iov_base as usize, v.iov_len).map(|i| (v, i))
             } else {
-                opcode::Readv::new(types::Fixed(0), ptr, cnt).offset(off).build().user_data(ud)
+                None
             };
+            self.fixed_sqes += u64::from(fixed.is_some());
+            let mut sqe = match (is_write, fixed) {
+                (true, Some((v, i))) => {
+                    opcode::WriteFixed::new(types::Fixed(0), v.iov_base as *const u8, v.iov_len as u32, i).offset(off).build()
+                }
+                (false, Some((v, i))) => {
+                    opcode::ReadFixed::new(types::Fixed(0), v.iov_base as *mut u8, v.iov_len as u32, i).offset(off).build()
+                }
+                (true, None) => opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build(),
+                (false, None) => opcode::Readv::new(types::Fixed(0), ptr, cnt).offset(off).build(),
+            }
+            .user_data(ud);
             if link {
                 sqe = sqe.flags(io_uring::squeue::Flags::IO_LINK);
                 // A linked pair must reach the kernel in one submission: make room for both.

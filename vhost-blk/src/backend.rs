@@ -67,6 +67,8 @@ pub(crate) struct DevShared {
     pub cfg_notify: Mutex<(bool, bool)>,
     /// Worker threads per connection (at most one per queue).
     pub threads: u16,
+    /// Register guest memory as io_uring fixed buffers (`DeviceConfig::pin_memory`).
+    pub pin_memory: bool,
 }
 
 impl DevShared {
@@ -335,6 +337,12 @@ struct QueueWorker {
     tracked: bool,
     /// Heads an earlier backend left in flight, run before new chains (oldest first).
     resubmit: std::collections::VecDeque<u16>,
+    /// With `pin_memory`: the guest memory map registered with the engine queue's ring as
+    /// fixed buffers, held so that its mappings stay in place while registered (a range
+    /// unmapped and mapped again would otherwise meet a stale registration).
+    pinned: Option<MemGuard>,
+    /// Registering failed (logged once); the queue runs without fixed buffers.
+    pin_failed: bool,
     /// A large bounce buffer kept for the next request that needs one (see `bounce_buf`).
     spare: Option<AlignedBuf>,
 }
@@ -462,6 +470,8 @@ impl BlkBackend {
                     track: None,
                     tracked: false,
                     resubmit: Default::default(),
+                    pinned: None,
+                    pin_failed: false,
                     spare: None,
                 }));
             }
@@ -552,6 +562,7 @@ impl BlkBackend {
         }
         // Loaded with the vring held, after the ring setup it may depend on.
         let mut mem = self.mem.memory();
+        self.pin(q, &mem);
         let mut added = false;
         loop {
             if let Err(e) = vr.disable_notification() {
@@ -584,6 +595,7 @@ impl BlkBackend {
                     // enable_notification (on the current map) would then see chains and come
                     // back here forever. Retry once with the current map.
                     if self.refresh_mem(&mut mem) {
+                        self.pin(q, &mem);
                         continue;
                     }
                     break;
@@ -595,6 +607,7 @@ impl BlkBackend {
                 // step back over the chain and take it again with the new map (a chain parsed
                 // with the old one would fail with "guest memory not mapped").
                 if self.refresh_mem(&mut mem) {
+                    self.pin(q, &mem);
                     drop(chain);
                     let queue = vr.get_queue_mut();
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
@@ -674,6 +687,32 @@ impl BlkBackend {
             q.resubmit = r.resubmit.into();
         }
         q.track = Some(t);
+    }
+
+    /// With `pin_memory`, make `mem` the memory registered with the queue's ring as fixed
+    /// buffers (once per memory map; requests parsed with `mem` are submitted after this).
+    fn pin(&self, q: &mut QueueWorker, mem: &MemGuard) {
+        if !self.dev.pin_memory || q.pin_failed || q.pinned.as_ref().is_some_and(|p| std::ptr::eq::<GuestMem>(&**p, &**mem)) {
+            return;
+        }
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let ranges: Vec<(*mut u8, usize)> = mem.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
+        let t0 = std::time::Instant::now();
+        // SAFETY: the ranges are the mappings of `mem`, which `q.pinned` holds (so they stay
+        // mapped at these addresses) until the next registration replaces this one or the
+        // queue is dropped (closing its ring).
+        match unsafe { q.engine.0.register_buffers(&ranges) } {
+            Ok(()) => {
+                let bytes: usize = ranges.iter().map(|r| r.1).sum();
+                tracing::debug!(queue = q.index, bytes, ms = t0.elapsed().as_millis() as u64, "guest memory registered as fixed buffers");
+                q.pinned = Some(mem.clone());
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.dev.name, queue = q.index, error = %e, "cannot register guest memory as fixed buffers; going on without");
+                q.pin_failed = true;
+                q.pinned = None;
+            }
+        }
     }
 
     /// Replace `mem` with the current guest memory map if the frontend changed it since `mem`

@@ -103,6 +103,7 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         backend_req: Mutex::new(None),
         cfg_notify: Mutex::new((false, false)),
         threads: if cfg.threads == 0 { cfg.num_queues } else { cfg.threads },
+        pin_memory: cfg.pin_memory,
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
@@ -275,6 +276,11 @@ impl Device {
     /// Worker threads serving the queues (`DeviceConfig::threads`, 0 resolved to one per queue).
     pub fn threads(&self) -> u16 {
         self.dev.threads
+    }
+
+    /// Whether guest memory is registered as io_uring fixed buffers (`DeviceConfig::pin_memory`).
+    pub fn pin_memory(&self) -> bool {
+        self.dev.pin_memory
     }
 
     /// The QoS that admits this device's requests (change its limits live through it).

@@ -73,18 +73,26 @@ fn write_flush_read_back() {
 }
 
 /// 4 queues served by one worker thread each (the default), by one thread for all, and by 3
-/// threads (thread 0 serves queues 0 and 3).
+/// threads (thread 0 serves queues 0 and 3); and with the client's memory registered as
+/// io_uring fixed buffers (`pin_memory`).
 #[test]
 fn queue_depth_and_multiqueue() {
     let s = setup();
-    for threads in [0u16, 1, 3] {
-        queue_depth_and_multiqueue_with(&s, threads);
+    for (threads, pin) in [(0u16, false), (1, false), (3, false), (2, true)] {
+        queue_depth_and_multiqueue_with(&s, threads, pin);
     }
 }
 
-fn queue_depth_and_multiqueue_with(s: &Setup, threads: u16) {
+/// Pages pinned in this process (VmPin of /proc/self/status), in KiB.
+fn pinned_kib() -> u64 {
+    let st = std::fs::read_to_string("/proc/self/status").unwrap();
+    st.lines().find_map(|l| l.strip_prefix("VmPin:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
+fn queue_depth_and_multiqueue_with(s: &Setup, threads: u16, pin_memory: bool) {
     let vol = s.pool.open_volume("v", false).unwrap();
-    let dev = start(vol, DeviceConfig { socket: s.socket.clone(), num_queues: 4, queue_size: 256, threads }).unwrap();
+    let pinned_before = pinned_kib();
+    let dev = start(vol, DeviceConfig { socket: s.socket.clone(), num_queues: 4, queue_size: 256, threads, pin_memory }).unwrap();
     let mut c = Client::connect(&s.socket, 4).unwrap();
     assert_eq!(c.qs.len(), 4);
     let seed = u64::from(threads) * 1000;
@@ -118,10 +126,17 @@ fn queue_depth_and_multiqueue_with(s: &Setup, threads: u16) {
         }
     }
     assert_eq!(c.flush(2), 0);
+    if pin_memory {
+        // Every queue that ran registered the client's memory (its 512 KiB buffer at least).
+        let pinned = pinned_kib() - pinned_before;
+        assert!(pinned >= 4 * 512, "pinned {pinned} KiB");
+    } else {
+        assert_eq!(pinned_kib(), pinned_before);
+    }
     c.buf()[..128 * 4096].fill(0);
     assert_eq!(c.read(3, 0, 0, 128 * 4096), 0);
     for slot in 0..128usize {
-        assert_eq!(&c.buf()[slot * 4096..(slot + 1) * 4096], &pattern(seed + slot as u64, 4096)[..], "threads {threads}: block {slot}");
+        assert_eq!(&c.buf()[slot * 4096..(slot + 1) * 4096], &pattern(seed + slot as u64, 4096)[..], "threads {threads}, pin {pin_memory}: block {slot}");
     }
     drop(c);
     dev.stop().unwrap();
@@ -181,7 +196,7 @@ fn socket_handling() {
     std::fs::remove_file(&s.socket).unwrap();
     for (q, size, threads) in [(0u16, 256u16, 0u16), (17, 256, 0), (1, 100, 0), (1, 0, 0), (2, 256, 3)] {
         let vol = s.pool.open_volume("v", true).unwrap();
-        let cfg = DeviceConfig { socket: s.socket.clone(), num_queues: q, queue_size: size, threads };
+        let cfg = DeviceConfig { socket: s.socket.clone(), num_queues: q, queue_size: size, threads, pin_memory: false };
         assert!(matches!(start(vol, cfg), Err(Error::InvalidConfig(_))), "{q} {size}");
     }
 }

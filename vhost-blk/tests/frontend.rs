@@ -54,7 +54,7 @@ fn fixture_with(queue_size: u16) -> Fixture {
     pool.create_volume("vol-frontend", VOL_SIZE).unwrap();
     let socket = dir.path().join("s.sock");
     let vol = pool.open_volume("vol-frontend", false).unwrap();
-    let dev = start(vol, DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size, threads: 0 }).unwrap();
+    let dev = start(vol, DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size, threads: 0, pin_memory: false }).unwrap();
     Fixture { _dir: dir, _pool: pool, dev: Some(dev), socket }
 }
 

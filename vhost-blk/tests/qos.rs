@@ -91,7 +91,7 @@ fn queues_of_a_device_share_its_limit() {
     let s = setup();
     let qos = VolumeQos::new(Limits::default().with(LimitKind::IopsRead, Limit::rate(200))).unwrap();
     let vol = s.pool.open_volume("v", false).unwrap();
-    let dev = start_with_qos(vol, DeviceConfig { socket: s.socket.clone(), num_queues: 4, queue_size: 256, threads: 0 }, qos.clone()).unwrap();
+    let dev = start_with_qos(vol, DeviceConfig { socket: s.socket.clone(), num_queues: 4, queue_size: 256, threads: 0, pin_memory: false }, qos.clone()).unwrap();
     let mut c = Client::connect(&s.socket, 4).unwrap();
     // Four queues, each keeping 8 reads in flight for 2 s: 200/s + 20 of burst in total.
     let t0 = Instant::now();

@@ -35,7 +35,7 @@ pub fn setup() -> Setup {
 
 pub fn device(s: &Setup, num_queues: u16) -> Device {
     let vol = s.pool.open_volume("v", false).unwrap();
-    start(vol, DeviceConfig { socket: s.socket.clone(), num_queues, queue_size: 256, threads: 0 }).unwrap()
+    start(vol, DeviceConfig { socket: s.socket.clone(), num_queues, queue_size: 256, threads: 0, pin_memory: false }).unwrap()
 }
 
 /// A libblkio client with one shared buffer.
