@@ -1226,6 +1226,18 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
         tracing::debug!(volume = %self.dev.name, "guest memory table updated");
+        // Queues with pinned memory register the new map now, not at their next request: an
+        // idle queue would otherwise keep the old map (memory the frontend may have unplugged)
+        // mapped and pinned.
+        if self.dev.pin_memory {
+            let now = self.mem.memory();
+            for q in &self.queues {
+                let mut q = lock(q);
+                if q.pinned.is_some() {
+                    self.pin(&mut q, &now);
+                }
+            }
+        }
         Ok(())
     }
 
