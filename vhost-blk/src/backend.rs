@@ -377,6 +377,13 @@ impl QueueWorker {
         }
     }
 
+    /// The ring stopped: its inflight region is taken up again when it starts.
+    fn stop_tracking(&mut self) {
+        self.track = None;
+        self.tracked = false;
+        self.resubmit.clear();
+    }
+
     fn alloc(&mut self, c: Chain) -> usize {
         self.inflight += 1;
         match self.free.pop() {
@@ -426,15 +433,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in another holder cannot leave the queue state inconsistent enough to matter
     // more than stopping the device would: keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl QueueWorker {
-    /// The ring stopped: its inflight region is taken up again when it starts.
-    fn stop_tracking(&mut self) {
-        self.track = None;
-        self.tracked = false;
-        self.resubmit.clear();
-    }
 }
 
 impl BlkBackend {
@@ -580,9 +578,6 @@ impl BlkBackend {
                 let queue = vr.get_queue();
                 let descs = request::chain_at(&*mem, GuestAddress(queue.desc_table()), queue.size(), head);
                 let parsed = request::parse_descriptors(&*mem, head, descs, &limits);
-                if let Some(t) = &mut q.track {
-                    t.taken(head);
-                }
                 added |= self.start(q, &mut vr, &mem, parsed);
             }
             loop {
@@ -624,9 +619,6 @@ impl BlkBackend {
                         break;
                     }
                     q.qos_counts.add(io);
-                }
-                if let Some(t) = &mut q.track {
-                    t.taken(parsed.head);
                 }
                 added |= self.start(q, &mut vr, &mem, parsed);
             }
@@ -687,6 +679,21 @@ impl BlkBackend {
             q.resubmit = r.resubmit.into();
         }
         q.track = Some(t);
+    }
+
+    /// An inflight area (GET/SET_INFLIGHT_FD) must be for at most this device's queues, of at
+    /// most its queue size.
+    fn check_inflight_shape(&self, i: &VhostUserInflight) -> io::Result<()> {
+        if i.num_queues > self.dev.num_queues || i.queue_size > self.dev.queue_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "inflight area for {} queues of {} (device: {} queues of at most {})",
+                    i.num_queues, i.queue_size, self.dev.num_queues, self.dev.queue_size
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// With `pin_memory`, make `mem` the memory registered with the queue's ring as fixed
@@ -763,6 +770,10 @@ impl BlkBackend {
         mem: &MemGuard,
         p: request::ParsedRequest,
     ) -> bool {
+        // From here on the chain is this backend's until it is on the used ring.
+        if let Some(t) = &mut q.track {
+            t.taken(p.head);
+        }
         let mut chain = Chain {
             head: p.head,
             status_addr: p.status_addr,
@@ -779,7 +790,7 @@ impl BlkBackend {
             Ok(op) => op,
             Err(e) => {
                 tracing::debug!(queue = q.index, head = p.head, req_type = ?p.req_type, error = %e, "request refused");
-                self.finish(q.index, q.track.as_ref(), vr, chain, e.status());
+                self.finish(q, vr, chain, e.status());
                 return true;
             }
         };
@@ -792,7 +803,7 @@ impl BlkBackend {
                 if buf.len > 0 {
                     let iov = if needs_bounce(&buf.iov) {
                         let Some(mut b) = q.bounce_buf(buf.len as usize) else {
-                            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_IOERR);
+                            self.finish(q, vr, chain, STATUS_IOERR);
                             return true;
                         };
                         let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
@@ -811,12 +822,12 @@ impl BlkBackend {
                 if buf.len > 0 {
                     let iov = if needs_bounce(&buf.iov) {
                         let Some(mut b) = q.bounce_buf(buf.len as usize) else {
-                            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_IOERR);
+                            self.finish(q, vr, chain, STATUS_IOERR);
                             return true;
                         };
                         let n = buf.len as usize;
                         if request::read_stream(&**mem, &buf.segs, 0, &mut b.as_mut_slice()[..n]).is_err() {
-                            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_IOERR);
+                            self.finish(q, vr, chain, STATUS_IOERR);
                             return true;
                         }
                         let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: n }];
@@ -840,12 +851,12 @@ impl BlkBackend {
                     Ok(_) => STATUS_OK,
                     Err(_) => STATUS_IOERR,
                 };
-                self.finish(q.index, q.track.as_ref(), vr, chain, status);
+                self.finish(q, vr, chain, status);
                 return true;
             }
             BlkOp::Discard(ranges) | BlkOp::WriteZeroes(ranges) if ranges.is_empty() => {
                 // Nothing to do (zero-length or sub-block discard).
-                self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_OK);
+                self.finish(q, vr, chain, STATUS_OK);
                 return true;
             }
             BlkOp::Discard(ranges) => {
@@ -870,7 +881,7 @@ impl BlkBackend {
         }
         if reqs.is_empty() {
             // A zero-length read or write.
-            self.finish(q.index, q.track.as_ref(), vr, chain, STATUS_OK);
+            self.finish(q, vr, chain, STATUS_OK);
             return true;
         }
         chain.parts = reqs.len() as u32;
@@ -945,7 +956,7 @@ impl BlkBackend {
         }
         match vr {
             Some(vr) => {
-                self.finish(q.index, q.track.as_ref(), vr, chain, status);
+                self.finish(q, vr, chain, status);
                 true
             }
             None => {
@@ -956,7 +967,8 @@ impl BlkBackend {
     }
 
     /// Write the status byte and put the chain on the used ring.
-    fn finish(&self, queue: u16, track: Option<&InflightQueue>, vr: &mut VringState<Gm>, chain: Chain, status: u8) {
+    fn finish(&self, q: &QueueWorker, vr: &mut VringState<Gm>, chain: Chain, status: u8) {
+        let (queue, track) = (q.index, q.track.as_ref());
         self.dev.stats.record(chain.kind, chain.bytes, status == STATUS_OK);
         let used_len = match chain.status_addr {
             // One region lookup (vm-memory's `write_obj` on guest memory walks its region
@@ -1134,15 +1146,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_inflight_fd(&self, i: &VhostUserInflight) -> io::Result<(VhostUserInflight, std::fs::File)> {
-        if i.num_queues > self.dev.num_queues || i.queue_size > self.dev.queue_size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "inflight area for {} queues of {} (device: {} queues of at most {})",
-                    i.num_queues, i.queue_size, self.dev.num_queues, self.dev.queue_size
-                ),
-            ));
-        }
+        self.check_inflight_shape(i)?;
         let (area, file) = InflightArea::create(i.num_queues, i.queue_size)?;
         let out = VhostUserInflight { mmap_size: area.bytes() as u64, mmap_offset: 0, num_queues: i.num_queues, queue_size: i.queue_size };
         *lock(&self.inflight) = Some(Arc::new(area));
@@ -1151,9 +1155,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_inflight_fd(&self, i: &VhostUserInflight, file: std::fs::File) -> io::Result<()> {
-        if i.num_queues > self.dev.num_queues || i.queue_size > self.dev.queue_size {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("inflight area for {} queues of {}", i.num_queues, i.queue_size)));
-        }
+        self.check_inflight_shape(i)?;
         // Only between rings: chains a running ring has in flight are not in a new area, and
         // starting on it would take them again.
         if self.queues.iter().any(|q| lock(q).tracked) {
