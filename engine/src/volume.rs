@@ -41,7 +41,8 @@ impl Default for LbaHash {
 }
 
 impl LbaHash {
-    /// The hash of one `u64` (what hashing it through [`LbaHasher`] gives).
+    /// The hash of one `u64` (what hashing it through [`LbaHasher`] gives: the hasher applies
+    /// this to each word, folded into the state so far).
     #[inline]
     pub fn hash_u64(&self, x: u64) -> u64 {
         let m = ((x ^ self.k0) as u128).wrapping_mul((self.k1 ^ 0x9E37_79B9_7F4A_7C15) as u128);
@@ -71,8 +72,7 @@ impl std::hash::Hasher for LbaHasher {
         }
     }
     fn write_u64(&mut self, x: u64) {
-        let m = ((x ^ self.k0 ^ self.h) as u128).wrapping_mul((self.k1 ^ 0x9E37_79B9_7F4A_7C15) as u128);
-        self.h = (m as u64) ^ ((m >> 64) as u64);
+        self.h = LbaHash { k0: self.k0, k1: self.k1 }.hash_u64(x ^ self.h);
     }
     fn finish(&self) -> u64 {
         self.h
