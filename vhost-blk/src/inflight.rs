@@ -50,6 +50,14 @@ pub fn queue_region_size(queue_size: u16) -> usize {
     (HEADER + DESC_STATE * usize::from(queue_size)).next_multiple_of(REGION_ALIGN)
 }
 
+/// Bytes of an area for `num_queues` queues of `queue_size` entries; refuses empty ones.
+fn area_size(num_queues: u16, queue_size: u16) -> std::io::Result<usize> {
+    if num_queues == 0 || queue_size == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no queues or an empty queue"));
+    }
+    Ok(usize::from(num_queues) * queue_region_size(queue_size))
+}
+
 /// The shared inflight area of one connection, mapped.
 pub struct InflightArea {
     ptr: *mut u8,
@@ -76,10 +84,7 @@ impl InflightArea {
     /// A new zeroed area for `num_queues` queues of `queue_size` (GET_INFLIGHT_FD); returns it
     /// and a second handle on its file for the frontend.
     pub fn create(num_queues: u16, queue_size: u16) -> std::io::Result<(InflightArea, File)> {
-        if num_queues == 0 || queue_size == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no queues or an empty queue"));
-        }
-        let len = usize::from(num_queues) * queue_region_size(queue_size);
+        let len = area_size(num_queues, queue_size)?;
         // SAFETY: memfd_create with a valid NUL-terminated name; the fd is owned below.
         let fd = unsafe { libc::memfd_create(c"vblk-inflight".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
@@ -99,10 +104,7 @@ impl InflightArea {
     /// `num_queues` regions for queues of `queue_size`.
     pub fn open(file: File, offset: u64, len: u64, num_queues: u16, queue_size: u16) -> std::io::Result<InflightArea> {
         let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
-        if num_queues == 0 || queue_size == 0 {
-            return Err(bad("no queues or an empty queue".into()));
-        }
-        let need = usize::from(num_queues) * queue_region_size(queue_size);
+        let need = area_size(num_queues, queue_size)?;
         let len = usize::try_from(len).map_err(|_| bad(format!("area of {len} bytes")))?;
         if len < need {
             return Err(bad(format!("area of {len} bytes, {num_queues} queues of {queue_size} need {need}")));
@@ -321,6 +323,11 @@ impl InflightQueue {
 mod tests {
     use super::*;
 
+    fn new_area(nq: u16, qs: u16) -> (Arc<InflightArea>, File) {
+        let (a, f) = InflightArea::create(nq, qs).expect("create");
+        (Arc::new(a), f)
+    }
+
     fn reopen(f: &File, nq: u16, qs: u16) -> Arc<InflightArea> {
         let len = u64::from(nq) * queue_region_size(qs) as u64;
         Arc::new(InflightArea::open(f.try_clone().expect("dup"), 0, len, nq, qs).expect("open"))
@@ -328,8 +335,7 @@ mod tests {
 
     #[test]
     fn a_second_backend_resubmits_what_the_first_left_in_flight() {
-        let (a, f) = InflightArea::create(2, 8).expect("create");
-        let a = Arc::new(a);
+        let (a, f) = new_area(2, 8);
         let mut q = a.queue(1).expect("queue 1");
         assert_eq!(q.start(8, 0), None, "a new area has no state");
         // Heads 3, 5, 1 taken in that order; 5 completes (used index 1), then 1 goes on the
@@ -356,8 +362,7 @@ mod tests {
 
     #[test]
     fn resubmits_come_in_the_order_they_were_taken() {
-        let (a, f) = InflightArea::create(1, 16).expect("create");
-        let a = Arc::new(a);
+        let (a, f) = new_area(1, 16);
         let mut q = a.queue(0).expect("queue");
         q.start(16, 0);
         for h in [9, 2, 14, 0, 7] {
@@ -372,8 +377,7 @@ mod tests {
 
     #[test]
     fn a_region_that_does_not_fit_starts_afresh_and_bad_areas_are_refused() {
-        let (a, f) = InflightArea::create(1, 8).expect("create");
-        let a = Arc::new(a);
+        let (a, f) = new_area(1, 8);
         let mut q = a.queue(0).expect("queue");
         assert_eq!(q.start(8, 0), None);
         q.taken(4);
@@ -416,8 +420,7 @@ mod tests {
     /// not clear head `last_batch_head` (0) as if it had just reached the used ring.
     #[test]
     fn a_fresh_region_on_a_ring_already_in_use_loses_no_head() {
-        let (a, f) = InflightArea::create(1, 8).expect("create");
-        let a = Arc::new(a);
+        let (a, f) = new_area(1, 8);
         let mut q = a.queue(0).expect("queue");
         assert_eq!(q.start(8, 1000), None);
         q.taken(0);
@@ -429,8 +432,7 @@ mod tests {
 
     #[test]
     fn a_discarded_region_resubmits_nothing() {
-        let (a, _f) = InflightArea::create(1, 8).expect("create");
-        let a = Arc::new(a);
+        let (a, _f) = new_area(1, 8);
         let mut q = a.queue(0).expect("queue");
         q.start(8, 0);
         q.taken(1);
