@@ -70,6 +70,12 @@ pub enum Error {
     Invalid(String),
     #[error("pool is full: no free blocks")]
     NoSpace,
+    #[error("encryption: {0}")]
+    Crypto(String),
+    #[error("the master key does not match this pool")]
+    WrongKey,
+    #[error("volume {0:?} is encrypted and the pool was opened without its master key (start the daemon with --master-key-file, --master-key-env or --master-key-cmd)")]
+    KeyUnavailable(String),
     #[error("request out of range: offset {offset} + len {len} > volume size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("request not aligned to the 4096-byte block size (offset {offset}, len {len})")]

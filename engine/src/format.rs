@@ -17,8 +17,13 @@ pub const FORMAT_VERSION: u32 = 2;
 /// "VBLKPOOL"
 pub const SB_MAGIC: [u8; 8] = *b"VBLKPOOL";
 
-/// Incompatible features known to this version (none are defined in version 1).
-pub const INCOMPAT_KNOWN: u64 = 0;
+/// Incompatible feature bits (FORMAT.md §2).
+pub mod incompat {
+    /// Encrypted volumes may exist (revision 2.1, FORMAT.md §11).
+    pub const ENCRYPTION: u64 = 1 << 0;
+}
+/// Incompatible features known to this version.
+pub const INCOMPAT_KNOWN: u64 = incompat::ENCRYPTION;
 /// Compatible features known to this version (none are defined in version 1).
 pub const COMPAT_KNOWN: u64 = 0;
 /// Autoclear features known to this version (none are defined in version 1).
@@ -186,6 +191,12 @@ pub mod key {
     pub const BIRTH: u8 = 0x08;
     /// A history map entry: `[0x09] branch:u64be lba:u64be !birth:u64be` (version 2).
     pub const HIST: u8 = 0x09;
+    /// A wrapped key: `[0x0A] id:u64be`; id 0 is the master-key check (revision 2.1).
+    pub const KEY: u8 = 0x0A;
+    /// The nonce reservation: `[0x0B] "nonce"` (revision 2.1).
+    pub const NONCE: u8 = 0x0B;
+    /// The seal (nonce, tag) of an encrypted data block: `[0x0C] pba:u64be` (revision 2.1).
+    pub const SEAL: u8 = 0x0C;
 }
 
 fn key_of(t: u8, parts: &[u64]) -> Vec<u8> {
@@ -241,6 +252,21 @@ pub fn hist_key(branch: u64, lba: u64, birth: u64) -> Vec<u8> {
 /// (branch, lba, birth)
 pub fn parse_hist_key(k: &[u8]) -> Option<(u64, u64, u64)> {
     parse_key::<3>(key::HIST, k).map(|a| (a[0], a[1], !a[2]))
+}
+
+pub fn key_key(id: u64) -> Vec<u8> {
+    key_of(key::KEY, &[id])
+}
+pub fn parse_key_key(k: &[u8]) -> Option<u64> {
+    parse_key::<1>(key::KEY, k).map(|a| a[0])
+}
+/// The nonce reservation record's key.
+pub const NONCE_KEY: &[u8] = b"\x0Bnonce";
+pub fn seal_key(pba: u64) -> Vec<u8> {
+    key_of(key::SEAL, &[pba])
+}
+pub fn parse_seal_key(k: &[u8]) -> Option<u64> {
+    parse_key::<1>(key::SEAL, k).map(|a| a[0])
 }
 
 /// Births below this are not in the birth index (see FORMAT.md §8): generation 1 is every
@@ -573,10 +599,12 @@ pub struct VolumeRecord {
 }
 
 pub mod vol_flags {
-    /// Reserved for snapshots (a read-only layer); never set in version 1.
+    /// Reserved for snapshots (a read-only layer); never set.
     pub const SNAPSHOT: u64 = 1 << 0;
-    /// Flags valid in version 1.
-    pub const KNOWN: u64 = 0;
+    /// The volume's data is encrypted (revision 2.1, FORMAT.md §11).
+    pub const ENCRYPTED: u64 = 1 << 1;
+    /// Flags valid in this version.
+    pub const KNOWN: u64 = ENCRYPTED;
 }
 
 /// Largest volume size (64 PiB).
@@ -771,6 +799,125 @@ pub fn validate_name(name: &str) -> Result<()> {
         return bad("only letters, digits, '.', '_' and '-' are allowed");
     }
     Ok(())
+}
+
+/// A wrapped key record (`key_key(id)`, FORMAT.md §11.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub family: u64,
+    pub nonce: [u8; 12],
+    pub wrapped: [u8; 32],
+    pub tag: [u8; 16],
+}
+
+pub mod key_rec {
+    pub const FAMILY: usize = 0;
+    pub const NONCE: usize = 8;
+    pub const WRAPPED: usize = 20;
+    pub const TAG: usize = 52;
+    pub const RESERVED: usize = 68;
+    pub const SIZE: usize = 72;
+}
+const _: () = assert!(key_rec::NONCE == key_rec::FAMILY + 8 && key_rec::WRAPPED == key_rec::NONCE + 12);
+const _: () = assert!(key_rec::TAG == key_rec::WRAPPED + 32 && key_rec::RESERVED == key_rec::TAG + 16);
+const _: () = assert!(key_rec::SIZE == key_rec::RESERVED + 4);
+
+impl KeyRecord {
+    pub fn encode(&self, id: u64) -> Vec<u8> {
+        let mut v = vec![0u8; key_rec::SIZE];
+        put_u64(&mut v, key_rec::FAMILY, self.family);
+        v[key_rec::NONCE..key_rec::WRAPPED].copy_from_slice(&self.nonce);
+        v[key_rec::WRAPPED..key_rec::TAG].copy_from_slice(&self.wrapped);
+        v[key_rec::TAG..key_rec::RESERVED].copy_from_slice(&self.tag);
+        seal(&key_key(id), v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<KeyRecord> {
+        let b = unseal(key, v)?;
+        if b.len() != key_rec::SIZE {
+            return Err(corrupt(key, "key record length"));
+        }
+        let Some(id) = parse_key_key(key) else { return Err(corrupt(key, "key record key")) };
+        let r = KeyRecord {
+            family: get_u64(b, key_rec::FAMILY),
+            nonce: b[key_rec::NONCE..key_rec::WRAPPED].try_into().map_err(|_| corrupt(key, "key record"))?,
+            wrapped: b[key_rec::WRAPPED..key_rec::TAG].try_into().map_err(|_| corrupt(key, "key record"))?,
+            tag: b[key_rec::TAG..key_rec::RESERVED].try_into().map_err(|_| corrupt(key, "key record"))?,
+        };
+        if get_u32(b, key_rec::RESERVED) != 0 || (id == 0) != (r.family == 0) {
+            return Err(corrupt(key, "key record family or reserved field invalid"));
+        }
+        Ok(r)
+    }
+}
+
+/// The nonce reservation (`NONCE_KEY`, FORMAT.md §11.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonceRecord {
+    pub salt: u32,
+    /// Counter values below this may have been used.
+    pub limit: u64,
+}
+
+pub mod nonce_rec {
+    pub const SALT: usize = 0;
+    pub const RESERVED: usize = 4;
+    pub const LIMIT: usize = 8;
+    pub const SIZE: usize = 16;
+}
+const _: () = assert!(nonce_rec::LIMIT + 8 == nonce_rec::SIZE && nonce_rec::RESERVED + 4 == nonce_rec::LIMIT);
+
+/// Counter values reserved by one synced write of the nonce record.
+pub const NONCE_CHUNK: u64 = 1 << 20;
+
+impl NonceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![0u8; nonce_rec::SIZE];
+        v[nonce_rec::SALT..nonce_rec::RESERVED].copy_from_slice(&self.salt.to_le_bytes());
+        put_u64(&mut v, nonce_rec::LIMIT, self.limit);
+        seal(NONCE_KEY, v)
+    }
+    pub fn decode(v: &[u8]) -> Result<NonceRecord> {
+        let b = unseal(NONCE_KEY, v)?;
+        if b.len() != nonce_rec::SIZE || get_u32(b, nonce_rec::RESERVED) != 0 {
+            return Err(corrupt(NONCE_KEY, "nonce record length or reserved field"));
+        }
+        Ok(NonceRecord { salt: get_u32(b, nonce_rec::SALT), limit: get_u64(b, nonce_rec::LIMIT) })
+    }
+}
+
+/// The seal of an encrypted data block (`seal_key(pba)`, FORMAT.md §11.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    pub nonce: [u8; 12],
+    pub tag: [u8; 16],
+}
+
+pub mod seal_rec {
+    pub const NONCE: usize = 0;
+    pub const TAG: usize = 12;
+    pub const RESERVED: usize = 28;
+    pub const SIZE: usize = 32;
+}
+const _: () = assert!(seal_rec::TAG == seal_rec::NONCE + 12 && seal_rec::RESERVED == seal_rec::TAG + 16);
+const _: () = assert!(seal_rec::SIZE == seal_rec::RESERVED + 4);
+
+impl Seal {
+    pub fn encode(&self, pba: u64) -> Vec<u8> {
+        let mut v = vec![0u8; seal_rec::SIZE];
+        v[seal_rec::NONCE..seal_rec::TAG].copy_from_slice(&self.nonce);
+        v[seal_rec::TAG..seal_rec::RESERVED].copy_from_slice(&self.tag);
+        seal(&seal_key(pba), v)
+    }
+    pub fn decode(key: &[u8], v: &[u8]) -> Result<Seal> {
+        let b = unseal(key, v)?;
+        if b.len() != seal_rec::SIZE || get_u32(b, seal_rec::RESERVED) != 0 || parse_seal_key(key).is_none() {
+            return Err(corrupt(key, "seal record length, key or reserved field"));
+        }
+        Ok(Seal {
+            nonce: b[seal_rec::NONCE..seal_rec::TAG].try_into().map_err(|_| corrupt(key, "seal record"))?,
+            tag: b[seal_rec::TAG..seal_rec::RESERVED].try_into().map_err(|_| corrupt(key, "seal record"))?,
+        })
+    }
 }
 
 #[cfg(test)]

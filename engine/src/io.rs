@@ -12,6 +12,8 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::error::{Error, Result};
 use crate::format::{BLOCK_SIZE, DATA_START};
+use crate::crypt::VolCrypt;
+use crate::format::Seal;
 use crate::pool::{AlignedBuf, CommitMsg, Shared};
 use crate::volume::{ReadRes, VolumeState, WBlock, UNMAPPED};
 
@@ -98,6 +100,18 @@ struct InFlight {
     expect: Vec<u32>,
     /// Zero-padded copies of partial first writes, owned until completion.
     _bounces: Vec<AlignedBuf>,
+    /// Encrypted reads: what to decrypt from `_bounces[0]` into the caller's buffers.
+    dec: Option<Box<Decrypt>>,
+}
+
+/// The decryption step of an encrypted read (FORMAT.md §11.4).
+struct Decrypt {
+    crypt: Arc<VolCrypt>,
+    lba: u64,
+    /// (block index in the request, its pba, its seal) of every block read from the device.
+    blocks: Vec<(usize, u64, Seal)>,
+    /// The caller's buffers.
+    iov: Vec<IoVec>,
 }
 
 /// Entries in the io_uring submission queue; one request may need several.
@@ -148,6 +162,10 @@ pub struct Queue {
     split: HashMap<u64, (u64, u32, Option<i32>)>,
     next_internal: u64,
     zeros: AlignedBuf,
+    /// Encrypted volume: whole blocks only, through `submit_rw_enc`.
+    encrypted: bool,
+    /// Its cipher (`None` on a pool opened without the master key: every read and write fails).
+    crypt: Option<Arc<VolCrypt>>,
 }
 
 // SAFETY: a Queue owns its io_uring (set up without single-issuer restrictions) and its
@@ -223,7 +241,6 @@ impl Queue {
             .map_err(Error::io("io_uring register files", &shared.path))?;
         Ok(Queue {
             shared,
-            vol,
             read_only,
             ring,
             qs,
@@ -243,6 +260,9 @@ impl Queue {
             split: HashMap::new(),
             next_internal: 0,
             zeros: AlignedBuf::new(BLOCK_SIZE as usize),
+            encrypted: vol.encrypted.load(Ordering::Relaxed),
+            crypt: vol.crypt.get().cloned(),
+            vol,
         })
     }
 
@@ -464,6 +484,15 @@ impl Queue {
         if req.offset % SECTOR_SIZE != 0 || req.len % SECTOR_SIZE != 0 {
             return Err(Error::Misaligned { offset: req.offset, len: req.len });
         }
+        if self.encrypted && req.kind != ReqKind::Discard {
+            // Whole blocks only (FORMAT.md §11.4); a discard unmaps the whole blocks inside.
+            if req.offset % BLOCK_SIZE != 0 || req.len % BLOCK_SIZE != 0 {
+                return Err(Error::Misaligned { offset: req.offset, len: req.len });
+            }
+            if self.crypt.is_none() && matches!(req.kind, ReqKind::Read | ReqKind::Write) {
+                return Err(Error::KeyUnavailable(self.vol.name()));
+            }
+        }
         if matches!(req.kind, ReqKind::Read | ReqKind::Write) {
             let total: u64 = req.iov.iter().map(|v| v.len as u64).sum();
             if total != req.len || req.len > u32::MAX as u64 {
@@ -490,6 +519,10 @@ impl Queue {
         if req.len == 0 {
             self.ready.push(Completion { tag: req.tag, result: Ok(0) });
             return;
+        }
+        if let Some(c) = &self.crypt {
+            let c = c.clone();
+            return self.submit_rw_enc(req, c);
         }
         let (start, end) = (req.offset, req.offset + req.len);
         let lba = start / BLOCK_SIZE;
@@ -576,6 +609,7 @@ impl Queue {
             iovs: Vec::with_capacity(parts.len()),
             expect: Vec::with_capacity(parts.len()),
             _bounces: Vec::new(),
+            dec: None,
         };
         // One io_uring operation per entry: (write?, device offset, linked to the next).
         let mut ops: Vec<(bool, u64, bool)> = Vec::with_capacity(parts.len());
@@ -629,13 +663,130 @@ impl Queue {
             }
             f.iovs.push(v);
         }
+        self.start(f, &ops);
+    }
+
+    /// Read or write of an encrypted volume (FORMAT.md §11.4): whole blocks, through one
+    /// bounce buffer; writes encrypt into it and always go to new blocks, reads decrypt from
+    /// it when the device I/O completes.
+    fn submit_rw_enc(&mut self, req: Request, c: Arc<VolCrypt>) {
+        let lba = req.offset / BLOCK_SIZE;
+        let n = req.len / BLOCK_SIZE;
+        let bs = BLOCK_SIZE as usize;
+        let write = req.kind == ReqKind::Write;
+        let epoch = self.shared.enter();
+        let mut bounce = AlignedBuf::new(req.len as usize);
+        // (device offset, offset in the bounce buffer, length), merged where contiguous.
+        let mut parts: Vec<(u64, usize, usize)> = Vec::new();
+        let push = |parts: &mut Vec<(u64, usize, usize)>, dev: u64, at: usize| match parts.last_mut() {
+            Some(last) if last.0 + last.2 as u64 == dev && last.1 + last.2 == at => last.2 += bs,
+            _ => parts.push((dev, at, bs)),
+        };
+        let mut write_blocks = None;
+        let mut dec = None;
+        let fail = |q: &mut Queue, e: &Error| {
+            q.shared.exit(epoch);
+            if matches!(e, Error::Corrupt { .. } | Error::Crypto(_)) {
+                tracing::error!(volume = %q.vol.name(), error = %e, "encrypted I/O failed");
+            }
+            q.ready.push(Completion { tag: req.tag, result: Err(errno_of(e)) });
+        };
+        if write {
+            let mut w = std::mem::take(&mut self.scratch_w);
+            match self.shared.resolve_write_enc(&self.vol, lba, n, &self.qs, &mut w) {
+                Err(e) => {
+                    self.scratch_w = w;
+                    return fail(self, &e);
+                }
+                Ok(false) => {
+                    self.shared.exit(epoch);
+                    self.scratch_w = w;
+                    self.deferred.push_back(req);
+                    return;
+                }
+                Ok(true) => {}
+            }
+            let mut src = Vec::new();
+            slice_iov(&req.iov, 0, req.len as usize, &mut src);
+            let mut at = 0;
+            for seg in src {
+                // SAFETY: source: the caller's buffers, valid for the request (submit's
+                // contract); destination: inside the bounce buffer, whose length is the
+                // request's, which is the buffers' total (validated).
+                unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, bounce.as_mut_ptr().add(at), seg.iov_len) };
+                at += seg.iov_len;
+            }
+            for (i, b) in w.iter_mut().enumerate() {
+                let nonce = match self.shared.next_nonce() {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.shared.finish_write(&self.vol, lba, &w, false);
+                        self.scratch_w = w;
+                        return fail(self, &e);
+                    }
+                };
+                b.seal = Some(c.encrypt_block(nonce, lba + i as u64, &mut bounce.as_mut_slice()[i * bs..(i + 1) * bs]));
+                push(&mut parts, self.shared.data_offset(b.pba), i * bs);
+            }
+            write_blocks = Some((lba, w.clone()));
+            self.scratch_w = w;
+        } else {
+            let mut r = std::mem::take(&mut self.scratch_r);
+            let mut seals = Vec::new();
+            if let Err(e) = self.shared.resolve_read_sealed(&self.vol, lba, n, &mut r, &mut seals) {
+                self.scratch_r = r;
+                return fail(self, &e);
+            }
+            let mut blocks = Vec::new();
+            for (i, res) in r.iter().enumerate() {
+                match (res, seals.get(i).copied().flatten()) {
+                    (ReadRes::At(pba), Some(seal)) => {
+                        push(&mut parts, self.shared.data_offset(*pba), i * bs);
+                        blocks.push((i, *pba, seal));
+                    }
+                    _ => {
+                        let mut v = Vec::new();
+                        slice_iov(&req.iov, i * bs, bs, &mut v);
+                        for seg in v {
+                            // SAFETY: the caller's writable buffers, valid for the request.
+                            unsafe { std::ptr::write_bytes(seg.iov_base as *mut u8, 0, seg.iov_len) };
+                        }
+                    }
+                }
+            }
+            self.scratch_r = r;
+            dec = Some(Box::new(Decrypt { crypt: c, lba, blocks, iov: req.iov.clone() }));
+        }
+        let base = bounce.as_mut_ptr();
+        let f = InFlight {
+            tag: req.tag,
+            parts: parts.len() as u32,
+            err: None,
+            bytes: req.len as u32,
+            epoch,
+            write: write_blocks,
+            iovs: parts
+                .iter()
+                .map(|&(_, at, len)| vec![libc::iovec { iov_base: base.wrapping_add(at) as *mut libc::c_void, iov_len: len }])
+                .collect(),
+            expect: parts.iter().map(|p| p.2 as u32).collect(),
+            _bounces: vec![bounce],
+            dec,
+        };
+        let ops: Vec<(bool, u64, bool)> = parts.iter().map(|p| (write, p.0, false)).collect();
+        self.start(f, &ops);
+    }
+
+    /// Submit the device I/O of a resolved request (`ops`: write?, device offset, linked to
+    /// the next; one per entry of `f.iovs`), or complete it at once if there is none.
+    fn start(&mut self, mut f: InFlight, ops: &[(bool, u64, bool)]) {
         f.parts = ops.len() as u32;
         if f.parts == 0 {
-            self.shared.exit(epoch);
+            self.shared.exit(f.epoch);
             if let Some((l, b)) = &f.write {
                 self.shared.finish_write(&self.vol, *l, b, true);
             }
-            self.ready.push(Completion { tag: req.tag, result: Ok(req.len as u32) });
+            self.ready.push(Completion { tag: f.tag, result: Ok(f.bytes) });
             return;
         }
         let idx = self.slot(f);
@@ -734,8 +885,11 @@ impl Queue {
             }
         }
         for idx in done {
-            let Some(f) = self.slots.get_mut(idx).and_then(|s| s.take()) else { continue };
+            let Some(mut f) = self.slots.get_mut(idx).and_then(|s| s.take()) else { continue };
             self.free_slots.push(idx);
+            if let (Some(d), None) = (f.dec.take(), f.err) {
+                f.err = self.decrypt(&d, &mut f._bounces);
+            }
             if let Some((l, b)) = &f.write {
                 self.shared.finish_write(&self.vol, *l, b, f.err.is_none());
             }
@@ -745,6 +899,33 @@ impl Queue {
             }
             self.ready.push(Completion { tag: f.tag, result: match f.err { None => Ok(f.bytes), Some(e) => Err(e) } });
         }
+    }
+
+    /// Decrypt a completed encrypted read into the caller's buffers; `Some(EIO)` if a block
+    /// does not authenticate (its plaintext is never copied out).
+    fn decrypt(&self, d: &Decrypt, bounces: &mut [AlignedBuf]) -> Option<i32> {
+        let bs = BLOCK_SIZE as usize;
+        let buf = bounces.first_mut()?.as_mut_slice();
+        for &(i, pba, seal) in &d.blocks {
+            let block = &mut buf[i * bs..(i + 1) * bs];
+            if !d.crypt.decrypt_block(&seal, d.lba + i as u64, block) {
+                tracing::error!(volume = %self.vol.name(), lba = d.lba + i as u64, pba, "encrypted block failed authentication");
+                return Some(libc::EIO);
+            }
+        }
+        for &(i, _, _) in &d.blocks {
+            let mut v = Vec::new();
+            slice_iov(&d.iov, i * bs, bs, &mut v);
+            let mut at = i * bs;
+            for seg in v {
+                // SAFETY: destination: the caller's writable buffers, valid until this
+                // completion is returned (submit's contract); source: inside our bounce buffer
+                // (the segments of block i total 4096 bytes).
+                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(at), seg.iov_base as *mut u8, seg.iov_len) };
+                at += seg.iov_len;
+            }
+        }
+        None
     }
 
     /// Collect finished requests into `out` without blocking. Call it when the eventfd fires

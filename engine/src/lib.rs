@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod error;
 pub mod format;
+pub mod crypt;
 mod hugealloc;
 mod io;
 mod lba_table;

@@ -46,6 +46,9 @@ pub struct PoolOptions {
     /// pool stops as if it crashed there.
     #[doc(hidden)]
     pub fail_meta_after: Option<u64>,
+    /// The master key of encrypted volumes (FORMAT.md §11.1). Without it the pool opens
+    /// *locked*: encrypted volumes cannot be read, written or cloned.
+    pub master_key: Option<crate::crypt::Key>,
 }
 
 impl Default for PoolOptions {
@@ -56,6 +59,7 @@ impl Default for PoolOptions {
             commit_interval: Duration::from_secs(1),
             memtable_bytes: 8 << 20,
             fail_meta_after: None,
+            master_key: None,
         }
     }
 }
@@ -359,7 +363,7 @@ pub const SB_BACKUP_OFFSET: u64 = 4096;
 
 /// Write the superblock: first the backup copy, then the primary, each synced. A torn write
 /// of the primary (only 512-byte writes are assumed atomic) then still leaves a valid copy.
-fn write_sb(f: &File, path: &Path, sbk: &Superblock) -> Result<()> {
+pub(crate) fn write_sb(f: &File, path: &Path, sbk: &Superblock) -> Result<()> {
     let mut buf = AlignedBuf::new(4096);
     buf.as_mut_slice()[..sb::SIZE].copy_from_slice(&sbk.encode());
     pwrite_all(f, path, buf.as_slice(), SB_BACKUP_OFFSET)?;
@@ -450,7 +454,18 @@ pub(crate) struct Shared {
     /// point lookup in branches that never had one (clones of clones that were not written).
     pub head_branches: RwLock<HashSet<u64>>,
     pub fault: Option<std::sync::atomic::AtomicU64>,
+    /// The master key given to `Pool::open` (FORMAT.md §11.1); `None` = locked.
+    pub master: Option<crate::crypt::Key>,
+    /// The data nonce counter, once the pool has a nonce record.
+    pub nonces: std::sync::OnceLock<crate::crypt::Nonces>,
+    /// Committed seals recently used (by pba).
+    pub seal_cache: Mutex<HashMap<u64, Seal>>,
+    /// The superblock has `incompat::ENCRYPTION`.
+    pub encryption_on: AtomicBool,
 }
+
+/// Committed seals kept in memory (about 40 bytes each).
+const SEAL_CACHE_ENTRIES: usize = 1 << 17;
 
 /// Operations collected for one metadata batch and applied in key order: RocksDB's memtable
 /// inserts keys that follow each other much faster than keys in hash order (the skip list
@@ -682,6 +697,52 @@ impl Shared {
 
     /// Resolve `n` blocks from `lba` for a read.
     pub(crate) fn resolve_read(&self, vol: &VolumeState, lba: u64, n: u64, out: &mut Vec<ReadRes>) -> Result<()> {
+        self.resolve_read_inner(vol, lba, n, out, None)
+    }
+
+    /// `resolve_read` for an encrypted volume: also the seal of every block read (`seals[i]`
+    /// for `out[i] == At(..)`). Seals of uncommitted blocks are taken under the same lock as
+    /// the mapping, so a rewrite that frees the block cannot take its seal away first;
+    /// committed seals cannot change while the caller's epoch keeps the block allocated.
+    pub(crate) fn resolve_read_sealed(
+        &self,
+        vol: &VolumeState,
+        lba: u64,
+        n: u64,
+        out: &mut Vec<ReadRes>,
+        seals: &mut Vec<Option<Seal>>,
+    ) -> Result<()> {
+        let mut pend = Vec::new();
+        self.resolve_read_inner(vol, lba, n, out, Some(&mut pend))?;
+        seals.clear();
+        seals.resize(out.len(), None);
+        for (i, s) in pend {
+            seals[i] = Some(s);
+        }
+        for (i, r) in out.iter().enumerate() {
+            if let (ReadRes::At(pba), None) = (r, seals[i]) {
+                match self.committed_seal(*pba)? {
+                    Some(s) => seals[i] = Some(s),
+                    None => {
+                        return Err(Error::Corrupt {
+                            location: Location::Record(seal_key(*pba)),
+                            what: format!("no seal for block {pba} of encrypted volume {:?} (lba {})", vol.name(), lba + i as u64),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_read_inner(
+        &self,
+        vol: &VolumeState,
+        lba: u64,
+        n: u64,
+        out: &mut Vec<ReadRes>,
+        mut pend_seals: Option<&mut Vec<(usize, Seal)>>,
+    ) -> Result<()> {
         out.clear();
         let mut missing = 0;
         let gen;
@@ -707,6 +768,11 @@ impl Shared {
                         PState::Fresh { .. } | PState::Removed => ReadRes::Zero,
                     }),
                 };
+                if let (Some(ps), Some(ReadRes::At(pba))) = (pend_seals.as_deref_mut(), r) {
+                    if let Some(s) = p.seals.get(&pba) {
+                        ps.push((i as usize, *s));
+                    }
+                }
                 // Unresolved blocks are marked with At(u64::MAX) and filled in below.
                 out.push(r.unwrap_or(ReadRes::At(u64::MAX)));
             }
@@ -793,16 +859,16 @@ impl Shared {
             let existing = p.map.get(&l).copied();
             let b = match existing {
                 Some(e) => match e.state {
-                    PState::Written => WBlock { pba: e.pba, fresh: false, padded: false, src: UNMAPPED },
+                    PState::Written => WBlock { pba: e.pba, fresh: false, padded: false, src: UNMAPPED, seal: None },
                     // Full write joining other full writes of a new block.
                     PState::Fresh { writers, padded } if writers > 0 => {
                         p.set(l, e.pba, PState::Fresh { writers: writers + 1, padded });
-                        WBlock { pba: e.pba, fresh: true, padded: false, src: e.src }
+                        WBlock { pba: e.pba, fresh: true, padded: false, src: e.src, seal: None }
                     }
                     // All earlier writes failed: the block is still unwritten; reuse it.
                     PState::Fresh { .. } => {
                         p.set(l, e.pba, PState::Fresh { writers: 1, padded: part as u32 });
-                        WBlock { pba: e.pba, fresh: true, padded: part, src: e.src }
+                        WBlock { pba: e.pba, fresh: true, padded: part, src: e.src, seal: None }
                     }
                     // Discarded since the last commit: reads zeros, so a new block padded with
                     // zeros.
@@ -813,7 +879,7 @@ impl Shared {
                                 x.src = UNMAPPED;
                             }
                             vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                            WBlock { pba, fresh: true, padded: part, src: UNMAPPED }
+                            WBlock { pba, fresh: true, padded: part, src: UNMAPPED, seal: None }
                         }
                         None => {
                             drop(p);
@@ -847,7 +913,7 @@ impl Shared {
                     let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
                     if own_data && !shared_with_snapshot(cv.birth, latest_pin) {
                         // The volume owns the block alone: write in place (any sub-range).
-                        WBlock { pba: cv.pba, fresh: false, padded: false, src: UNMAPPED }
+                        WBlock { pba: cv.pba, fresh: false, padded: false, src: UNMAPPED, seal: None }
                     } else {
                         match self.alloc_block(hint) {
                             Some(pba) => {
@@ -855,7 +921,7 @@ impl Shared {
                                 if !own_data {
                                     vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
                                 }
-                                WBlock { pba, fresh: true, padded: part, src: cv.pba }
+                                WBlock { pba, fresh: true, padded: part, src: cv.pba, seal: None }
                             }
                             None => {
                                 drop(p);
@@ -875,6 +941,151 @@ impl Shared {
             self.send_commit(CommitMsg::Kick);
         }
         Ok(true)
+    }
+
+    /// `resolve_write` for an encrypted volume (FORMAT.md §11.3): every block is redirected
+    /// to a newly allocated one, also one the volume owns alone, so a block's data and seal
+    /// never change while it is allocated. Whole blocks only (the caller checks alignment). A
+    /// block whose earlier write is still in flight defers the request.
+    pub(crate) fn resolve_write_enc(
+        &self,
+        vol: &VolumeState,
+        lba: u64,
+        n: u64,
+        waiter: &Arc<QueueShared>,
+        out: &mut Vec<WBlock>,
+    ) -> Result<bool> {
+        out.clear();
+        let mut p = vol.lock_pending();
+        for i in 0..n {
+            if let Some(PEntry { state: PState::Fresh { writers, .. }, .. }) = p.map.get(&(lba + i)) {
+                if *writers > 0 {
+                    p.waiters.push(waiter.clone());
+                    return Ok(false);
+                }
+            }
+        }
+        let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
+        let committed = if n > 1 && need_db {
+            match self.lookup_range(vol, lba, n, p.complete) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    drop(p);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let mut hint: Option<u64> = None;
+        for i in 0..n {
+            let l = lba + i;
+            let fresh = PState::Fresh { writers: 1, padded: 0 };
+            let b = match p.map.get(&l).copied() {
+                // All earlier writes failed: the block was never written; reuse it.
+                Some(e) if matches!(e.state, PState::Fresh { .. }) => {
+                    p.set(l, e.pba, fresh);
+                    WBlock { pba: e.pba, fresh: true, padded: false, src: e.src, seal: None }
+                }
+                Some(e) => {
+                    let Some(pba) = self.alloc_block(hint) else {
+                        drop(p);
+                        self.finish_write(vol, lba, out, false);
+                        return Err(self.no_space(vol));
+                    };
+                    p.seq += 1;
+                    let seq = p.seq;
+                    if let Some(x) = p.map.get_mut(&l) {
+                        x.pba = pba;
+                        x.state = fresh;
+                        x.seq = seq;
+                        if e.state == PState::Written {
+                            // Reads see the uncommitted block until the new one lands.
+                            x.src = e.pba;
+                            x.src_pending = true;
+                        } else {
+                            // Discarded since the last commit: reads zeros meanwhile.
+                            x.src = UNMAPPED;
+                            x.src_pending = false;
+                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    WBlock { pba, fresh: true, padded: false, src: if e.state == PState::Written { e.pba } else { UNMAPPED }, seal: None }
+                }
+                None => {
+                    let cv = match p.cache.get(&l) {
+                        Some(c) => *c,
+                        None => {
+                            let found = match &committed {
+                                Some(c) => Ok(c[i as usize]),
+                                None => self.lookup(vol, l, p.complete),
+                            };
+                            match found {
+                                Err(e) => {
+                                    drop(p);
+                                    self.finish_write(vol, lba, out, false);
+                                    return Err(e);
+                                }
+                                Ok(c) => {
+                                    p.cache_put(l, c, &self.cache);
+                                    c
+                                }
+                            }
+                        }
+                    };
+                    let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
+                    let Some(pba) = self.alloc_block(hint) else {
+                        drop(p);
+                        self.finish_write(vol, lba, out, false);
+                        return Err(self.no_space(vol));
+                    };
+                    p.insert(l, pba, fresh, cv.pba, cv.own(), false);
+                    if !own_data {
+                        vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    WBlock { pba, fresh: true, padded: false, src: cv.pba, seal: None }
+                }
+            };
+            hint = Some(b.pba + 1);
+            out.push(b);
+        }
+        let kick = p.map.len() >= PENDING_KICK;
+        drop(p);
+        if kick {
+            self.send_commit(CommitMsg::Kick);
+        }
+        Ok(true)
+    }
+
+    /// The committed seal of block `pba` (cache, then RocksDB).
+    pub(crate) fn committed_seal(&self, pba: u64) -> Result<Option<Seal>> {
+        if let Some(s) = lock(&self.seal_cache).get(&pba) {
+            return Ok(Some(*s));
+        }
+        let k = seal_key(pba);
+        let Some(v) = self.db.get_pinned(&k).map_err(Error::meta("get seal"))? else { return Ok(None) };
+        let s = Seal::decode(&k, &v)?;
+        self.cache_seal(pba, s);
+        Ok(Some(s))
+    }
+
+    pub(crate) fn cache_seal(&self, pba: u64, s: Seal) {
+        let mut c = lock(&self.seal_cache);
+        if c.len() >= SEAL_CACHE_ENTRIES {
+            // Full: start over (cheaper than tracking recency; misses read RocksDB's cache).
+            c.clear();
+        }
+        c.insert(pba, s);
+    }
+
+    /// The next data nonce (FORMAT.md §11.2).
+    pub(crate) fn next_nonce(&self) -> Result<[u8; 12]> {
+        let Some(n) = self.nonces.get() else { return Err(Error::Crypto("no nonce record".into())) };
+        n.next(|r| {
+            let mut b = WriteBatch::default();
+            b.put(NONCE_KEY, r.encode());
+            self.write_meta(b)
+        })
     }
 
     fn alloc_block(&self, hint: Option<u64>) -> Option<u64> {
@@ -904,7 +1115,26 @@ impl Shared {
                     continue;
                 }
                 if let PState::Fresh { writers, padded } = e.state {
+                    if e.src_pending {
+                        // An encrypted rewrite of an uncommitted block (`resolve_write_enc`):
+                        // on success that block is garbage; on failure it is what the lba
+                        // holds again, and the new block is.
+                        let (pba, freed) = if ok { (b.pba, e.src) } else { (e.src, b.pba) };
+                        p.frees.push(freed);
+                        p.set(l, pba, PState::Written);
+                        if let Some(x) = p.map.get_mut(&l) {
+                            x.src_pending = false;
+                            x.src = UNMAPPED;
+                        }
+                        if let (true, Some(seal)) = (ok, b.seal) {
+                            p.seals.insert(b.pba, seal);
+                        }
+                        continue;
+                    }
                     let st = if ok {
+                        if let Some(seal) = b.seal {
+                            p.seals.insert(b.pba, seal);
+                        }
                         PState::Written
                     } else {
                         PState::Fresh { writers: writers.saturating_sub(1), padded: padded.saturating_sub(b.padded as u32) }
@@ -985,6 +1215,15 @@ impl Shared {
                 p.frees.push(pba);
                 p.set(l, pba, PState::Removed);
                 freed += 1;
+                if let Some(e) = p.map.get_mut(&l) {
+                    if e.src_pending {
+                        // An encrypted rewrite in flight: the uncommitted block it replaces
+                        // goes too.
+                        e.src_pending = false;
+                        let src = std::mem::replace(&mut e.src, UNMAPPED);
+                        p.frees.push(src);
+                    }
+                }
             }
         }
         for c in committed {
@@ -1065,7 +1304,7 @@ impl Shared {
         // Per volume: (lba, seq if the entry may be dropped, committed view) of every lba the
         // batch changed.
         #[allow(clippy::type_complexity)]
-        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, Option<u64>, CVal)>)> = Vec::new();
+        let mut taken: Vec<(Arc<VolumeState>, Vec<(u64, Option<u64>, CVal, Option<Seal>)>)> = Vec::new();
         let mut frees = Vec::new();
         for v in &vols {
             let mut p = v.lock_pending();
@@ -1076,7 +1315,8 @@ impl Shared {
             let gen = v.gen.load(Ordering::Acquire);
             let latest_pin = v.latest_pin.load(Ordering::Acquire);
             let origin = v.has_origin();
-            let mut work: Vec<(u64, PEntry, Option<u64>, Option<u64>)> = Vec::with_capacity(p.map.len());
+            let mut work: Vec<(u64, PEntry, Option<u64>, Option<u64>, Option<Seal>)> = Vec::with_capacity(p.map.len());
+            let encrypted = v.encrypted.load(Ordering::Relaxed);
             let mut revert = Vec::new();
             let lbas: Vec<u64> = p.map.keys().copied().collect();
             for l in lbas {
@@ -1110,10 +1350,25 @@ impl Shared {
                     PState::Written => (Some(e.pba), Some(e.seq)),
                     PState::Removed => (None, Some(e.seq)),
                 };
-                work.push((l, e, new, seq));
+                // The seal commits with the mapping (FORMAT.md §11.3).
+                let seal = match new {
+                    Some(pba) if encrypted => p.seals.get(&pba).copied(),
+                    _ => None,
+                };
+                if encrypted && new.is_some() && seal.is_none() {
+                    tracing::error!(volume = %v.name(), lba = l, "encrypted block without a seal; not committing it");
+                    continue;
+                }
+                work.push((l, e, new, seq, seal));
             }
             for l in revert {
                 p.map.remove(&l);
+            }
+            if !p.seals.is_empty() {
+                let p = &mut *p;
+                for f in &p.frees {
+                    p.seals.remove(f);
+                }
             }
             frees.append(&mut p.frees);
             // The batch is built without the lock: the data path keeps running meanwhile, and
@@ -1123,7 +1378,7 @@ impl Shared {
             if !work.is_empty() {
                 self.note_head(branch);
             }
-            for (l, e, new, seq) in work {
+            for (l, e, new, seq, seal) in work {
                 if let Some(old) = e.prev {
                     self.retire_head(&mut batch, branch, l, old, gen, latest_pin, e.prev_freed, new, &mut frees);
                 }
@@ -1131,6 +1386,9 @@ impl Shared {
                 let cv = match new {
                     Some(pba) => {
                         batch.put(k, MapEntry::new(pba, gen).encode(&k));
+                        if let Some(s) = seal {
+                            batch.put(seal_key(pba), s.encode(pba));
+                        }
                         CVal { pba, birth: gen }
                     }
                     None if origin => {
@@ -1146,7 +1404,7 @@ impl Shared {
                     let bk = birth_key(branch, gen, l);
                     batch.put(&bk, encode_birth_value(&bk));
                 }
-                changes.push((l, seq, cv));
+                changes.push((l, seq, cv, seal));
             }
             taken.push((v.clone(), changes));
         }
@@ -1171,9 +1429,14 @@ impl Shared {
         for (v, changes) in taken {
             let mut p = v.lock_pending();
             p.cache_gen += 1;
-            for (l, s, cv) in changes {
+            for (l, s, cv, seal) in changes {
                 // The cache follows the committed map for every block this batch changed.
                 p.cache_put(l, cv, &self.cache);
+                if let Some(seal) = seal {
+                    // Committed: from now on found through the committed seals.
+                    self.cache_seal(cv.pba, seal);
+                    p.seals.remove(&cv.pba);
+                }
                 match p.map.get_mut(&l) {
                     Some(e) if s == Some(e.seq) => {
                         p.map.remove(&l);
@@ -1181,8 +1444,15 @@ impl Shared {
                     Some(e) => {
                         // Changed meanwhile: it now replaces what this batch committed. If that
                         // block is not the pending one (or was discarded), the discard that
-                        // changed it already freed it.
-                        e.prev_freed = cv.pba != UNMAPPED && (e.pba != cv.pba || e.state == PState::Removed);
+                        // changed it already freed it — unless an encrypted rewrite redirected
+                        // from it: then it is no longer uncommitted, and the commit of the
+                        // rewrite retires it like any committed head.
+                        if e.src_pending && e.src == cv.pba && cv.pba != UNMAPPED {
+                            e.src_pending = false;
+                            e.prev_freed = false;
+                        } else {
+                            e.prev_freed = cv.pba != UNMAPPED && (e.pba != cv.pba || e.state == PState::Removed);
+                        }
                         e.prev = cv.own();
                     }
                     None => {}
@@ -1283,6 +1553,8 @@ pub struct VolumeInfo {
     /// `VOL@SNAP` whose data shows through unwritten blocks (a clone's parent, or the snapshot
     /// the volume was rolled back to); `None` for an independent volume.
     pub origin: Option<String>,
+    /// Data encrypted at rest (FORMAT.md §11).
+    pub encrypted: bool,
 }
 
 /// Bytes a hashbrown table of `capacity` entries of `entry` bytes holds: buckets are a power of
@@ -1440,6 +1712,7 @@ impl Pool {
             match VolumeRecord::decode(&k, &v) {
                 Ok(r) => {
                     let vs = Arc::new(VolumeState::new(r.id, r.layer, r.name.clone(), r.size_bytes, r.created_ns));
+                    vs.encrypted.store(r.flags & vol_flags::ENCRYPTED != 0, Ordering::Relaxed);
                     if !cat.branches.contains_key(&r.layer) {
                         // A version-1 pool: every volume is one branch in generation 1.
                         let br = BranchRecord { id: r.layer, gen: 1, origin_branch: 0, origin_gen: 0, head_volume: r.id, created_ns: r.created_ns };
@@ -1538,6 +1811,7 @@ impl Pool {
             tracing::error!("pool open: {p} (run `vblk check`)");
         }
         let (tx, rx) = mpsc::channel();
+        let enc_on = sbk.incompat & incompat::ENCRYPTION != 0;
         let shared = Arc::new(Shared {
             path: path.into(),
             meta_dir,
@@ -1562,7 +1836,12 @@ impl Pool {
             hist_branches: RwLock::new(hist_branches),
             head_branches: RwLock::new(head_branches),
             fault: opts.fail_meta_after.map(std::sync::atomic::AtomicU64::new),
+            master: opts.master_key.clone(),
+            nonces: std::sync::OnceLock::new(),
+            seal_cache: Mutex::new(HashMap::new()),
+            encryption_on: AtomicBool::new(enc_on),
         });
+        shared.load_keys()?;
         let s2 = shared.clone();
         let interval = opts.commit_interval;
         let committer = std::thread::Builder::new()
@@ -1613,7 +1892,7 @@ impl Pool {
             id: v.id,
             size_bytes: v.size(),
             created_ns: v.created_ns,
-            flags: 0,
+            flags: if v.encrypted.load(Ordering::Relaxed) { vol_flags::ENCRYPTED } else { 0 },
             layer: v.branch(),
             origin_layer: 0,
             origin_gen: 0,
@@ -1637,6 +1916,16 @@ impl Pool {
 
     /// Create a thin volume. It may be larger than the pool.
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size_bytes, false)
+    }
+
+    /// Create a thin volume whose data is encrypted (FORMAT.md §11) under a new data key; the
+    /// pool must have been opened with its master key.
+    pub fn create_encrypted_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size_bytes, true)
+    }
+
+    fn create_volume_with(&self, name: &str, size_bytes: u64, encrypted: bool) -> Result<VolumeInfo> {
         validate_name(name)?;
         Self::check_size(size_bytes)?;
         self.shared.check_failed()?;
@@ -1649,6 +1938,14 @@ impl Pool {
         rec.next_id += 1;
         let v = Arc::new(VolumeState::new(id, id, name.into(), size_bytes, now_ns()));
         let mut b = WriteBatch::default();
+        let mut new_nonces = None;
+        if encrypted {
+            new_nonces = self.shared.prepare_encryption(&mut b)?;
+            let dek = crate::crypt::Key(crate::crypt::random::<32>()?);
+            b.put(key_key(id), self.shared.wrap_for(id, id, &dek)?);
+            v.encrypted.store(true, Ordering::Relaxed);
+            let _ = v.crypt.set(Arc::new(crate::crypt::VolCrypt::new(id, &dek)?.with_key(dek)));
+        }
         b.put(POOL_KEY, rec.encode());
         self.write_record(&mut b, &v, name);
         b.put(name_key(name), encode_name_value(name, id));
@@ -1659,6 +1956,7 @@ impl Pool {
             self.shared.write_meta(b)?;
             lock(&self.shared.cat).branches.insert(id, br);
         }
+        self.shared.encryption_prepared(new_nonces);
         *lock(&self.shared.record) = rec;
         if let Ok(mut vols) = self.shared.vols.write() {
             vols.insert(name.into(), v.clone());
@@ -1676,6 +1974,7 @@ impl Pool {
             attached_rw: v.writers.load(Ordering::Relaxed) > 0,
             attached_ro: v.readers.load(Ordering::Relaxed),
             origin: self.origin_name(v),
+            encrypted: v.encrypted.load(Ordering::Relaxed),
         }
     }
 
@@ -1876,6 +2175,10 @@ impl Pool {
         let mut births: HashSet<(u64, u64, u64)> = HashSet::new();
         let mut hist: HashMap<(u64, u64, u64), (u64, u64, u32)> = HashMap::new();
         let mut dead: HashMap<(u64, u64, u64), (u64, u64, u32)> = HashMap::new();
+        let mut key_recs: HashMap<u64, u64> = HashMap::new();
+        let mut seals: HashSet<u64> = HashSet::new();
+        // (branch, lba, pba) of every head entry with data.
+        let mut head_blocks: Vec<(u64, u64, u64)> = Vec::new();
         let pending_of = |layer: u64| vols.iter().zip(guards.iter()).find(|(v, _)| v.branch() == layer).map(|(_, g)| g);
         for item in s.db.iterator(IteratorMode::Start) {
             let (k, v) = item.map_err(Error::meta("check scan"))?;
@@ -1915,6 +2218,7 @@ impl Pool {
                             if e.is_tombstone() {
                                 continue;
                             }
+                            head_blocks.push((layer, lba, e.pba));
                             // An entry whose block the pending state already freed (a discard
                             // not yet committed) no longer references it.
                             let freed = pending_of(layer)
@@ -1964,7 +2268,49 @@ impl Pool {
                     (None, _) => rep.errors.push(format!("{loc}: malformed history key")),
                     (_, Err(e)) => rep.errors.push(e.to_string()),
                 },
+                Some(format::key::KEY) => match (parse_key_key(&k), KeyRecord::decode(&k, &v)) {
+                    (Some(id), Ok(r)) => {
+                        key_recs.insert(id, r.family);
+                    }
+                    (None, _) => rep.errors.push(format!("{loc}: malformed key record key")),
+                    (_, Err(e)) => rep.errors.push(e.to_string()),
+                },
+                Some(format::key::NONCE) if &*k == NONCE_KEY => {
+                    if let Err(e) = NonceRecord::decode(&v) {
+                        rep.errors.push(e.to_string());
+                    }
+                }
+                Some(format::key::SEAL) => match (parse_seal_key(&k), Seal::decode(&k, &v)) {
+                    (Some(pba), Ok(_)) => {
+                        seals.insert(pba);
+                    }
+                    (None, _) => rep.errors.push(format!("{loc}: malformed seal key")),
+                    (_, Err(e)) => rep.errors.push(e.to_string()),
+                },
                 _ => rep.errors.push(format!("{loc}: unknown record type")),
+            }
+        }
+        // Encryption (FORMAT.md §11.5).
+        let enc_vols: Vec<&VolumeRecord> = vol_recs.values().filter(|r| r.flags & vol_flags::ENCRYPTED != 0).collect();
+        if !enc_vols.is_empty() && s.sb.incompat & incompat::ENCRYPTION == 0 && !s.encryption_on.load(Ordering::Acquire) {
+            rep.errors.push("superblock: encrypted volumes exist but the ENCRYPTION feature bit is not set".into());
+        }
+        if !key_recs.is_empty() && !key_recs.contains_key(&0) {
+            rep.errors.push("key records exist but the master-key check record (key 0) is missing".into());
+        }
+        for (id, family) in &key_recs {
+            if *id != 0 && !vol_recs.get(id).is_some_and(|r| r.flags & vol_flags::ENCRYPTED != 0) {
+                rep.errors.push(format!("{}: key record of volume {id} (family {family}), which is not an encrypted volume", Location::Record(key_key(*id))));
+            }
+        }
+        for r in &enc_vols {
+            if !key_recs.get(&r.id).is_some_and(|f| *f != 0) {
+                rep.errors.push(format!("encrypted volume {:?} has no key record", r.name));
+            }
+            for (lba, pba) in head_blocks.iter().filter(|(b, _, _)| *b == r.layer).map(|(_, l, p)| (l, p)) {
+                if !seals.contains(pba) {
+                    rep.errors.push(format!("encrypted volume {:?}: block {lba} (pba {pba}) has no seal record", r.name));
+                }
             }
         }
         // Names, volumes, branches, snapshots.
@@ -2139,7 +2485,7 @@ mod tests {
         s.finish_write(&v, 0, &[first], true);
         assert!(v.lock_pending().waiters.is_empty());
         assert!(s.resolve_write(&v, 0, 1, true, true, &q, &mut o2).unwrap());
-        assert_eq!(o2[0], WBlock { pba: first.pba, fresh: false, padded: false, src: UNMAPPED });
+        assert_eq!(o2[0], WBlock { pba: first.pba, fresh: false, padded: false, src: UNMAPPED, seal: None });
         // Full writes of a new block may run together, but a partial one waits for them.
         let mut f1 = Vec::new();
         assert!(s.resolve_write(&v, 1, 1, false, false, &q, &mut f1).unwrap());

@@ -678,6 +678,10 @@ impl Pool {
         // A view with an empty own branch (0 is never a branch id) whose origin chain starts
         // at the snapshot: every read falls through to it.
         let view = Arc::new(VolumeState::new(v.id, 0, format!("{vol}@{snap}"), s.size_bytes, s.created_ns));
+        view.encrypted.store(v.encrypted.load(Ordering::Relaxed), Ordering::Relaxed);
+        if let Some(c) = v.crypt.get() {
+            let _ = view.crypt.set(c.clone());
+        }
         let mut chain = vec![(s.branch, s.gen)];
         chain.extend(lock(&self.shared.cat).chain(s.branch));
         if let Ok(mut c) = view.chain.write() {
@@ -706,6 +710,14 @@ impl Pool {
         let br = BranchRecord { id, gen: 1, origin_branch: s.branch, origin_gen: s.gen, head_volume: id, created_ns: now_ns() };
         let nv = Arc::new(VolumeState::new(id, id, new_name.into(), s.size_bytes, now_ns()));
         let mut b = WriteBatch::default();
+        if v.encrypted.load(Ordering::Relaxed) {
+            // The clone joins the family: the same data key, wrapped under its own id.
+            let c = v.crypt.get().cloned().ok_or_else(|| Error::KeyUnavailable(vol.into()))?;
+            let dek = c.dek.as_ref().ok_or_else(|| Error::KeyUnavailable(vol.into()))?;
+            b.put(key_key(id), self.shared.wrap_for(id, c.family, dek)?);
+            nv.encrypted.store(true, Ordering::Relaxed);
+            let _ = nv.crypt.set(c);
+        }
         b.put(POOL_KEY, rec.encode());
         self.write_record(&mut b, &nv, new_name);
         b.put(name_key(new_name), encode_name_value(new_name, id));
@@ -811,6 +823,7 @@ impl Pool {
         }
         let mut buf = AlignedBuf::new(BLOCK_SIZE as usize);
         let mut copied = 0u64;
+        let encrypted = v.encrypted.load(Ordering::Relaxed);
         for chunk in todo.chunks(4096) {
             let mut batch = WriteBatch::default();
             let mut new_blocks = Vec::new();
@@ -832,6 +845,21 @@ impl Pool {
                         lock(&sh.alloc).release(p);
                     }
                     return Err(Error::DeviceIo(e));
+                }
+                if encrypted {
+                    // The ciphertext moved, the lba and family did not: same seal (FORMAT.md §11.3).
+                    match sh.committed_seal(src) {
+                        Ok(Some(s)) => batch.put(seal_key(dst), s.encode(dst)),
+                        Ok(None) | Err(_) => {
+                            for p in new_blocks {
+                                lock(&sh.alloc).release(p);
+                            }
+                            return Err(Error::Corrupt {
+                                location: crate::error::Location::Record(seal_key(src)),
+                                what: format!("no readable seal for block {src} of encrypted volume {vol:?}"),
+                            });
+                        }
+                    }
                 }
                 // Birth 0: every snapshot of the clone saw this data (through the origin).
                 match kill {
@@ -1062,6 +1090,8 @@ impl Pool {
         let mut br = lock(&self.shared.cat).branches.get(&b).cloned();
         let mut batch = WriteBatch::default();
         batch.delete(volume_key(v.id));
+        // An encrypted volume's copy of its family key; the last one gone destroys the key.
+        batch.delete(key_key(v.id));
         batch.delete(name_key(name));
         if let Some(r) = br.as_mut() {
             r.head_volume = 0;

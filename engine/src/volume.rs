@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
-use crate::format::{map_key, MapEntry, MAP_KEY_LEN};
+use crate::format::{map_key, MapEntry, Seal, MAP_KEY_LEN};
 use crate::lba_table::LbaTable;
 
 /// Hasher for block numbers: a keyed multiply-fold (as in foldhash / ahash's fallback), much
@@ -106,6 +106,10 @@ pub(crate) struct PEntry {
     pub prev: Option<OldHead>,
     /// `prev`'s block was already handed to `frees` (a discard of an unshared block).
     pub prev_freed: bool,
+    /// Encrypted volumes: `src` is an uncommitted block this pending entry pointed to before
+    /// a rewrite redirected it (FORMAT.md §11.4); freed when the new block's write lands, put
+    /// back if it fails.
+    pub src_pending: bool,
 }
 
 /// A committed head map entry as the pending state remembers it.
@@ -141,6 +145,9 @@ pub(crate) struct Pending {
     /// Blocks this volume stopped referencing; reusable after the next commit (and reclaim).
     pub frees: Vec<u64>,
     pub seq: u64,
+    /// Encrypted volumes: seals of blocks written since the last commit (by pba), until the
+    /// commit that makes them durable or frees the block.
+    pub seals: HashMap<u64, Seal, LbaHash>,
     /// Queues with a write waiting for a block of this volume to be established.
     pub waiters: Vec<std::sync::Arc<crate::io::QueueShared>>,
     /// Cache of committed mappings (lba -> pba, or [`UNMAPPED`]), so that the data path does not
@@ -286,7 +293,7 @@ impl Pending {
                 e.seq = seq;
             }
             None => {
-                self.map.insert(lba, PEntry { pba, state, seq, src: UNMAPPED, prev: None, prev_freed: false });
+                self.map.insert(lba, PEntry { pba, state, seq, src: UNMAPPED, prev: None, prev_freed: false, src_pending: false });
             }
         }
     }
@@ -294,7 +301,7 @@ impl Pending {
     /// A new pending entry replacing the committed head entry `prev`.
     pub fn insert(&mut self, lba: u64, pba: u64, state: PState, src: u64, prev: Option<OldHead>, prev_freed: bool) {
         self.seq += 1;
-        self.map.insert(lba, PEntry { pba, state, seq: self.seq, src, prev, prev_freed });
+        self.map.insert(lba, PEntry { pba, state, seq: self.seq, src, prev, prev_freed, src_pending: false });
     }
 }
 
@@ -309,6 +316,8 @@ pub(crate) struct WBlock {
     pub padded: bool,
     /// Copy-on-write source of a fresh block (`UNMAPPED` = none, pad with zeros).
     pub src: u64,
+    /// Encrypted volumes: the seal of the data this write puts in the block.
+    pub seal: Option<Seal>,
 }
 
 /// How a block resolved for a read.
@@ -345,6 +354,10 @@ pub struct VolumeState {
     pub(crate) readers: AtomicU64,
     pub(crate) deleted: AtomicBool,
     pub(crate) resize_watchers: Mutex<Vec<Box<dyn Fn(u64) + Send + Sync>>>,
+    /// `vol_flags::ENCRYPTED`: data is encrypted (FORMAT.md §11).
+    pub(crate) encrypted: AtomicBool,
+    /// The family's cipher, when the pool was opened with its master key.
+    pub(crate) crypt: std::sync::OnceLock<std::sync::Arc<crate::crypt::VolCrypt>>,
 }
 
 impl VolumeState {
@@ -358,6 +371,8 @@ impl VolumeState {
             frozen: AtomicBool::new(false),
             mutations: AtomicU64::new(0),
             created_ns,
+            encrypted: AtomicBool::new(false),
+            crypt: std::sync::OnceLock::new(),
             name: RwLock::new(name),
             size_bytes: AtomicU64::new(size_bytes),
             mapped_blocks: AtomicU64::new(0),

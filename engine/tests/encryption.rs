@@ -1,0 +1,252 @@
+//! Encryption at rest (FORMAT.md §11) through the public API.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use vblk_engine::crypt::Key;
+use vblk_engine::*;
+
+const MIB: u64 = 1 << 20;
+
+fn new_pool(dir: &Path) -> PathBuf {
+    let p = dir.join("pool.img");
+    create_pool(&p, &CreateOptions { size_bytes: Some(64 * MIB), ..Default::default() }).unwrap();
+    p
+}
+
+fn open_with(p: &Path, key: Option<[u8; 32]>) -> Result<Pool> {
+    Pool::open(p, &PoolOptions { master_key: key.map(Key), ..Default::default() })
+}
+
+fn block(lba: u64, ver: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    for (i, c) in b.chunks_mut(16).enumerate() {
+        c[..8].copy_from_slice(&lba.to_le_bytes());
+        c[8..16].copy_from_slice(&(ver ^ (i as u64) << 48).to_le_bytes());
+    }
+    b
+}
+
+/// Whether `needle` occurs anywhere in the pool file.
+fn file_contains(p: &Path, needle: &[u8]) -> bool {
+    let data = std::fs::read(p).unwrap();
+    data.windows(needle.len()).any(|w| w == needle)
+}
+
+const K1: [u8; 32] = [0x11; 32];
+const K2: [u8; 32] = [0x22; 32];
+
+#[test]
+fn encrypted_volume_round_trips_and_stores_no_plaintext() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path());
+    let marker = b"vblk-plaintext-marker-0123456789".repeat(128);
+    {
+        let pool = open_with(&p, Some(K1)).unwrap();
+        let info = pool.create_encrypted_volume("e", 16 * MIB).unwrap();
+        assert!(info.encrypted);
+        assert!(!pool.create_volume("plain", MIB).unwrap().encrypted);
+        let v = pool.open_volume("e", false).unwrap();
+        let mut io = v.sync_io().unwrap();
+        io.write_at(0, &marker).unwrap();
+        for lba in 1..64u64 {
+            io.write_at(lba * 4096, &block(lba, 1)).unwrap();
+        }
+        // Rewrites before and after a commit go to new blocks and read back.
+        io.write_at(4096, &block(1, 2)).unwrap();
+        io.write_at(4096, &block(1, 3)).unwrap();
+        io.flush().unwrap();
+        io.write_at(2 * 4096, &block(2, 4)).unwrap();
+        io.flush().unwrap();
+        let mut b = vec![0u8; 4096];
+        io.read_at(4096, &mut b).unwrap();
+        assert_eq!(b, block(1, 3));
+        // Unaligned I/O is refused on an encrypted volume.
+        assert!(io.write_at(512, &[0u8; 512]).is_err());
+        let mut small = [0u8; 512];
+        assert!(io.read_at(0, &mut small).is_err());
+        // Unwritten blocks read as zeros.
+        io.read_at(100 * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        // Discard works on whole blocks.
+        io.discard(3 * 4096, 4096).unwrap();
+        io.flush().unwrap();
+        io.read_at(3 * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+    }
+    assert!(!file_contains(&p, &marker[..64]), "plaintext found in the pool file");
+    // Reopen with the key: everything flushed is there.
+    let pool = open_with(&p, Some(K1)).unwrap();
+    let v = pool.open_volume("e", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut b = vec![0u8; marker.len()];
+    io.read_at(0, &mut b).unwrap();
+    assert_eq!(b, marker);
+    let mut b = vec![0u8; 4096];
+    for lba in 4..64u64 {
+        io.read_at(lba * 4096, &mut b).unwrap();
+        assert_eq!(b, block(lba, 1), "lba {lba}");
+    }
+    io.read_at(2 * 4096, &mut b).unwrap();
+    assert_eq!(b, block(2, 4));
+    drop(io);
+    drop(v);
+    let report = pool.check().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn wrong_or_missing_master_key() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path());
+    {
+        let pool = open_with(&p, Some(K1)).unwrap();
+        pool.create_encrypted_volume("e", MIB).unwrap();
+        let v = pool.open_volume("e", false).unwrap();
+        let mut io = v.sync_io().unwrap();
+        io.write_at(0, &block(0, 1)).unwrap();
+        io.flush().unwrap();
+    }
+    // A wrong key is refused at open.
+    assert!(matches!(open_with(&p, Some(K2)), Err(Error::WrongKey)));
+    // Without a key the pool opens locked: the volume is listed but its data is unreachable,
+    // and no new encrypted volume can be made.
+    let pool = open_with(&p, None).unwrap();
+    assert!(pool.volume_info("e").unwrap().encrypted);
+    let v = pool.open_volume("e", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut b = vec![0u8; 4096];
+    assert!(io.read_at(0, &mut b).is_err());
+    assert!(io.write_at(0, &b).is_err());
+    drop(io);
+    drop(v);
+    assert!(pool.create_encrypted_volume("e2", MIB).is_err());
+    drop(pool);
+    // A reader that does not know the feature refuses the pool.
+    let sb = read_superblock(&p).unwrap();
+    assert_eq!(sb.incompat & format::incompat::ENCRYPTION, format::incompat::ENCRYPTION);
+}
+
+#[test]
+fn tampered_ciphertext_fails_with_an_io_error() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path());
+    let pool = open_with(&p, Some(K1)).unwrap();
+    pool.create_encrypted_volume("e", MIB).unwrap();
+    let v = pool.open_volume("e", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    io.write_at(0, &block(0, 1)).unwrap();
+    io.write_at(4096, &block(1, 1)).unwrap();
+    io.flush().unwrap();
+    let ranges = v.allocated_ranges(0, MIB).unwrap();
+    assert_eq!(ranges, vec![(0, 8192)]);
+    drop(io);
+    drop(v);
+    drop(pool);
+    // Find block 0's ciphertext: flip one bit in every data block written (two blocks).
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let data_start = 1 << 20;
+    let mut flipped = 0;
+    for pba in 0..64u64 {
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, data_start + pba * 4096).unwrap();
+        if b.iter().any(|&x| x != 0) && pba % 2 == 0 {
+            b[7] ^= 0x40;
+            f.write_all_at(&b, data_start + pba * 4096).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped >= 1);
+    let pool = open_with(&p, Some(K1)).unwrap();
+    let v = pool.open_volume("e", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut b = vec![0u8; 4096];
+    let r0 = io.read_at(0, &mut b);
+    let r1 = io.read_at(4096, &mut b);
+    // Whichever block was flipped fails; nothing returns the modified plaintext.
+    assert!(r0.is_err() || r1.is_err());
+    if r1.is_ok() {
+        assert_eq!(b, block(1, 1));
+    }
+}
+
+#[test]
+fn snapshots_clones_and_flatten_of_an_encrypted_volume() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path());
+    {
+        let pool = open_with(&p, Some(K1)).unwrap();
+        pool.create_encrypted_volume("e", MIB).unwrap();
+        {
+            let v = pool.open_volume("e", false).unwrap();
+            let mut io = v.sync_io().unwrap();
+            for lba in 0..8u64 {
+                io.write_at(lba * 4096, &block(lba, 1)).unwrap();
+            }
+            io.flush().unwrap();
+        }
+        pool.snapshot_create("e", "s1").unwrap();
+        {
+            let v = pool.open_volume("e", false).unwrap();
+            let mut io = v.sync_io().unwrap();
+            io.write_at(0, &block(0, 2)).unwrap();
+            io.flush().unwrap();
+        }
+        let c = pool.clone_volume("e", "s1", "c").unwrap();
+        assert!(c.encrypted);
+        {
+            let v = pool.open_volume("c", false).unwrap();
+            let mut io = v.sync_io().unwrap();
+            let mut b = vec![0u8; 4096];
+            io.read_at(0, &mut b).unwrap();
+            assert_eq!(b, block(0, 1));
+            io.write_at(4096, &block(1, 9)).unwrap();
+            io.flush().unwrap();
+        }
+        {
+            let s = pool.open_snapshot("e", "s1").unwrap();
+            let mut io = s.sync_io().unwrap();
+            let mut b = vec![0u8; 4096];
+            io.read_at(0, &mut b).unwrap();
+            assert_eq!(b, block(0, 1));
+        }
+        pool.clone_flatten("c").unwrap();
+        // The origin goes; the flattened clone keeps its own copy of the family key.
+        pool.delete_volume("e", true).unwrap();
+    }
+    let pool = open_with(&p, Some(K1)).unwrap();
+    let v = pool.open_volume("c", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut b = vec![0u8; 4096];
+    for lba in 0..8u64 {
+        io.read_at(lba * 4096, &mut b).unwrap();
+        assert_eq!(b, block(lba, if lba == 1 { 9 } else { 1 }), "lba {lba}");
+    }
+    drop(io);
+    drop(v);
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn master_key_rotation_rewraps_without_rewriting_data() {
+    let d = tempfile::tempdir().unwrap();
+    let p = new_pool(d.path());
+    {
+        let pool = open_with(&p, Some(K1)).unwrap();
+        pool.create_encrypted_volume("e", MIB).unwrap();
+        let v = pool.open_volume("e", false).unwrap();
+        let mut io = v.sync_io().unwrap();
+        io.write_at(0, &block(0, 5)).unwrap();
+        io.flush().unwrap();
+        drop(io);
+        drop(v);
+        assert_eq!(pool.rotate_master_key(&Key(K2)).unwrap(), 2);
+    }
+    assert!(matches!(open_with(&p, Some(K1)), Err(Error::WrongKey)));
+    let pool = open_with(&p, Some(K2)).unwrap();
+    let v = pool.open_volume("e", false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    let mut b = vec![0u8; 4096];
+    io.read_at(0, &mut b).unwrap();
+    assert_eq!(b, block(0, 5));
+}
