@@ -262,6 +262,25 @@ pub struct DaemonArgs {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
+    #[command(flatten)]
+    pub master_key: MasterKeyArgs,
+}
+
+/// Where the pool's master key comes from (32 bytes: raw, or 64 hex digits). Without one the
+/// pool opens locked: encrypted volumes are listed but cannot be attached, read or cloned.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct MasterKeyArgs {
+    /// Read the master key from this file (32 raw bytes or 64 hex digits; keep it mode 0600).
+    #[arg(long, value_name = "PATH", help_heading = "Encryption")]
+    pub master_key_file: Option<PathBuf>,
+    /// Read the master key (64 hex digits) from this environment variable.
+    #[arg(long, value_name = "VAR", help_heading = "Encryption")]
+    pub master_key_env: Option<String>,
+    /// Run this command (with `sh -c`) and read the master key from its output, e.g. a KMS
+    /// client such as `vault kv get -field=key secret/vblk`.
+    #[arg(long, value_name = "COMMAND", help_heading = "Encryption")]
+    pub master_key_cmd: Option<String>,
 }
 
 /// One `--attach` of the daemon.
@@ -312,6 +331,11 @@ pub enum VolCmd {
         /// Put the volume in this QoS group (see `vblk qos group`).
         #[arg(long, value_name = "GROUP", help_heading = "QoS")]
         qos_group: Option<String>,
+        /// Encrypt the volume's data at rest (AES-256-GCM under a new data key wrapped by the
+        /// pool's master key; the daemon must have been started with --master-key-*). The
+        /// guest sees 4096-byte logical blocks.
+        #[arg(long)]
+        encrypt: bool,
     },
     /// List volumes: size, allocated bytes, attachment.
     #[command(visible_alias = "ls", after_help = "Examples:\n  vblk vol list\n  vblk vol list --json")]

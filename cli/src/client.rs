@@ -79,12 +79,18 @@ pub async fn vol(socket: &Path, cmd: VolCmd, json: bool) -> anyhow::Result<ExitC
         }
     };
     match cmd {
-        VolCmd::Create { name, size, qos, qos_group } => {
+        VolCmd::Create { name, size, qos, qos_group, encrypt } => {
             let change = qos_change(&qos, false);
             let limited = !change.limits.is_empty() || change.iops_size.is_some() || qos_group.is_some();
-            let req = proto::CreateVolumeRequest { name, size_bytes: size, qos: Some(change), qos_group: qos_group.unwrap_or_default() };
+            let req = proto::CreateVolumeRequest {
+                name,
+                size_bytes: size,
+                qos: Some(change),
+                qos_group: qos_group.unwrap_or_default(),
+                encrypted: encrypt,
+            };
             let v = c.create_volume(req).await.map_err(rpc_error)?.into_inner();
-            let mut msg = format!("created volume {} ({})", v.name, format_size(v.size_bytes));
+            let mut msg = format!("created {}volume {} ({})", if v.encrypted { "encrypted " } else { "" }, v.name, format_size(v.size_bytes));
             if limited {
                 let q = c.qos_show(proto::QosShowRequest { volume: v.name.clone() }).await.map_err(rpc_error)?.into_inner();
                 msg.push_str(&format!("\nqos: {}", output::qos_summary(&q)));

@@ -3,6 +3,7 @@
 mod attach;
 mod cli_args;
 mod client;
+mod keys;
 mod output;
 mod qos;
 mod server;

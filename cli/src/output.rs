@@ -162,6 +162,7 @@ pub fn volume_details(v: &proto::Volume) -> String {
         ("virtual size", bytes_exact(v.size_bytes)),
         ("allocated", bytes_exact_and(v.allocated_bytes, &format!("{} of the virtual size", percent(v.allocated_bytes, v.size_bytes)))),
         ("created", format_time(v.created_ns)),
+        ("encrypted", if v.encrypted { "yes (AES-256-GCM, 4096-byte logical blocks)".into() } else { "no".into() }),
     ];
     let state = match &v.attachment {
         Some(a) => format!(

@@ -133,6 +133,7 @@ impl DaemonState {
             attached_rw: v.attached_rw,
             attached_ro: v.attached_ro,
             attachment,
+            encrypted: v.encrypted,
         }
     }
 
@@ -214,7 +215,12 @@ impl DaemonState {
         } else {
             return Err(Status::not_found(format!("no QoS group {:?}", r.qos_group)));
         };
-        let v = self.pool.create_volume(&r.name, r.size_bytes).map_err(engine_status)?;
+        let v = if r.encrypted {
+            self.pool.create_encrypted_volume(&r.name, r.size_bytes)
+        } else {
+            self.pool.create_volume(&r.name, r.size_bytes)
+        }
+        .map_err(engine_status)?;
         if !change.limits.is_empty() || change.iops_size.is_some() || group != GroupChange::Keep {
             if let Err(e) = self.qos.set(v.id, &v.name, &change, &group) {
                 // Leave no volume without the limits it was asked for.
@@ -657,7 +663,8 @@ pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
         Some(d) => Some(std::path::absolute(d).with_context(|| format!("resolving {}", d.display()))?),
         None => None,
     };
-    let opts = PoolOptions { meta_dir, cache_bytes: usize::try_from(args.cache).unwrap_or(usize::MAX), ..Default::default() };
+    let master_key = crate::keys::master_key(&args.master_key)?;
+    let opts = PoolOptions { meta_dir, cache_bytes: usize::try_from(args.cache).unwrap_or(usize::MAX), master_key, ..Default::default() };
     let shown = pool_path.clone();
     // The pool lock decides first whether another daemon is alive.
     let pool = tokio::task::spawn_blocking(move || Pool::open(&pool_path, &opts))

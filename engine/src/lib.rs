@@ -58,6 +58,18 @@ impl Volume {
     pub fn size_bytes(&self) -> u64 {
         self.vol.size()
     }
+    /// Data encrypted at rest (FORMAT.md §11).
+    pub fn encrypted(&self) -> bool {
+        self.vol.encrypted.load(Ordering::Relaxed)
+    }
+    /// The smallest I/O unit: 512 bytes, or 4096 for an encrypted volume (whole blocks only).
+    pub fn logical_block_size(&self) -> u32 {
+        if self.encrypted() {
+            4096
+        } else {
+            SECTOR_SIZE as u32
+        }
+    }
     pub fn read_only(&self) -> bool {
         self.read_only
     }

@@ -2060,6 +2060,9 @@ impl Pool {
     pub fn open_volume(&self, name: &str, read_only: bool) -> Result<crate::Volume> {
         let _c = self.control();
         let v = self.get(name)?;
+        if v.encrypted.load(Ordering::Relaxed) && v.crypt.get().is_none() {
+            return Err(Error::KeyUnavailable(name.into()));
+        }
         if read_only {
             v.readers.fetch_add(1, Ordering::AcqRel);
         } else if v.writers.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {

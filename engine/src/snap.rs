@@ -675,6 +675,9 @@ impl Pool {
         let _c = self.control();
         let v = self.get(vol)?;
         let s = self.find_snap(&v, snap)?;
+        if v.encrypted.load(Ordering::Relaxed) && v.crypt.get().is_none() {
+            return Err(Error::KeyUnavailable(vol.into()));
+        }
         // A view with an empty own branch (0 is never a branch id) whose origin chain starts
         // at the snapshot: every read falls through to it.
         let view = Arc::new(VolumeState::new(v.id, 0, format!("{vol}@{snap}"), s.size_bytes, s.created_ns));

@@ -109,18 +109,21 @@ fn wrong_or_missing_master_key() {
     }
     // A wrong key is refused at open.
     assert!(matches!(open_with(&p, Some(K2)), Err(Error::WrongKey)));
-    // Without a key the pool opens locked: the volume is listed but its data is unreachable,
-    // and no new encrypted volume can be made.
+    // Without a key the pool opens locked: the volume is listed but cannot be opened, cloned
+    // or read through a snapshot, and no new encrypted volume can be made.
     let pool = open_with(&p, None).unwrap();
     assert!(pool.volume_info("e").unwrap().encrypted);
-    let v = pool.open_volume("e", false).unwrap();
-    let mut io = v.sync_io().unwrap();
-    let mut b = vec![0u8; 4096];
-    assert!(io.read_at(0, &mut b).is_err());
-    assert!(io.write_at(0, &b).is_err());
-    drop(io);
-    drop(v);
+    assert!(matches!(pool.open_volume("e", false), Err(Error::KeyUnavailable(_))));
+    assert!(matches!(pool.open_volume("e", true), Err(Error::KeyUnavailable(_))));
+    pool.snapshot_create("e", "s").unwrap();
+    assert!(pool.open_snapshot("e", "s").is_err());
+    assert!(pool.clone_volume("e", "s", "c").is_err());
     assert!(pool.create_encrypted_volume("e2", MIB).is_err());
+    // Plaintext volumes work as usual.
+    pool.create_volume("plain", MIB).unwrap();
+    let v = pool.open_volume("plain", false).unwrap();
+    v.sync_io().unwrap().write_at(0, &block(0, 1)).unwrap();
+    drop(v);
     drop(pool);
     // A reader that does not know the feature refuses the pool.
     let sb = read_superblock(&p).unwrap();

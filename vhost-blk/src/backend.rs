@@ -69,6 +69,8 @@ pub(crate) struct DevShared {
     pub threads: u16,
     /// Register guest memory as io_uring fixed buffers (`DeviceConfig::pin_memory`).
     pub pin_memory: bool,
+    /// The logical block size advertised (`Volume::logical_block_size`).
+    pub blk_size: u32,
 }
 
 impl DevShared {
@@ -526,6 +528,7 @@ impl BlkBackend {
             self.dev.queue_size,
             self.writeback.load(Ordering::Relaxed),
         )
+        .with_blk_size(self.dev.blk_size)
     }
 
     /// After the connection ended (workers gone): finish every in-flight request, completing it

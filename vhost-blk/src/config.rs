@@ -111,6 +111,15 @@ impl BlkConfig {
         }
     }
 
+    /// Advertise a logical block of `blk_size` bytes (512 or 4096; an encrypted volume takes
+    /// whole 4 KiB blocks only). Physical block and minimum I/O size stay 4 KiB.
+    pub fn with_blk_size(mut self, blk_size: u32) -> BlkConfig {
+        if blk_size == 4096 {
+            self.blk_size = blk_size;
+        }
+        self
+    }
+
     /// The little-endian layout of `struct virtio_blk_config`.
     pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut b = [0u8; CONFIG_LEN];
@@ -121,9 +130,10 @@ impl BlkConfig {
         b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
         // Topology: physical_block_exp = 3 (4 KiB physical blocks), alignment_offset = 0,
         // min_io_size = 8 logical blocks (4 KiB), opt_io_size = 0 (no preference).
-        b[24] = PHYSICAL_BLOCK_EXP;
+        let (exp, min_io) = if self.blk_size == 4096 { (0, 1u16) } else { (PHYSICAL_BLOCK_EXP, MIN_IO_SIZE) };
+        b[24] = exp;
         b[25] = 0;
-        b[26..28].copy_from_slice(&MIN_IO_SIZE.to_le_bytes());
+        b[26..28].copy_from_slice(&min_io.to_le_bytes());
         b[28..32].copy_from_slice(&0u32.to_le_bytes());
         b[32] = self.writeback;
         // 33: unused.

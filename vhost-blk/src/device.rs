@@ -104,6 +104,7 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         cfg_notify: Mutex::new((false, false)),
         threads: if cfg.threads == 0 { cfg.num_queues } else { cfg.threads },
         pin_memory: cfg.pin_memory,
+        blk_size: volume.logical_block_size(),
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {
