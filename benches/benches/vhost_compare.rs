@@ -14,7 +14,9 @@
 //! - (j) (e) attached with `--threads 1` (both queues on one worker thread, as qsd serves
 //!   them), on the 2-queue randwrite workload;
 //! - (k) (e) attached with `--pin-memory` (the client's memory registered as io_uring fixed
-//!   buffers), on the 4K randread QD32 row.
+//!   buffers), on the 4K randread QD32 row;
+//! - (l) vblk: an encrypted volume (`vol create --encrypt`, AES-256-GCM, filled by `vblk import`
+//!   of the raw file), on every 1-queue row: the cost of encryption at rest.
 //!
 //! Every server is started fresh for every cell on the same directory, and the cells are
 //! interleaved: for each repeat, for each workload, a b c e ... Reported: IOPS (MiB/s for
@@ -64,6 +66,8 @@ enum Server {
     VblkOneThread,
     /// (e) attached with `--pin-memory`: the client's memory as io_uring fixed buffers.
     VblkPinned,
+    /// An encrypted copy of (e).
+    VblkEncrypted,
 }
 
 /// The QoS limit of row (i), requests per second.
@@ -84,6 +88,7 @@ impl Server {
             Server::VblkQosLimited => "(i) vblk, (e) + QoS limit 20k IOPS",
             Server::VblkOneThread => "(j) vblk, (e) with --threads 1",
             Server::VblkPinned => "(k) vblk, (e) with --pin-memory",
+            Server::VblkEncrypted => "(l) vblk, encrypted volume (written)",
         }
     }
 }
@@ -117,7 +122,7 @@ impl Workload {
 
 fn workloads(qcow2: bool) -> Vec<Workload> {
     use Server::*;
-    let mut all = vec![Fio, QsdRaw, Vblk];
+    let mut all = vec![Fio, QsdRaw, Vblk, VblkEncrypted];
     let mut fresh = vec![VblkFresh];
     let mut cow = vec![VblkSnap];
     if qcow2 {
@@ -294,6 +299,15 @@ impl Bench {
                 d.cli(&["qos", "set", "full", "--iops-total", "0"])?;
                 d.stop()?;
                 c
+            }
+            Server::VblkEncrypted => {
+                let key = format!("--master-key-file={}", self.dir.join("master.key").display());
+                let attach = format!("--attach=enc:{}:{EXPORT_QUEUES}", sock.display());
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[key, attach])?;
+                vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
+                let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
+                d.stop()?;
+                Ok(c)
             }
             Server::VblkFresh => {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
@@ -499,7 +513,7 @@ fn real_main() -> Result<()> {
     // Space: raw + written qcow2 + pool (written volume + fresh volume + slack) + fresh qcow2.
     // full + cow (its own copy, so that (f)'s copy-on-write never relocates (e)'s blocks) +
     // the fresh volume or cow's copied blocks.
-    let pool_size = 2 * span + fresh_size + 256 * MIB;
+    let pool_size = 3 * span + fresh_size + 256 * MIB;
     let need = span + if have_qemu_img { span + fresh_size } else { 0 } + pool_size + 512 * MIB;
     let free = free_bytes(&base_dir)?;
     if free < need {
@@ -551,9 +565,15 @@ fn real_main() -> Result<()> {
     eprintln!("created {} MiB pool (--preallocate {prealloc}) in {:.1} s", pool_size / MIB, t0.elapsed().as_secs_f64());
     {
         let t0 = Instant::now();
-        let mut d = VblkDaemon::start(&dir, &pool, &cache, &[])?;
+        // (l)'s master key.
+        let key = dir.join("master.key");
+        std::fs::write(&key, "6b".repeat(32)).context("writing the bench master key")?;
+        let key_arg = format!("--master-key-file={}", key.display());
+        let mut d = VblkDaemon::start(&dir, &pool, &cache, &[key_arg])?;
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "full"])?;
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "cow"])?;
+        d.cli(&["vol", "create", "enc", &span.to_string(), "--encrypt"])?;
+        d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "enc"])?;
         let info = d.json(&["vol", "info", "full"])?;
         let alloc = info["allocated_bytes"].as_u64().unwrap_or(0);
         if alloc != span {
@@ -639,7 +659,8 @@ fn real_main() -> Result<()> {
     md += &format!(
         "- (e)/(g) `vblk daemon --cache {cache}`, pool created with `--preallocate {prealloc}`, attached with {EXPORT_QUEUES} queues; \
          (e) filled by `vblk import` of the raw file; (g) `vblk vol create` before and `vol delete` after each cell; \
-         (f) a second imported copy, `vblk snap create` before and `snap delete` after each cell\n"
+         (f) a second imported copy, `vblk snap create` before and `snap delete` after each cell; \
+         (l) `vblk vol create --encrypt` (AES-256-GCM, RustCrypto aes-gcm) filled by `vblk import`, daemon with `--master-key-file`\n"
     );
     md += "- (d) `qemu-img create -f qcow2 -b (c) -F qcow2` before each cell (64 KiB clusters: the first write to a cluster \
            copies it, later writes to it are in place); (f) copies on write at 4 KiB, so with a short cell (d) has \

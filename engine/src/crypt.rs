@@ -107,7 +107,7 @@ fn block_aad(family: u64, lba: u64) -> [u8; 24] {
 }
 
 impl VolCrypt {
-    pub(crate) fn new(family: u64, dek: &Key) -> Result<VolCrypt> {
+    pub fn new(family: u64, dek: &Key) -> Result<VolCrypt> {
         let cipher = Aes256Gcm::new_from_slice(&dek.0).map_err(|_| Error::Crypto("data key length".into()))?;
         Ok(VolCrypt { family, cipher, dek: None })
     }
@@ -189,10 +189,29 @@ impl crate::pool::Shared {
             }
         }
         let vols: Vec<Arc<crate::volume::VolumeState>> = self.vols.read().map(|v| v.values().cloned().collect()).unwrap_or_default();
+        let mut any = false;
         for v in vols {
             if v.encrypted.load(Ordering::Relaxed) {
                 let c = self.volume_cipher(v.id)?;
                 let _ = v.crypt.set(c);
+                any = true;
+            }
+        }
+        if any {
+            // Warm the seal cache as the open-time scan warms the map cache: one sequential
+            // pass instead of a RocksDB lookup on each block's first read.
+            let mut c = crate::pool::lock(&self.seal_cache);
+            let prefix = [crate::format::key::SEAL];
+            for item in self.db.iterator(rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+                let (k, v) = item.map_err(Error::meta("scan seals"))?;
+                let Some(pba) = crate::format::parse_seal_key(&k) else { break };
+                if c.len() >= self.seal_cache_cap {
+                    break;
+                }
+                // A damaged record is reported by `check` and by the read that needs it.
+                if let Ok(s) = Seal::decode(&k, &v) {
+                    c.insert(pba, s);
+                }
             }
         }
         Ok(())

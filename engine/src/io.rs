@@ -166,7 +166,13 @@ pub struct Queue {
     encrypted: bool,
     /// Its cipher (`None` on a pool opened without the master key: every read and write fails).
     crypt: Option<Arc<VolCrypt>>,
+    /// Bounce buffers of finished encrypted requests, for reuse (an allocation per request
+    /// was 9% of the daemon's CPU on encrypted 4 KiB reads; large ones are mappings).
+    bounce_pool: Vec<AlignedBuf>,
 }
+
+/// Bounce buffers a queue keeps for reuse.
+const BOUNCE_POOL: usize = 64;
 
 // SAFETY: a Queue owns its io_uring (set up without single-issuer restrictions) and its
 // buffers; the raw iovec pointers it stores point into memory whose validity the submitter
@@ -262,6 +268,7 @@ impl Queue {
             zeros: AlignedBuf::new(BLOCK_SIZE as usize),
             encrypted: vol.encrypted.load(Ordering::Relaxed),
             crypt: vol.crypt.get().cloned(),
+            bounce_pool: Vec::new(),
             vol,
         })
     }
@@ -675,7 +682,10 @@ impl Queue {
         let bs = BLOCK_SIZE as usize;
         let write = req.kind == ReqKind::Write;
         let epoch = self.shared.enter();
-        let mut bounce = AlignedBuf::new(req.len as usize);
+        let mut bounce = match self.bounce_pool.iter().rposition(|b| b.len() == req.len as usize) {
+            Some(i) => self.bounce_pool.swap_remove(i),
+            None => AlignedBuf::new(req.len as usize),
+        };
         // (device offset, offset in the bounce buffer, length), merged where contiguous.
         let mut parts: Vec<(u64, usize, usize)> = Vec::new();
         let push = |parts: &mut Vec<(u64, usize, usize)>, dev: u64, at: usize| match parts.last_mut() {
@@ -887,8 +897,17 @@ impl Queue {
         for idx in done {
             let Some(mut f) = self.slots.get_mut(idx).and_then(|s| s.take()) else { continue };
             self.free_slots.push(idx);
-            if let (Some(d), None) = (f.dec.take(), f.err) {
-                f.err = self.decrypt(&d, &mut f._bounces);
+            if let Some(d) = f.dec.take() {
+                if f.err.is_none() {
+                    f.err = self.decrypt(&d, &mut f._bounces);
+                }
+            }
+            if self.encrypted {
+                for b in f._bounces.drain(..) {
+                    if self.bounce_pool.len() < BOUNCE_POOL {
+                        self.bounce_pool.push(b);
+                    }
+                }
             }
             if let Some((l, b)) = &f.write {
                 self.shared.finish_write(&self.vol, *l, b, f.err.is_none());

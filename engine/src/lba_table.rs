@@ -1,4 +1,5 @@
-//! [`LbaTable`]: the hash table behind a volume's map cache (lba -> [`CVal`]).
+//! [`LbaTable`]: the hash table behind a volume's map cache (lba -> [`CVal`]) and the pool's
+//! seal cache (pba -> [`Seal`](crate::format::Seal)).
 //!
 //! Why not hashbrown: a Swiss table keeps its control bytes and its entries in two arrays, so a
 //! lookup of a key that is not in the CPU cache costs two dependent memory misses (the control
@@ -17,36 +18,52 @@
 //!   slow down with churn. [`LbaTable::remove_any`] removes entries in slot order from a
 //!   rotating cursor: the cache's eviction wants some entry, cheaply, not a particular one.
 
+use crate::format::Seal;
 use crate::volume::{CVal, LbaHash};
+
+/// A value an [`LbaTable`] holds, with the filler of empty slots.
+pub(crate) trait TableValue: Copy {
+    const FILLER: Self;
+}
+
+impl TableValue for CVal {
+    const FILLER: CVal = CVal::NONE;
+}
+
+impl TableValue for Seal {
+    const FILLER: Seal = Seal { nonce: [0; 12], tag: [0; 16] };
+}
 
 /// The key of an empty slot.
 pub(crate) const EMPTY: u64 = u64::MAX;
 
 #[derive(Clone, Copy)]
-struct Slot {
+struct Slot<V> {
     key: u64,
-    val: CVal,
+    val: V,
 }
 
-const EMPTY_SLOT: Slot = Slot { key: EMPTY, val: CVal::NONE };
+impl<V: TableValue> Slot<V> {
+    const EMPTY: Slot<V> = Slot { key: EMPTY, val: V::FILLER };
+}
 /// Slots of the first allocation.
 const MIN_SLOTS: usize = 16;
 
-pub(crate) struct LbaTable {
-    slots: Box<[Slot]>,
+pub(crate) struct LbaTable<V = CVal> {
+    slots: Box<[Slot<V>]>,
     len: usize,
     /// Where the next [`remove_any`](Self::remove_any) starts looking.
     cursor: usize,
     hash: LbaHash,
 }
 
-impl Default for LbaTable {
+impl<V: TableValue> Default for LbaTable<V> {
     fn default() -> Self {
         LbaTable { slots: Box::new([]), len: 0, cursor: 0, hash: LbaHash::default() }
     }
 }
 
-impl LbaTable {
+impl<V: TableValue> LbaTable<V> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -91,16 +108,16 @@ impl LbaTable {
         }
     }
 
-    pub fn get(&self, key: u64) -> Option<&CVal> {
+    pub fn get(&self, key: u64) -> Option<&V> {
         self.find(key).map(|i| &self.slots[i].val)
     }
 
-    pub fn get_mut(&mut self, key: u64) -> Option<&mut CVal> {
+    pub fn get_mut(&mut self, key: u64) -> Option<&mut V> {
         self.find(key).map(|i| &mut self.slots[i].val)
     }
 
     /// Insert or replace; returns the value replaced.
-    pub fn insert(&mut self, key: u64, val: CVal) -> Option<CVal> {
+    pub fn insert(&mut self, key: u64, val: V) -> Option<V> {
         assert_ne!(key, EMPTY, "LbaTable key out of range");
         if (self.len + 1) * 4 > self.slots.len() * 3 {
             self.grow();
@@ -123,7 +140,7 @@ impl LbaTable {
 
     fn grow(&mut self) {
         let n = (self.slots.len() * 2).max(MIN_SLOTS);
-        let old = std::mem::replace(&mut self.slots, vec![EMPTY_SLOT; n].into_boxed_slice());
+        let old = std::mem::replace(&mut self.slots, vec![Slot::<V>::EMPTY; n].into_boxed_slice());
         let mask = n - 1;
         for s in old.iter().filter(|s| s.key != EMPTY) {
             let mut i = self.home(s.key);
@@ -139,7 +156,7 @@ impl LbaTable {
     /// their home slot allows (backward-shift deletion).
     fn remove_at(&mut self, mut hole: usize) {
         let mask = self.mask();
-        self.slots[hole] = EMPTY_SLOT;
+        self.slots[hole] = Slot::<V>::EMPTY;
         self.len -= 1;
         let mut j = hole;
         loop {
@@ -153,14 +170,14 @@ impl LbaTable {
             let home = self.home(k);
             if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
                 self.slots[hole] = self.slots[j];
-                self.slots[j] = EMPTY_SLOT;
+                self.slots[j] = Slot::<V>::EMPTY;
                 hole = j;
             }
         }
     }
 
     #[cfg(test)]
-    pub fn remove(&mut self, key: u64) -> Option<CVal> {
+    pub fn remove(&mut self, key: u64) -> Option<V> {
         let i = self.find(key)?;
         let v = self.slots[i].val;
         self.remove_at(i);

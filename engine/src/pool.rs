@@ -154,6 +154,10 @@ impl AlignedBuf {
         }
         AlignedBuf { ptr, len, mapped: false }
     }
+    /// Length in bytes (the requested length rounded up to 4096).
+    pub fn len(&self) -> usize {
+        self.len
+    }
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is a live allocation of len initialised (zeroed) bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
@@ -458,14 +462,16 @@ pub(crate) struct Shared {
     pub master: Option<crate::crypt::Key>,
     /// The data nonce counter, once the pool has a nonce record.
     pub nonces: std::sync::OnceLock<crate::crypt::Nonces>,
-    /// Committed seals recently used (by pba).
-    pub seal_cache: Mutex<HashMap<u64, Seal>>,
+    /// Committed seals recently used (by pba), at most `seal_cache_cap`.
+    pub seal_cache: Mutex<crate::lba_table::LbaTable<Seal>>,
+    pub seal_cache_cap: usize,
     /// The superblock has `incompat::ENCRYPTION`.
     pub encryption_on: AtomicBool,
 }
 
-/// Committed seals kept in memory (about 40 bytes each).
-const SEAL_CACHE_ENTRIES: usize = 1 << 17;
+/// Bytes of `PoolOptions::cache_bytes` per cached seal: a pool with encrypted volumes keeps up
+/// to cache/256 seals (40-byte slots, at most 3/4 full: about a third of the cache size more).
+const SEAL_CACHE_DIVISOR: usize = 256;
 
 /// Operations collected for one metadata batch and applied in key order: RocksDB's memtable
 /// inserts keys that follow each other much faster than keys in hash order (the skip list
@@ -1059,7 +1065,7 @@ impl Shared {
 
     /// The committed seal of block `pba` (cache, then RocksDB).
     pub(crate) fn committed_seal(&self, pba: u64) -> Result<Option<Seal>> {
-        if let Some(s) = lock(&self.seal_cache).get(&pba) {
+        if let Some(s) = lock(&self.seal_cache).get(pba) {
             return Ok(Some(*s));
         }
         let k = seal_key(pba);
@@ -1071,9 +1077,9 @@ impl Shared {
 
     pub(crate) fn cache_seal(&self, pba: u64, s: Seal) {
         let mut c = lock(&self.seal_cache);
-        if c.len() >= SEAL_CACHE_ENTRIES {
-            // Full: start over (cheaper than tracking recency; misses read RocksDB's cache).
-            c.clear();
+        if c.len() >= self.seal_cache_cap {
+            // Full: drop some entry (no recency tracking; a miss reads RocksDB's cache).
+            c.remove_any();
         }
         c.insert(pba, s);
     }
@@ -1838,7 +1844,8 @@ impl Pool {
             fault: opts.fail_meta_after.map(std::sync::atomic::AtomicU64::new),
             master: opts.master_key.clone(),
             nonces: std::sync::OnceLock::new(),
-            seal_cache: Mutex::new(HashMap::new()),
+            seal_cache: Mutex::new(crate::lba_table::LbaTable::default()),
+            seal_cache_cap: (opts.cache_bytes / SEAL_CACHE_DIVISOR).max(1024),
             encryption_on: AtomicBool::new(enc_on),
         });
         shared.load_keys()?;
