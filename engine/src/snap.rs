@@ -830,6 +830,7 @@ impl Pool {
         for chunk in todo.chunks(4096) {
             let mut batch = WriteBatch::default();
             let mut new_blocks = Vec::new();
+            let mut new_seals = Vec::new();
             for &(l, src, kill) in chunk {
                 let Some(dst) = lock(&sh.alloc).alloc_one(None) else {
                     for p in new_blocks {
@@ -852,7 +853,10 @@ impl Pool {
                 if encrypted {
                     // The ciphertext moved, the lba and family did not: same seal (FORMAT.md §11.3).
                     match sh.committed_seal(src) {
-                        Ok(Some(s)) => batch.put(seal_key(dst), s.encode(dst)),
+                        Ok(Some(s)) => {
+                            batch.put(seal_key(dst), s.encode(dst));
+                            new_seals.push((dst, s));
+                        }
                         Ok(None) | Err(_) => {
                             for p in new_blocks {
                                 lock(&sh.alloc).release(p);
@@ -883,6 +887,10 @@ impl Pool {
             sh.data.sync_data().map_err(Error::DeviceIo)?;
             let _m = lock(&sh.meta);
             sh.write_meta(batch)?;
+            // The seal cache may still hold the seal of a block's earlier life.
+            for (dst, s) in new_seals {
+                sh.cache_seal(dst, s);
+            }
             copied += chunk.iter().filter(|x| x.2.is_none()).count() as u64;
         }
         let mut br = lock(&sh.cat).branches.get(&b).cloned().ok_or_else(|| Error::Busy { name: vol.into(), why: "branch record missing" })?;

@@ -48,7 +48,14 @@ proptest! {
     })]
     #[test]
     fn snapshots_match_model(ops in proptest::collection::vec(op(), 1..30), tiny_cache in any::<bool>()) {
-        run_case(ops, tiny_cache)?;
+        run_case(ops, tiny_cache, false)?;
+    }
+
+    /// The same with encrypted volumes: seals through snapshots, clones, rollback, flatten,
+    /// deletes and crashes at every metadata write.
+    #[test]
+    fn encrypted_snapshots_match_model(ops in proptest::collection::vec(op(), 1..30), tiny_cache in any::<bool>()) {
+        run_case(ops, tiny_cache, true)?;
     }
 }
 
@@ -71,6 +78,7 @@ fn snapshot_scenario() {
         Op::DeleteVol { vol: 0, recursive: false },
         Op::DeleteVol { vol: 0, recursive: true },
     ];
-    run_case(ops.clone(), false).unwrap();
-    run_case(ops, true).unwrap();
+    run_case(ops.clone(), false, false).unwrap();
+    run_case(ops.clone(), true, false).unwrap();
+    run_case(ops, false, true).unwrap();
 }

@@ -78,11 +78,20 @@ struct Harness {
     pool: Option<Pool>,
     /// Metadata cache size: tiny (a few entries) exercises eviction and the lookups behind it.
     cache_bytes: usize,
+    /// Encrypted volumes (FORMAT.md §11): the pool opens with this master key.
+    encrypted: bool,
 }
 
 impl Harness {
     fn p(&self) -> &Pool {
         self.pool.as_ref().unwrap()
+    }
+    fn create(&self, name: &str) -> Result<VolumeInfo> {
+        if self.encrypted {
+            self.p().create_encrypted_volume(name, BLOCKS * 4096)
+        } else {
+            self.p().create_volume(name, BLOCKS * 4096)
+        }
     }
     fn reopen(&mut self, fault: Option<u64>) {
         drop(self.pool.take());
@@ -92,6 +101,7 @@ impl Harness {
             cache_bytes: self.cache_bytes,
             // Small write-ahead logs: each reopen preallocates one (1.1x this).
             memtable_bytes: 256 << 10,
+            master_key: self.encrypted.then(|| vblk_engine::crypt::Key([0x37; 32])),
             ..Default::default()
         };
         self.pool = Some(Pool::open(&self.path, &opts).unwrap());
@@ -210,21 +220,43 @@ fn case_dir() -> tempfile::TempDir {
     }
 }
 
-pub fn run_case(ops: Vec<Op>, tiny_cache: bool) -> Result<(), TestCaseError> {
+/// An encrypted volume takes whole 4 KiB blocks only: round a data op out to them.
+fn block_aligned(op: Op) -> Op {
+    let al = |sector: u64, n: u64| (sector & !7, ((sector + n).div_ceil(8) * 8) - (sector & !7));
+    match op {
+        Op::Write { vol, sector, n, ver } => {
+            let (sector, n) = al(sector, n);
+            Op::Write { vol, sector, n, ver }
+        }
+        Op::Discard { vol, sector, n } => {
+            let (sector, n) = al(sector, n);
+            Op::Discard { vol, sector, n }
+        }
+        Op::WriteZeroes { vol, sector, n } => {
+            let (sector, n) = al(sector, n);
+            Op::WriteZeroes { vol, sector, n }
+        }
+        o => o,
+    }
+}
+
+/// Run one case; `encrypted`: every volume is encrypted and data ops are block-aligned.
+pub fn run_case(ops: Vec<Op>, tiny_cache: bool, encrypted: bool) -> Result<(), TestCaseError> {
+    let ops: Vec<Op> = if encrypted { ops.into_iter().map(block_aligned).collect() } else { ops };
     let d = case_dir();
     let path = d.path().join("p.img");
     // Sparse: allocating the file on tmpfs was 10% of the fuzz target's time per input.
     let create = CreateOptions { size_bytes: Some((1 << 20) + 600 * 4096), preallocate: Preallocate::Off, ..Default::default() };
     create_pool(&path, &create).unwrap();
-    let mut h = Harness { path, pool: None, cache_bytes: if tiny_cache { 2 * 40 * 12 } else { 64 << 20 } };
+    let mut h = Harness { path, pool: None, cache_bytes: if tiny_cache { 2 * 40 * 12 } else { 64 << 20 }, encrypted };
     h.reopen(None);
     let mut m = Model::default();
-    h.p().create_volume("v0", BLOCKS * 4096).unwrap();
+    h.create("v0").unwrap();
     m.vols.insert("v0".into(), MVol { image: vec![0; (BLOCKS * 4096) as usize], flushed: vec![0; (BLOCKS * 4096) as usize], origin: None });
     for op in ops {
         if m.vols.is_empty() {
             let zero = vec![0u8; (BLOCKS * 4096) as usize];
-            if h.p().create_volume("v0", BLOCKS * 4096).is_err() {
+            if h.create("v0").is_err() {
                 // The injected fault hit the create: it happened or not.
                 let alt = BTreeMap::from([("v0".to_string(), zero)]);
                 reconcile(&mut h, &mut m, &alt)?;

@@ -11,7 +11,8 @@
 //! Each input makes its own small pool (tempfile, in `$VBLK_FUZZ_TMPDIR` when set).
 //!
 //! Input format: u8 flags (bit 0: a 12-entry block-map cache, so that eviction and the
-//! lookups behind it run), then up to [`MAX_OPS`] ops: u8 kind (mod 15) and its fields (see
+//! lookups behind it run; bit 1: every volume encrypted (FORMAT.md §11), data ops rounded out
+//! to whole 4 KiB blocks), then up to [`MAX_OPS`] ops: u8 kind (mod 15) and its fields (see
 //! `decode`).
 
 #[path = "../../../engine/tests/common/snap_model_core.rs"]
@@ -24,10 +25,11 @@ use crate::cursor::{Cursor, Writer};
 
 pub const MAX_OPS: usize = 24;
 
-/// (tiny cache, operations).
-pub fn decode(data: &[u8]) -> (bool, Vec<Op>) {
+/// (tiny cache, encrypted, operations).
+pub fn decode(data: &[u8]) -> (bool, bool, Vec<Op>) {
     let mut c = Cursor::new(data);
-    let tiny = c.u8() & 1 == 1;
+    let flags = c.u8();
+    let (tiny, encrypted) = (flags & 1 == 1, flags & 2 == 2);
     let sectors = BLOCKS * 8;
     let mut ops = Vec::new();
     while !c.is_empty() && ops.len() < MAX_OPS {
@@ -47,7 +49,7 @@ pub fn decode(data: &[u8]) -> (bool, Vec<Op>) {
             _ => Op::Diff { snap: c.u8() as usize, to_live: c.u8() & 1 == 1 },
         });
     }
-    (tiny, ops)
+    (tiny, encrypted, ops)
 }
 
 pub fn encode(tiny: bool, ops: &[Op]) -> Vec<u8> {
@@ -80,9 +82,9 @@ pub fn run(data: &[u8]) {
             std::env::set_var("TMPDIR", d);
         }
     });
-    let (tiny, ops) = decode(data);
-    if let Err(e) = run_case(ops.clone(), tiny) {
-        panic!("snapshot model violated: {e}\ntiny cache: {tiny}\nops: {ops:#?}");
+    let (tiny, encrypted, ops) = decode(data);
+    if let Err(e) = run_case(ops.clone(), tiny, encrypted) {
+        panic!("snapshot model violated: {e}\ntiny cache: {tiny}, encrypted: {encrypted}\nops: {ops:#?}");
     }
 }
 
@@ -120,6 +122,26 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         (
             "crash-during-rollback",
             encode(false, &[w(0, 40, 24, 1), Op::Snap { vol: 0 }, w(0, 40, 8, 9), Op::Crash { after: 1 }, Op::Rollback { snap: 0 }, Op::Flush]),
+        ),
+        (
+            // The case the encrypted property test found: a flattened block reusing a freed
+            // one whose seal was still cached.
+            "encrypted-clone-flatten-after-delete",
+            {
+                let mut e = encode(
+                    false,
+                    &[
+                        w(0, 0, 16, 1),
+                        Op::DeleteVol { vol: 0, recursive: false },
+                        w(0, 0, 8, 1),
+                        Op::Snap { vol: 0 },
+                        Op::Clone { snap: 0 },
+                        Op::Flatten { vol: 0 },
+                    ],
+                );
+                e[0] |= 2;
+                e
+            },
         ),
     ]
 }
