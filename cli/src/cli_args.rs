@@ -200,6 +200,35 @@ pub enum PoolCmd {
         after_help = "Examples:\n  vblk pool status\n  vblk pool status --json"
     )]
     Status,
+
+    /// Replace the master key of encrypted volumes (offline; stop the daemon first).
+    #[command(
+        long_about = "Replace the pool's master key (offline; the daemon must be stopped). Every \
+                      volume's data key is unwrapped with the current master key and wrapped again \
+                      with the new one, in one synced metadata batch; no data is rewritten. Start the \
+                      daemon with the new key afterwards. The current key is given with the usual \
+                      --master-key-file / --master-key-env / --master-key-cmd options, the new one with \
+                      --new-key-file.",
+        after_help = "Examples:\n  \
+                      head -c 32 /dev/urandom > /etc/vblk/master.key.new\n  \
+                      vblk pool rekey /var/lib/vblk/pool.img --master-key-file /etc/vblk/master.key \\\n      \
+                      --new-key-file /etc/vblk/master.key.new"
+    )]
+    Rekey(PoolRekeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PoolRekeyArgs {
+    /// Pool file or block device.
+    pub path: PathBuf,
+    /// Metadata directory [default: PATH.meta].
+    #[arg(long, value_name = "DIR")]
+    pub meta_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub master_key: MasterKeyArgs,
+    /// The new master key (32 raw bytes or 64 hex digits).
+    #[arg(long, value_name = "PATH")]
+    pub new_key_file: PathBuf,
 }
 
 #[derive(Debug, Args)]

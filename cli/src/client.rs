@@ -54,7 +54,7 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
 
 pub async fn pool(socket: &Path, cmd: PoolCmd, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
-        PoolCmd::Create(_) => unreachable!("pool create runs offline"),
+        PoolCmd::Create(_) | PoolCmd::Rekey(_) => unreachable!("runs offline"),
         PoolCmd::Status => {
             let mut c = connect(socket).await?;
             let s = c.pool_status(proto::PoolStatusRequest {}).await.map_err(rpc_error)?.into_inner();

@@ -63,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (sock, json) = (cli.api_socket, cli.json);
     match cli.command {
         Command::Pool(PoolCmd::Create(a)) => pool_create(a, json),
+        Command::Pool(PoolCmd::Rekey(a)) => pool_rekey(a, json),
         Command::Check(CheckArgs { pool: Some(p), meta_dir }) => check_offline(&p, meta_dir, json),
         Command::Daemon(a) => {
             tune_malloc();
@@ -136,6 +137,25 @@ fn pool_create(a: PoolCreateArgs, json: bool) -> anyhow::Result<ExitCode> {
             units::format_size(total),
             meta.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pool_rekey(a: cli_args::PoolRekeyArgs, json: bool) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let Some(old) = keys::master_key(&a.master_key)? else {
+        anyhow::bail!("give the current master key with --master-key-file, --master-key-env or --master-key-cmd");
+    };
+    let new_bytes = std::fs::read(&a.new_key_file).with_context(|| format!("reading {}", a.new_key_file.display()))?;
+    let new = keys::parse_key(&new_bytes).with_context(|| format!("new key file {}", a.new_key_file.display()))?;
+    let opts = vblk_engine::PoolOptions { meta_dir: a.meta_dir, master_key: Some(old), ..Default::default() };
+    let pool = vblk_engine::Pool::open(&a.path, &opts).map_err(|e| anyhow::anyhow!(server::error_chain(&e)))?;
+    let n = pool.rotate_master_key(&new).map_err(|e| anyhow::anyhow!(server::error_chain(&e)))?;
+    drop(pool);
+    if json {
+        output::json(&serde_json::json!({ "pool": a.path, "rewrapped_keys": n }))?;
+    } else {
+        println!("re-wrapped {n} key record(s) of {} under the new master key", a.path.display());
     }
     Ok(ExitCode::SUCCESS)
 }
