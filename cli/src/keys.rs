@@ -27,7 +27,13 @@ pub fn parse_key(b: &[u8]) -> Result<Key> {
 /// The master key the arguments name, if any.
 pub fn master_key(a: &MasterKeyArgs) -> Result<Option<Key>> {
     if let Some(p) = &a.master_key_file {
+        use std::os::unix::fs::PermissionsExt;
         let b = std::fs::read(p).with_context(|| format!("reading the master key file {}", p.display()))?;
+        if let Ok(m) = std::fs::metadata(p) {
+            if m.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %p.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the master key file is readable by other users; chmod 600 it");
+            }
+        }
         return parse_key(&b).with_context(|| format!("master key file {}", p.display())).map(Some);
     }
     if let Some(var) = &a.master_key_env {

@@ -469,9 +469,7 @@ pub(crate) struct Shared {
     pub encryption_on: AtomicBool,
 }
 
-/// Bytes of `PoolOptions::cache_bytes` per cached seal: a pool with encrypted volumes keeps up
-/// to cache/256 seals (40-byte slots, at most 3/4 full: about a third of the cache size more).
-const SEAL_CACHE_DIVISOR: usize = 256;
+
 
 /// Operations collected for one metadata batch and applied in key order: RocksDB's memtable
 /// inserts keys that follow each other much faster than keys in hash order (the skip list
@@ -725,18 +723,71 @@ impl Shared {
         for (i, s) in pend {
             seals[i] = Some(s);
         }
-        for (i, r) in out.iter().enumerate() {
-            if let (ReadRes::At(pba), None) = (r, seals[i]) {
-                match self.committed_seal(*pba)? {
-                    Some(s) => seals[i] = Some(s),
-                    None => {
-                        return Err(Error::Corrupt {
-                            location: Location::Record(seal_key(*pba)),
-                            what: format!("no seal for block {pba} of encrypted volume {:?} (lba {})", vol.name(), lba + i as u64),
-                        })
+        // Committed seals: the cache under one lock, then RocksDB for the rest.
+        let mut missing: Vec<(u64, usize)> = Vec::new();
+        {
+            let c = lock(&self.seal_cache);
+            for (i, r) in out.iter().enumerate() {
+                if let (ReadRes::At(pba), None) = (r, seals[i]) {
+                    match c.get(*pba) {
+                        Some(s) => seals[i] = Some(*s),
+                        None => missing.push((*pba, i)),
                     }
                 }
             }
+        }
+        if !missing.is_empty() {
+            self.fetch_seals(&mut missing, seals)?;
+        }
+        if let Some(&(pba, i)) = missing.iter().find(|&&(_, i)| seals[i].is_none()) {
+            return Err(Error::Corrupt {
+                location: Location::Record(seal_key(pba)),
+                what: format!("no seal for block {pba} of encrypted volume {:?} (lba {})", vol.name(), lba + i as u64),
+            });
+        }
+        Ok(())
+    }
+
+    /// Read the seals of `missing` ((pba, index into `seals`)) from RocksDB into `seals` and
+    /// the cache: blocks close together (a multi-block read of data written together) with
+    /// one iterator seek, others one lookup each.
+    fn fetch_seals(&self, missing: &mut [(u64, usize)], seals: &mut [Option<Seal>]) -> Result<()> {
+        missing.sort_unstable();
+        let (lo, hi) = (missing[0].0, missing[missing.len() - 1].0);
+        let mut found: Vec<(u64, Seal)> = Vec::with_capacity(missing.len());
+        if missing.len() > 1 && hi - lo < 4 * missing.len() as u64 {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(seal_key(hi + 1));
+            let mut it = self.db.raw_iterator_opt(ro);
+            it.seek(seal_key(lo));
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else { break };
+                let Some(pba) = parse_seal_key(k) else { break };
+                if missing.binary_search_by_key(&pba, |m| m.0).is_ok() {
+                    found.push((pba, Seal::decode(k, v)?));
+                }
+                it.next();
+            }
+            it.status().map_err(Error::meta("iterate seals"))?;
+        } else {
+            for &(pba, _) in missing.iter() {
+                let k = seal_key(pba);
+                if let Some(v) = self.db.get_pinned(&k).map_err(Error::meta("get seal"))? {
+                    found.push((pba, Seal::decode(&k, &v)?));
+                }
+            }
+        }
+        for &(pba, s) in &found {
+            for m in missing.iter().filter(|m| m.0 == pba) {
+                seals[m.1] = Some(s);
+            }
+        }
+        let mut c = lock(&self.seal_cache);
+        for (pba, s) in found {
+            if c.len() >= self.seal_cache_cap {
+                c.remove_any();
+            }
+            c.insert(pba, s);
         }
         Ok(())
     }
@@ -1818,6 +1869,7 @@ impl Pool {
         }
         let (tx, rx) = mpsc::channel();
         let enc_on = sbk.incompat & incompat::ENCRYPTION != 0;
+        let cache_cap = cache.cap;
         let shared = Arc::new(Shared {
             path: path.into(),
             meta_dir,
@@ -1845,7 +1897,11 @@ impl Pool {
             master: opts.master_key.clone(),
             nonces: std::sync::OnceLock::new(),
             seal_cache: Mutex::new(crate::lba_table::LbaTable::default()),
-            seal_cache_cap: (opts.cache_bytes / SEAL_CACHE_DIVISOR).max(1024),
+            // As many seals as the map cache holds entries: the blocks whose mappings are cached
+            // are the ones reads find without RocksDB, and a seal lookup that missed cost
+            // 10-20 µs (SST reads) once the seals outgrew RocksDB's block cache. 40-byte slots,
+            // at most 3/4 full: up to ~55 bytes per cached seal, only in pools with encrypted data.
+            seal_cache_cap: cache_cap.max(1024),
             encryption_on: AtomicBool::new(enc_on),
         });
         shared.load_keys()?;
