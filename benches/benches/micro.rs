@@ -1,10 +1,16 @@
 //! Criterion micro benchmarks of hot pieces: crc32c of a block, map entry and superblock
-//! codecs, allocation, AES-256-GCM encryption and decryption of a block (encrypted volumes).
+//! codecs, allocation, map-cache lookup, virtio-blk request parsing, AES-256-GCM encryption and
+//! decryption of a block (encrypted volumes).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use vblk_engine::alloc::Allocator;
+use vblk_engine::bench_support::MapTable;
 use vblk_engine::crypt::{Key, VolCrypt};
+use vblk_vhost::request::{parse_descriptors, RequestLimits};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vblk_engine::format::{map_key, MapEntry, Superblock};
 
 fn benches(c: &mut Criterion) {
@@ -41,6 +47,30 @@ fn benches(c: &mut Criterion) {
         created_ns: 0,
     };
     let sbb = sb.encode();
+    // The map cache of a volume with 1M cached blocks (lbas 0, 3, 6, ...): lookups of random
+    // lbas, half of them cached, as a random 4 KiB read does one.
+    let table = MapTable::with_entries(1 << 20, 3);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    c.bench_function("map cache lookup (1M entries, random lba)", |b| {
+        b.iter(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            table.get(black_box(x % (3 << 20)))
+        })
+    });
+    // A 4 KiB read request as a driver lays it out: header, data, status.
+    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut hdr = [0u8; 16];
+    hdr[8..16].copy_from_slice(&8u64.to_le_bytes());
+    mem.write_slice(&hdr, GuestAddress(0x1000)).unwrap();
+    let next = VRING_DESC_F_NEXT as u16;
+    let wr = VRING_DESC_F_WRITE as u16;
+    let descs = [Descriptor::new(0x1000, 16, next, 1), Descriptor::new(0x2000, 4096, wr | next, 2), Descriptor::new(0x3000, 1, wr, 0)];
+    let limits = RequestLimits::new(1 << 30, false, 256);
+    c.bench_function("virtio-blk request parse (4 KiB read, 3 descriptors)", |b| {
+        b.iter(|| parse_descriptors(&mem, 0, black_box(descs), &limits))
+    });
     c.bench_function("superblock decode", |b| b.iter(|| Superblock::decode(black_box(&sbb))));
     c.bench_function("allocate+release 1 block (1M-block pool, half full)", |b| {
         let mut a = Allocator::new(1 << 20);

@@ -199,7 +199,10 @@ impl crate::pool::Shared {
         }
         if any {
             // Warm the seal cache as the open-time scan warms the map cache: one sequential
-            // pass instead of a RocksDB lookup on each block's first read.
+            // pass instead of a RocksDB lookup on each block's first read. Only blocks in use:
+            // a freed block keeps its stale seal until it is sealed again (§11.3), and those
+            // would fill the cache.
+            let alloc = crate::pool::lock(&self.alloc);
             let mut c = crate::pool::lock(&self.seal_cache);
             let prefix = [crate::format::key::SEAL];
             for item in self.db.iterator(rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
@@ -207,6 +210,9 @@ impl crate::pool::Shared {
                 let Some(pba) = crate::format::parse_seal_key(&k) else { break };
                 if c.len() >= self.seal_cache_cap {
                     break;
+                }
+                if !alloc.is_used(pba) {
+                    continue;
                 }
                 // A damaged record is reported by `check` and by the read that needs it.
                 if let Ok(s) = Seal::decode(&k, &v) {

@@ -205,3 +205,28 @@ impl SyncIo {
         self.q.size_bytes()
     }
 }
+
+/// For the criterion micro benchmarks (`benches/benches/micro.rs`): the table behind a
+/// volume's map cache, filled and queried as the data path does. Not a stable API.
+#[doc(hidden)]
+pub mod bench_support {
+    use crate::lba_table::LbaTable;
+    use crate::volume::CVal;
+
+    pub struct MapTable(LbaTable);
+
+    impl MapTable {
+        /// A table holding lbas `0, stride, 2*stride, ...` (`n` of them).
+        pub fn with_entries(n: u64, stride: u64) -> MapTable {
+            let mut t = LbaTable::default();
+            for i in 0..n {
+                t.insert(i * stride, CVal { pba: i, birth: 1 });
+            }
+            MapTable(t)
+        }
+        /// The block `lba` maps to.
+        pub fn get(&self, lba: u64) -> Option<u64> {
+            self.0.get(lba).map(|v| v.pba)
+        }
+    }
+}

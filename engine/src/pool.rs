@@ -19,7 +19,7 @@ use crate::error::{Error, Location, Result};
 use crate::format::{self, *};
 use crate::io::{Completion, QueueShared};
 use crate::snap::Catalog;
-use crate::volume::{CacheBudget, CVal, Committed, OldHead, PEntry, PState, ReadRes, VolumeState, WBlock, NO_OWN, UNMAPPED};
+use crate::volume::{CacheBudget, CVal, Committed, OldHead, PEntry, PState, Pending, ReadRes, VolumeState, WBlock, NO_OWN, UNMAPPED};
 
 pub use crate::format::MAX_VOLUME_SIZE;
 /// Commit when this many uncommitted map changes have piled up in one volume.
@@ -897,18 +897,7 @@ impl Shared {
         }
         // Committed views of the range: one iterator seek for a multi-block write instead of a
         // point lookup per block (only consulted for blocks without a pending entry).
-        let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
-        let committed = if n > 1 && need_db {
-            match self.lookup_range(vol, lba, n, p.complete) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    drop(p);
-                    return Err(e);
-                }
-            }
-        } else {
-            None
-        };
+        let committed = self.committed_prefetch(vol, &p, lba, n)?;
         let mut hint: Option<u64> = None;
         for i in 0..n {
             let l = lba + i;
@@ -946,25 +935,12 @@ impl Shared {
                     },
                 },
                 None => {
-                    let cv = match p.cache.get(&l) {
-                        Some(c) => *c,
-                        None => {
-                            let found = match &committed {
-                                Some(c) => Ok(c[i as usize]),
-                                None => self.lookup(vol, l, p.complete),
-                            };
-                            match found {
-                                Err(e) => {
-                                    drop(p);
-                                    self.finish_write(vol, lba, out, false);
-                                    return Err(e);
-                                }
-                                Ok(c) => {
-                                    // Under the lock: no commit can interleave, so caching is safe.
-                                    p.cache_put(l, c, &self.cache);
-                                    c
-                                }
-                            }
+                    let cv = match self.committed_view(vol, &mut p, l, committed.as_ref().map(|c| c[i as usize])) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            drop(p);
+                            self.finish_write(vol, lba, out, false);
+                            return Err(e);
                         }
                     };
                     let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
@@ -1000,6 +976,31 @@ impl Shared {
         Ok(true)
     }
 
+    /// For a write of `n` blocks from `lba`: the committed views of the range in one iterator
+    /// seek when several blocks have neither a pending entry nor a cached view.
+    fn committed_prefetch(&self, vol: &VolumeState, p: &Pending, lba: u64, n: u64) -> Result<Option<Vec<CVal>>> {
+        let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
+        if n > 1 && need_db {
+            self.lookup_range(vol, lba, n, p.complete).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The committed view of `l` (no pending entry): cached, prefetched or looked up, and
+    /// cached. Under the pending lock, so no commit can interleave and caching is safe.
+    fn committed_view(&self, vol: &VolumeState, p: &mut Pending, l: u64, prefetched: Option<CVal>) -> Result<CVal> {
+        if let Some(c) = p.cache.get(&l) {
+            return Ok(*c);
+        }
+        let c = match prefetched {
+            Some(c) => c,
+            None => self.lookup(vol, l, p.complete)?,
+        };
+        p.cache_put(l, c, &self.cache);
+        Ok(c)
+    }
+
     /// `resolve_write` for an encrypted volume (FORMAT.md §11.3): every block is redirected
     /// to a newly allocated one, also one the volume owns alone, so a block's data and seal
     /// never change while it is allocated. Whole blocks only (the caller checks alignment). A
@@ -1022,18 +1023,7 @@ impl Shared {
                 }
             }
         }
-        let need_db = (0..n).any(|i| !p.map.contains_key(&(lba + i)) && !p.cache.contains_key(&(lba + i)));
-        let committed = if n > 1 && need_db {
-            match self.lookup_range(vol, lba, n, p.complete) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    drop(p);
-                    return Err(e);
-                }
-            }
-        } else {
-            None
-        };
+        let committed = self.committed_prefetch(vol, &p, lba, n)?;
         let mut hint: Option<u64> = None;
         for i in 0..n {
             let l = lba + i;
@@ -1070,24 +1060,12 @@ impl Shared {
                     WBlock { pba, fresh: true, padded: false, src: if e.state == PState::Written { e.pba } else { UNMAPPED }, seal: None }
                 }
                 None => {
-                    let cv = match p.cache.get(&l) {
-                        Some(c) => *c,
-                        None => {
-                            let found = match &committed {
-                                Some(c) => Ok(c[i as usize]),
-                                None => self.lookup(vol, l, p.complete),
-                            };
-                            match found {
-                                Err(e) => {
-                                    drop(p);
-                                    self.finish_write(vol, lba, out, false);
-                                    return Err(e);
-                                }
-                                Ok(c) => {
-                                    p.cache_put(l, c, &self.cache);
-                                    c
-                                }
-                            }
+                    let cv = match self.committed_view(vol, &mut p, l, committed.as_ref().map(|c| c[i as usize])) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            drop(p);
+                            self.finish_write(vol, lba, out, false);
+                            return Err(e);
                         }
                     };
                     let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
