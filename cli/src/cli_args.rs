@@ -698,6 +698,10 @@ pub struct ImportArgs {
     /// apply to imports) [default: unpaced].
     #[arg(long, value_parser = size_arg, value_name = "SIZE")]
     pub rate: Option<u64>,
+    /// Create the volume encrypted at rest (see `vblk vol create --encrypt`); refused if the
+    /// volume exists and is not.
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Args)]

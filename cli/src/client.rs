@@ -324,6 +324,7 @@ pub async fn import(socket: &Path, a: ImportArgs, json: bool) -> anyhow::Result<
         format: a.format,
         tmp_dir: absolute(&tmp_dir)?.display().to_string(),
         rate_bytes_per_sec: a.rate.unwrap_or(0),
+        encrypted: a.encrypt,
     };
     let mut c = connect(socket).await?;
     let stream = c.import(req).await.map_err(rpc_error)?.into_inner();

@@ -345,6 +345,12 @@ pub fn import(st: &DaemonState, req: &ImportRequest, p: &mut Progress) -> Result
     let pool = st.pool();
     let created = match pool.volume_info(&req.volume) {
         Ok(v) => {
+            if req.encrypted && !v.encrypted {
+                return Err(Status::failed_precondition(format!(
+                    "volume {:?} exists and is not encrypted; import into a new volume to encrypt it",
+                    req.volume
+                )));
+            }
             if v.size_bytes < image_bytes {
                 return Err(Status::invalid_argument(format!(
                     "volume {:?} is {} bytes, smaller than the image ({image_bytes} bytes); resize it first or import into a new volume",
@@ -360,8 +366,12 @@ pub fn import(st: &DaemonState, req: &ImportRequest, p: &mut Progress) -> Result
                     "--create-size {want} is smaller than the image ({image_bytes} bytes)"
                 )));
             }
-            pool.create_volume(&req.volume, want).map_err(engine_status)?;
-            info!(volume = %req.volume, size = want, "volume created for import");
+            if req.encrypted {
+                pool.create_encrypted_volume(&req.volume, want).map_err(engine_status)?;
+            } else {
+                pool.create_volume(&req.volume, want).map_err(engine_status)?;
+            }
+            info!(volume = %req.volume, size = want, encrypted = req.encrypted, "volume created for import");
             true
         }
         Err(e) => return Err(engine_status(e)),

@@ -714,6 +714,22 @@ fn encrypted_volumes_keys_and_rekey() {
     assert_eq!(json(&api, &["vol", "info", "sec"])["encrypted"], Value::Bool(true));
     assert_eq!(json(&api, &["vol", "info", "plain"])["encrypted"], Value::Bool(false));
     assert!(ok(&api, &["vol", "info", "sec"]).contains("encrypted"));
+    // Import into a new encrypted volume (an image whose size is not a multiple of 4096) and
+    // export it back: the same bytes, and none of them in the pool file.
+    let src = d.path().join("src.raw");
+    let img: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&src, &img).unwrap();
+    ok(&api, &["import", src.to_str().unwrap(), "imp", "--encrypt"]);
+    assert_eq!(json(&api, &["vol", "info", "imp"])["encrypted"], Value::Bool(true));
+    let back = d.path().join("back.raw");
+    ok(&api, &["export", "imp", back.to_str().unwrap()]);
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(&got[..img.len()], &img[..]);
+    assert!(got[img.len()..].iter().all(|&b| b == 0));
+    let raw = std::fs::read(&pool).unwrap();
+    assert!(!raw.windows(64).any(|w| w == &img[4096..4160]), "plaintext of the import in the pool file");
+    // An existing plaintext volume is not silently imported into as if encrypted.
+    assert!(fails(&api, &["import", src.to_str().unwrap(), "plain", "--encrypt"]).contains("not encrypted"));
     assert_eq!(dm.terminate(), Some(0));
 
     // No key: locked; the volume is listed, attaching it fails with a clear message.
@@ -741,7 +757,7 @@ fn encrypted_volumes_keys_and_rekey() {
     let err = fails(fake_api, &["pool", "rekey", pool.to_str().unwrap(), &k2_arg, "--new-key-file", k1.to_str().unwrap()]);
     assert!(err.contains("master key does not match"), "{err}");
     let out = ok(fake_api, &["pool", "rekey", pool.to_str().unwrap(), &k1_arg, "--new-key-file", k2.to_str().unwrap()]);
-    assert!(out.contains("re-wrapped 2 key record(s)"), "{out}");
+    assert!(out.contains("re-wrapped 3 key record(s)"), "{out}");
     let st = Command::new(BIN).args(["daemon", "--pool"]).arg(&pool).arg("--socket").arg(&api).arg(&k1_arg).output().unwrap();
     assert!(!st.status.success());
     let dm = Daemon::start(d.path(), &pool, &api, &[&k2_arg]);
