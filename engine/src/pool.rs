@@ -1362,10 +1362,17 @@ impl Shared {
                     // block may be among this commit's frees, so the old mapping must go now.
                     // The entry stays pending until its write completes.
                     PState::Fresh { writers, .. } if writers > 0 => {
-                        if !e.prev_freed {
+                        if e.src_pending {
+                            // An encrypted rewrite in flight over a block that landed and was
+                            // never committed: that block is what a flush must make durable
+                            // (the rewrite is not complete). It becomes the committed head;
+                            // the entry stays pending for the rewrite.
+                            (Some(e.src), None)
+                        } else if !e.prev_freed {
                             continue;
+                        } else {
+                            (None, None)
                         }
-                        (None, None)
                     }
                     // Every write of a fresh block failed.
                     PState::Fresh { .. } => {
@@ -2501,6 +2508,88 @@ mod tests {
         // Tiny caches still get a working RocksDB.
         assert_eq!(rocksdb_split(M, 8 * M), (M, 128 << 10));
         assert_eq!(rocksdb_split(0, 8 * M), (M, 64 << 10));
+    }
+
+    /// The pending-state rules of encrypted rewrites (FORMAT.md §11.3), at the decision points:
+    /// a rewrite of an uncommitted block redirects and frees the old block only when it lands;
+    /// a failed rewrite puts the old block back; a commit in between turns the old block into
+    /// the committed head, which the rewrite's own commit then retires.
+    #[test]
+    fn encrypted_rewrites_of_uncommitted_blocks() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.img");
+        create_pool(&path, &CreateOptions { size_bytes: Some(8 << 20), ..Default::default() }).unwrap();
+        let opts = PoolOptions { master_key: Some(crate::crypt::Key([5; 32])), commit_interval: Duration::from_secs(3600), ..Default::default() };
+        let pool = Pool::open(&path, &opts).unwrap();
+        pool.create_encrypted_volume("v", 1 << 20).unwrap();
+        let s = &pool.shared;
+        let v = s.vols.read().unwrap().get("v").cloned().unwrap();
+        let q = QueueShared::new_for_test();
+        let seal = |x: u8| Seal { nonce: [x; 12], tag: [x; 16] };
+        let write = |x: u8, ok: bool| -> WBlock {
+            let mut out = Vec::new();
+            assert!(s.resolve_write_enc(&v, 0, 1, &q, &mut out).unwrap());
+            out[0].seal = Some(seal(x));
+            s.finish_write(&v, 0, &out, ok);
+            out[0]
+        };
+        let read = || -> (u64, Seal) {
+            let (mut r, mut seals) = (Vec::new(), Vec::new());
+            s.resolve_read_sealed(&v, 0, 1, &mut r, &mut seals).unwrap();
+            match r[0] {
+                ReadRes::At(pba) => (pba, seals[0].unwrap()),
+                ReadRes::Zero => panic!("reads zeros"),
+            }
+        };
+        // First write: a new block, sealed.
+        let y1 = write(1, true);
+        assert!(y1.fresh);
+        assert_eq!(read(), (y1.pba, seal(1)));
+        // A rewrite before any commit goes elsewhere; while it is in flight reads see Y1.
+        let mut out = Vec::new();
+        assert!(s.resolve_write_enc(&v, 0, 1, &q, &mut out).unwrap());
+        let y2 = out[0];
+        assert_ne!(y2.pba, y1.pba);
+        assert_eq!(read(), (y1.pba, seal(1)));
+        // Another write of the block waits for it.
+        assert!(!s.resolve_write_enc(&v, 0, 1, &q, &mut Vec::new()).unwrap());
+        // It fails: Y1 is what the lba holds again, Y2 goes back to the pool.
+        s.finish_write(&v, 0, &out, false);
+        assert_eq!(read(), (y1.pba, seal(1)));
+        assert!(v.lock_pending().frees.contains(&y2.pba));
+        assert!(!v.lock_pending().frees.contains(&y1.pba));
+        // A rewrite that lands frees Y1.
+        let y3 = write(3, true);
+        assert_eq!(read(), (y3.pba, seal(3)));
+        assert!(v.lock_pending().frees.contains(&y1.pba));
+        // A rewrite in flight across a commit (a guest FLUSH): Y3 completed, so the commit
+        // makes it durable even though the lba's pending entry is the rewrite; Y3 becomes the
+        // committed head and is retired by the commit after the rewrite lands (not freed
+        // twice, not leaked).
+        let mut out = Vec::new();
+        assert!(s.resolve_write_enc(&v, 0, 1, &q, &mut out).unwrap());
+        s.commit().unwrap();
+        let committed = s.committed_range(&v, 0, 1).unwrap();
+        assert_eq!(committed.len(), 1);
+        assert_eq!(committed[0].entry.pba, y3.pba, "the flush did not make the completed write durable");
+        {
+            let p = v.lock_pending();
+            let e = p.map.get(&0).unwrap();
+            assert!(!e.src_pending && !e.prev_freed);
+            assert_eq!(e.prev.map(|o| o.pba), Some(y3.pba));
+        }
+        assert_eq!(read(), (y3.pba, seal(3)));
+        out[0].seal = Some(seal(4));
+        s.finish_write(&v, 0, &out, true);
+        assert!(!v.lock_pending().frees.contains(&y3.pba));
+        s.commit().unwrap();
+        assert_eq!(read(), (out[0].pba, seal(4)));
+        assert_eq!(v.mapped_blocks.load(Ordering::Relaxed), 1);
+        // Wait out the reclaim of what the commits freed, then the pool is consistent.
+        drop(v);
+        let rep = pool.check().unwrap();
+        assert!(rep.is_clean(), "{rep:?}");
+        assert_eq!(rep.referenced_blocks, 1);
     }
 
     /// The write-ordering rules for partial blocks, checked at the decision point (the kernel's
