@@ -78,7 +78,7 @@ pub enum Error {
     KeyUnavailable(String),
     #[error("request out of range: offset {offset} + len {len} > volume size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
-    #[error("request not aligned to the 4096-byte block size (offset {offset}, len {len})")]
+    #[error("request not aligned to the volume's block size (512 bytes; 4096 for an encrypted volume): offset {offset}, len {len}")]
     Misaligned { offset: u64, len: u64 },
     #[error("volume is read-only")]
     ReadOnly,

@@ -491,7 +491,7 @@ impl Queue {
         if req.offset % SECTOR_SIZE != 0 || req.len % SECTOR_SIZE != 0 {
             return Err(Error::Misaligned { offset: req.offset, len: req.len });
         }
-        if self.encrypted && req.kind != ReqKind::Discard {
+        if self.encrypted && req.kind != ReqKind::Discard && req.len > 0 {
             // Whole blocks only (FORMAT.md §11.4); a discard unmaps the whole blocks inside.
             if req.offset % BLOCK_SIZE != 0 || req.len % BLOCK_SIZE != 0 {
                 return Err(Error::Misaligned { offset: req.offset, len: req.len });

@@ -153,7 +153,14 @@ impl SyncIo {
                     Ok(_) => Ok(()),
                     Err(e) if e == libc::ENOSPC => Err(Error::NoSpace),
                     Err(e) if e == libc::EINVAL => {
-                        Err(Error::OutOfRange { offset, len, size: self.q.size_bytes() })
+                        let size = self.q.size_bytes();
+                        if offset.checked_add(len).is_some_and(|end| end <= size) {
+                            // In range, so refused for its alignment (512 bytes; 4096 on an
+                            // encrypted volume).
+                            Err(Error::Misaligned { offset, len })
+                        } else {
+                            Err(Error::OutOfRange { offset, len, size })
+                        }
                     }
                     Err(e) => Err(Error::DeviceIo(std::io::Error::from_raw_os_error(e))),
                 };

@@ -79,7 +79,14 @@ impl Drop for PoolEnv {
 fn open(path: &Path, meta: &Path) -> Pool {
     // A small memtable: each reopen preallocates a write-ahead log of 1.1x its size, which on
     // tmpfs zero-fills RAM (8 MiB memtables: 45% of engine_model's time).
-    let opts = PoolOptions { meta_dir: Some(meta.to_path_buf()), cache_bytes: 8 << 20, memtable_bytes: 256 << 10, ..PoolOptions::default() };
+    let opts = PoolOptions {
+        meta_dir: Some(meta.to_path_buf()),
+        cache_bytes: 8 << 20,
+        memtable_bytes: 256 << 10,
+        // Encrypted volumes of `engine_model` (odd volume sizes).
+        master_key: Some(vblk_engine::crypt::Key([0x6b; 32])),
+        ..PoolOptions::default()
+    };
     Pool::open(path, &opts).unwrap_or_else(|e| panic!("opening the fuzz pool {}: {e}", path.display()))
 }
 

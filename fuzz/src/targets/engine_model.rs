@@ -21,8 +21,13 @@
 //! is then checked as bounds: mapped ≤ allocated ≤ mapped + maybe + transient, exact again after
 //! a flush for everything but `maybe`.
 //!
-//! Input format: u8 volume blocks (1 + v), then up to [`MAX_OPS`] ops: u8 kind (mod 16) and
-//! its fields (see [`Op`] and `decode`).
+//! **Encrypted volumes** (FORMAT.md §11): when `v` is odd the volume is encrypted. Then reads,
+//! writes and write-zeroes not aligned to 4096 bytes must fail and change nothing, and
+//! overwrites of mapped blocks need a new block (they may fail on a full pool or a bad block
+//! like first writes do); everything else is checked the same way.
+//!
+//! Input format: u8 volume blocks (1 + v; v odd: encrypted), then up to [`MAX_OPS`] ops: u8
+//! kind (mod 16) and its fields (see [`Op`] and `decode`).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -160,6 +165,8 @@ struct Run<'a> {
     io: Option<SyncIo>,
     step: usize,
     reopened: bool,
+    /// The volume is encrypted: whole 4 KiB blocks only, every write redirects.
+    encrypted: bool,
 }
 
 fn kind_of(e: &Error) -> &'static str {
@@ -238,8 +245,26 @@ impl Run<'_> {
         (off, len, off + len <= self.m.size())
     }
 
+    /// An encrypted volume refuses I/O that is not block-aligned, without changing anything.
+    fn unaligned_refused<T: std::fmt::Debug>(&self, op: &Op, off: u64, len: u64, r: &Result<T, Error>) -> bool {
+        if !self.encrypted || len == 0 || (off % BS == 0 && len % BS == 0) {
+            return false;
+        }
+        assert!(matches!(r, Err(Error::Misaligned { .. })), "{}: unaligned I/O on an encrypted volume gave {r:?}", self.ctx(op));
+        true
+    }
+
     fn out_of_range<T: std::fmt::Debug>(&self, op: &Op, r: Result<T, Error>) {
         assert!(matches!(r, Err(Error::OutOfRange { .. })), "{}: expected OutOfRange, got {r:?}", self.ctx(op));
+    }
+
+    /// Refused: out of range, or (in range) misaligned.
+    fn refused<T: std::fmt::Debug>(&self, op: &Op, r: Result<T, Error>) {
+        assert!(
+            matches!(r, Err(Error::OutOfRange { .. } | Error::Misaligned { .. })),
+            "{}: expected OutOfRange or Misaligned, got {r:?}",
+            self.ctx(op)
+        );
     }
 
     fn step(&mut self, op: &Op) {
@@ -254,12 +279,17 @@ impl Run<'_> {
                 if !ok {
                     return self.out_of_range(op, r);
                 }
+                if self.unaligned_refused(op, off, len, &r) {
+                    return;
+                }
                 if len == 0 {
                     return r.unwrap_or_else(|e| panic!("{}: {e}", self.ctx(op)));
                 }
                 // Overwriting blocks that are certainly mapped needs no allocation and writes
-                // only pages that took writes before: it must work even on a full pool.
-                let overwrite = (off / BS..(off + len).div_ceil(BS)).all(|b| self.m.mapped.contains(&b));
+                // only pages that took writes before: it must work even on a full pool (unless
+                // encrypted: encrypted writes always go to a new block).
+                let overwrite =
+                    !self.encrypted && (off / BS..(off + len).div_ceil(BS)).all(|b| self.m.mapped.contains(&b));
                 if overwrite {
                     if let Err(e) = &r {
                         panic!("{}: overwrite of mapped blocks failed: {e:?}", self.ctx(op));
@@ -288,6 +318,9 @@ impl Run<'_> {
                 if !ok {
                     return self.out_of_range(op, r);
                 }
+                if self.unaligned_refused(op, off, len, &r) {
+                    return;
+                }
                 r.unwrap_or_else(|e| panic!("{}: {e}", self.ctx(op)));
                 let want = &self.m.image[off as usize..(off + len) as usize];
                 if buf != want {
@@ -315,6 +348,9 @@ impl Run<'_> {
                 let r = self.io().write_zeroes(off, len);
                 if !ok {
                     return self.out_of_range(op, r);
+                }
+                if self.unaligned_refused(op, off, len, &r) {
+                    return;
                 }
                 if len == 0 {
                     return r.unwrap_or_else(|e| panic!("{}: {e}", self.ctx(op)));
@@ -390,13 +426,13 @@ impl Run<'_> {
             0 => {
                 let off = a % size / SECT * SECT + odd;
                 let r = self.io().write_at(off, &[0x5a; 512]);
-                self.out_of_range(op, r)
+                self.refused(op, r)
             }
             1 => {
                 let off = a % size / SECT * SECT;
                 let mut buf = vec![0u8; odd as usize + (b as usize % 4) * 512];
                 let r = self.io().read_at(off, &mut buf);
-                self.out_of_range(op, r)
+                self.refused(op, r)
             }
             2 => {
                 let mut big = vec![0u8; MIB + 512];
@@ -442,7 +478,7 @@ impl Run<'_> {
                 let off = a % size / SECT * SECT + odd;
                 let r =
                     if b.is_multiple_of(2) { self.io().discard(off, 4096) } else { self.io().write_zeroes(off, 4096) };
-                self.out_of_range(op, r)
+                self.refused(op, r)
             }
         }
     }
@@ -496,8 +532,13 @@ pub fn run(data: &[u8]) {
     }
     with_pool(&EnvOptions { data_blocks: DATA_BLOCKS, bad_blocks: true }, |env| {
         let blocks = 1 + u64::from(inp.vol_blocks);
+        let encrypted = inp.vol_blocks % 2 == 1;
         let name = format!("m{}", COUNTER.fetch_add(1, Ordering::Relaxed));
-        env.pool().create_volume(&name, blocks * BS).expect("create volume");
+        if encrypted {
+            env.pool().create_encrypted_volume(&name, blocks * BS).expect("create encrypted volume");
+        } else {
+            env.pool().create_volume(&name, blocks * BS).expect("create volume");
+        }
         let mut r = Run {
             env,
             name,
@@ -511,6 +552,7 @@ pub fn run(data: &[u8]) {
             io: None,
             step: 0,
             reopened: false,
+            encrypted,
         };
         r.open();
         for (i, op) in inp.ops.iter().enumerate() {
