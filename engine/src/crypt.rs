@@ -192,9 +192,15 @@ impl crate::pool::Shared {
         let mut any = false;
         for v in vols {
             if v.encrypted.load(Ordering::Relaxed) {
-                let c = self.volume_cipher(v.id)?;
-                let _ = v.crypt.set(c);
-                any = true;
+                match self.volume_cipher(v.id) {
+                    Ok(c) => {
+                        let _ = v.crypt.set(c);
+                        any = true;
+                    }
+                    // The master key passed the check record, so this volume's key record is
+                    // damaged or missing: that volume stays locked, the others open.
+                    Err(e) => tracing::error!(volume = %v.name(), error = %e, "cannot unwrap the volume's data key; it stays locked (run `vblk check`)"),
+                }
             }
         }
         if any {

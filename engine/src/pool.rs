@@ -2592,6 +2592,33 @@ mod tests {
         assert_eq!(rep.referenced_blocks, 1);
     }
 
+    /// A damaged key record locks only its own volume; the pool and its other encrypted
+    /// volumes open; `check` reports it.
+    #[test]
+    fn a_damaged_key_record_locks_only_its_volume() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.img");
+        create_pool(&path, &CreateOptions { size_bytes: Some(8 << 20), ..Default::default() }).unwrap();
+        let opts = PoolOptions { master_key: Some(crate::crypt::Key([5; 32])), ..Default::default() };
+        let bad_id = {
+            let pool = Pool::open(&path, &opts).unwrap();
+            let a = pool.create_encrypted_volume("a", 1 << 20).unwrap();
+            pool.create_encrypted_volume("b", 1 << 20).unwrap();
+            let k = key_key(a.id);
+            let mut v = pool.shared.db.get(&k).unwrap().unwrap();
+            v[30] ^= 1;
+            pool.shared.db.put(&k, v).unwrap();
+            a.id
+        };
+        let pool = Pool::open(&path, &opts).unwrap();
+        assert!(matches!(pool.open_volume("a", false), Err(Error::KeyUnavailable(_))));
+        let b = pool.open_volume("b", false).unwrap();
+        b.sync_io().unwrap().write_at(0, &[7u8; 4096]).unwrap();
+        drop(b);
+        let rep = pool.check().unwrap();
+        assert!(rep.errors.iter().any(|e| e.contains(&format!("{:016x}", bad_id)) || e.contains("checksum")), "{rep:?}");
+    }
+
     /// The write-ordering rules for partial blocks, checked at the decision point (the kernel's
     /// ordering of the racing writes is not controllable from a test).
     #[test]
