@@ -180,7 +180,8 @@ impl crate::pool::Shared {
             let r = NonceRecord::decode(&v)?;
             let _ = self.nonces.set(Nonces::new(r));
         }
-        let Some(master) = &self.master else { return Ok(()) };
+        let Some(master) = crate::pool::lock(&self.master).clone() else { return Ok(()) };
+        let master = &master;
         let check = key_key(0);
         if let Some(v) = self.db.get_pinned(&check).map_err(Error::meta("get key record"))? {
             let r = KeyRecord::decode(&check, &v)?;
@@ -231,7 +232,8 @@ impl crate::pool::Shared {
 
     /// Unwrap volume `id`'s key record.
     pub(crate) fn volume_cipher(&self, id: u64) -> Result<Arc<VolCrypt>> {
-        let Some(master) = &self.master else { return Err(Error::Crypto("the pool is locked (no master key)".into())) };
+        let Some(master) = crate::pool::lock(&self.master).clone() else { return Err(Error::Crypto("the pool is locked (no master key)".into())) };
+        let master = &master;
         let k = key_key(id);
         let v = self.db.get_pinned(&k).map_err(Error::meta("get key record"))?.ok_or_else(|| Error::Corrupt {
             location: crate::error::Location::Record(k.clone()),
@@ -245,18 +247,39 @@ impl crate::pool::Shared {
     /// Before the first encrypted volume: set `incompat::ENCRYPTION` in the superblock
     /// (synced), and add the master-key check and the nonce record to `b` if missing.
     pub(crate) fn prepare_encryption(&self, b: &mut WriteBatch) -> Result<Option<NonceRecord>> {
-        let Some(master) = &self.master else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
+        let Some(master) = crate::pool::lock(&self.master).clone() else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
+        let master = &master;
         if !self.encryption_on.load(Ordering::Acquire) {
             let mut sb = self.sb.clone();
             sb.incompat |= incompat::ENCRYPTION;
             crate::pool::write_sb(&self.data, &self.path, &sb)?;
             self.encryption_on.store(true, Ordering::Release);
         }
+        // Key records already there without a check record or a nonce record mean damaged
+        // metadata: a new check record would bless whatever key was given, a new nonce record
+        // would restart the counter under existing keys.
+        let has_keys = {
+            let mut it = self.db.raw_iterator();
+            it.seek(key_key(1));
+            it.key().and_then(parse_key_key).is_some()
+        };
         let check = key_key(0);
         if self.db.get_pinned(&check).map_err(Error::meta("get key record"))?.is_none() {
+            if has_keys {
+                return Err(Error::Corrupt {
+                    location: crate::error::Location::Record(check),
+                    what: "the master-key check record is missing while volume keys exist".into(),
+                });
+            }
             b.put(&check, wrap(master, &self.sb.uuid, 0, 0, &Key([0; KEY_LEN]))?.encode(0));
         }
         if self.nonces.get().is_none() {
+            if has_keys {
+                return Err(Error::Corrupt {
+                    location: crate::error::Location::Record(NONCE_KEY.to_vec()),
+                    what: "the nonce record is missing while volume keys exist".into(),
+                });
+            }
             let r = NonceRecord { salt: u32::from_le_bytes(random::<4>()?), limit: 0 };
             b.put(NONCE_KEY, r.encode());
             return Ok(Some(r));
@@ -273,7 +296,8 @@ impl crate::pool::Shared {
 
     /// A key record for volume `id` of `family` holding `dek`.
     pub(crate) fn wrap_for(&self, id: u64, family: u64, dek: &Key) -> Result<Vec<u8>> {
-        let Some(master) = &self.master else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
+        let Some(master) = crate::pool::lock(&self.master).clone() else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
+        let master = &master;
         Ok(wrap(master, &self.sb.uuid, id, family, dek)?.encode(id))
     }
 }
@@ -284,7 +308,9 @@ impl crate::pool::Pool {
     /// opens the pool with `new` from then on.
     pub fn rotate_master_key(&self, new: &Key) -> Result<u64> {
         let sh = &self.shared;
-        let Some(master) = &sh.master else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
+        let mut held = crate::pool::lock(&sh.master);
+        let Some(master) = held.clone() else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
+        let master = &master;
         let _c = self.control();
         let mut b = WriteBatch::default();
         let mut n = 0;
@@ -298,6 +324,8 @@ impl crate::pool::Pool {
         }
         let _m = crate::pool::lock(&sh.meta);
         sh.write_meta(b)?;
+        // From now on new key records are wrapped under the new key.
+        *held = Some(new.clone());
         Ok(n)
     }
 }

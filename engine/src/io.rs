@@ -102,6 +102,8 @@ struct InFlight {
     _bounces: Vec<AlignedBuf>,
     /// Encrypted reads: what to decrypt from `_bounces[0]` into the caller's buffers.
     dec: Option<Box<Decrypt>>,
+    /// Bytes of encrypted-request bounce buffer this request holds (see `BOUNCE_BUDGET`).
+    bounce_bytes: usize,
 }
 
 /// The decryption step of an encrypted read (FORMAT.md §11.4).
@@ -169,10 +171,18 @@ pub struct Queue {
     /// Bounce buffers of finished encrypted requests, for reuse (an allocation per request
     /// was 9% of the daemon's CPU on encrypted 4 KiB reads; large ones are mappings).
     bounce_pool: Vec<AlignedBuf>,
+    /// Bounce buffer bytes of encrypted requests in flight.
+    bounce_bytes: usize,
 }
 
-/// Bounce buffers a queue keeps for reuse.
+/// Bounce buffers a queue keeps for reuse (of at most `BOUNCE_POOL_MAX_LEN` bytes each).
 const BOUNCE_POOL: usize = 64;
+const BOUNCE_POOL_MAX_LEN: usize = 1 << 20;
+/// Bounce buffer bytes of encrypted requests a queue has in flight before it holds further
+/// ones back until some complete: a guest may send requests of hundreds of MiB (up to
+/// `seg_max` segments of `size_max`, aliasing the same pages), and each needs a buffer of its
+/// size. One request alone always goes.
+const BOUNCE_BUDGET: usize = 64 << 20;
 
 // SAFETY: a Queue owns its io_uring (set up without single-issuer restrictions) and its
 // buffers; the raw iovec pointers it stores point into memory whose validity the submitter
@@ -269,6 +279,7 @@ impl Queue {
             encrypted: vol.encrypted.load(Ordering::Relaxed),
             crypt: vol.crypt.get().cloned(),
             bounce_pool: Vec::new(),
+            bounce_bytes: 0,
             vol,
         })
     }
@@ -617,6 +628,7 @@ impl Queue {
             expect: Vec::with_capacity(parts.len()),
             _bounces: Vec::new(),
             dec: None,
+            bounce_bytes: 0,
         };
         // One io_uring operation per entry: (write?, device offset, linked to the next).
         let mut ops: Vec<(bool, u64, bool)> = Vec::with_capacity(parts.len());
@@ -681,6 +693,11 @@ impl Queue {
         let n = req.len / BLOCK_SIZE;
         let bs = BLOCK_SIZE as usize;
         let write = req.kind == ReqKind::Write;
+        if self.bounce_bytes > 0 && self.bounce_bytes + req.len as usize > BOUNCE_BUDGET {
+            // Retried when a request completes (`reap`).
+            self.deferred.push_back(req);
+            return;
+        }
         let epoch = self.shared.enter();
         let mut bounce = match self.bounce_pool.iter().rposition(|b| b.len() == req.len as usize) {
             Some(i) => self.bounce_pool.swap_remove(i),
@@ -782,7 +799,9 @@ impl Queue {
             expect: parts.iter().map(|p| p.2 as u32).collect(),
             _bounces: vec![bounce],
             dec,
+            bounce_bytes: req.len as usize,
         };
+        self.bounce_bytes += f.bounce_bytes;
         let ops: Vec<(bool, u64, bool)> = parts.iter().map(|p| (write, p.0, false)).collect();
         self.start(f, &ops);
     }
@@ -792,6 +811,7 @@ impl Queue {
     fn start(&mut self, mut f: InFlight, ops: &[(bool, u64, bool)]) {
         f.parts = ops.len() as u32;
         if f.parts == 0 {
+            self.bounce_bytes -= f.bounce_bytes;
             self.shared.exit(f.epoch);
             if let Some((l, b)) = &f.write {
                 self.shared.finish_write(&self.vol, *l, b, true);
@@ -903,8 +923,9 @@ impl Queue {
                 }
             }
             if self.encrypted {
+                self.bounce_bytes -= f.bounce_bytes;
                 for b in f._bounces.drain(..) {
-                    if self.bounce_pool.len() < BOUNCE_POOL {
+                    if self.bounce_pool.len() < BOUNCE_POOL && b.len() <= BOUNCE_POOL_MAX_LEN {
                         self.bounce_pool.push(b);
                     }
                 }

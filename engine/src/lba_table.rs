@@ -176,7 +176,6 @@ impl<V: TableValue> LbaTable<V> {
         }
     }
 
-    #[cfg(test)]
     pub fn remove(&mut self, key: u64) -> Option<V> {
         let i = self.find(key)?;
         let v = self.slots[i].val;

@@ -458,8 +458,9 @@ pub(crate) struct Shared {
     /// point lookup in branches that never had one (clones of clones that were not written).
     pub head_branches: RwLock<HashSet<u64>>,
     pub fault: Option<std::sync::atomic::AtomicU64>,
-    /// The master key given to `Pool::open` (FORMAT.md §11.1); `None` = locked.
-    pub master: Option<crate::crypt::Key>,
+    /// The master key given to `Pool::open` (FORMAT.md §11.1), replaced by a rotation;
+    /// `None` = locked.
+    pub master: Mutex<Option<crate::crypt::Key>>,
     /// The data nonce counter, once the pool has a nonce record.
     pub nonces: std::sync::OnceLock<crate::crypt::Nonces>,
     /// Committed seals recently used (by pba), at most `seal_cache_cap`.
@@ -536,6 +537,17 @@ impl Shared {
     }
 
     pub(crate) fn release_blocks(&self, blocks: Vec<u64>) {
+        if !blocks.is_empty() && self.encryption_on.load(Ordering::Acquire) {
+            // A block's seal from this life must not be found for its next one: the next
+            // life's seal reaches RocksDB (with its mapping) before it reaches the cache, and a
+            // reader can find the mapping in between (FORMAT.md §11.4).
+            let mut c = lock(&self.seal_cache);
+            if c.len() > 0 {
+                for &b in &blocks {
+                    c.remove(b);
+                }
+            }
+        }
         if !blocks.is_empty() {
             let mut a = lock(&self.alloc);
             for b in blocks {
@@ -1483,6 +1495,11 @@ impl Shared {
                     Some(e) if s == Some(e.seq) => {
                         p.map.remove(&l);
                     }
+                    // Changed meanwhile and changed back to exactly what was committed (an
+                    // encrypted rewrite of the block that failed and put it back): committed.
+                    Some(e) if e.state == PState::Written && !e.src_pending && cv.pba != UNMAPPED && e.pba == cv.pba => {
+                        p.map.remove(&l);
+                    }
                     Some(e) => {
                         // Changed meanwhile: it now replaces what this batch committed. If that
                         // block is not the pending one (or was discarded), the discard that
@@ -1879,7 +1896,7 @@ impl Pool {
             hist_branches: RwLock::new(hist_branches),
             head_branches: RwLock::new(head_branches),
             fault: opts.fail_meta_after.map(std::sync::atomic::AtomicU64::new),
-            master: opts.master_key.clone(),
+            master: Mutex::new(opts.master_key.clone()),
             nonces: std::sync::OnceLock::new(),
             seal_cache: Mutex::new(crate::lba_table::LbaTable::default()),
             // As many seals as the map cache holds entries: the blocks whose mappings are cached
@@ -2585,6 +2602,15 @@ mod tests {
         s.commit().unwrap();
         assert_eq!(read(), (out[0].pba, seal(4)));
         assert_eq!(v.mapped_blocks.load(Ordering::Relaxed), 1);
+        // Blocks back in the allocator have no cached seal left (their next life's seal must
+        // not meet this one's, FORMAT.md §11.4).
+        {
+            let c = lock(&s.seal_cache);
+            for old in [y1.pba, y2.pba, y3.pba] {
+                assert!(c.get(old).is_none(), "block {old} was freed but its seal is still cached");
+            }
+            assert!(c.get(out[0].pba).is_some());
+        }
         // Wait out the reclaim of what the commits freed, then the pool is consistent.
         drop(v);
         let rep = pool.check().unwrap();

@@ -1131,6 +1131,14 @@ impl Pool {
             lock(&self.shared.reclaim).retire(all, &mut out);
             self.shared.release_blocks(out);
         }
+        if v.encrypted.load(Ordering::Relaxed) {
+            // Push the deleted key record out of the metadata files (memtable, write-ahead log
+            // and SST files) now rather than at some later compaction: with the master key, an
+            // old copy would still decrypt the volume's blocks (FORMAT.md §11.1).
+            let k = key_key(v.id);
+            let end = key_key(v.id + 1);
+            self.shared.db.compact_range(Some(&k[..]), Some(&end[..]));
+        }
         if let Ok(mut vols) = self.shared.vols.write() {
             vols.remove(name);
         }

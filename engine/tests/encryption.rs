@@ -244,6 +244,12 @@ fn master_key_rotation_rewraps_without_rewriting_data() {
         drop(io);
         drop(v);
         assert_eq!(pool.rotate_master_key(&Key(K2)).unwrap(), 2);
+        // The open pool wraps new keys under the new master key from now on.
+        pool.create_encrypted_volume("after", MIB).unwrap();
+        let v = pool.open_volume("after", false).unwrap();
+        let mut io = v.sync_io().unwrap();
+        io.write_at(0, &block(0, 6)).unwrap();
+        io.flush().unwrap();
     }
     assert!(matches!(open_with(&p, Some(K1)), Err(Error::WrongKey)));
     let pool = open_with(&p, Some(K2)).unwrap();
@@ -252,6 +258,10 @@ fn master_key_rotation_rewraps_without_rewriting_data() {
     let mut b = vec![0u8; 4096];
     io.read_at(0, &mut b).unwrap();
     assert_eq!(b, block(0, 5));
+    let v2 = pool.open_volume("after", false).unwrap();
+    let mut io2 = v2.sync_io().unwrap();
+    io2.read_at(0, &mut b).unwrap();
+    assert_eq!(b, block(0, 6));
 }
 
 /// Overlapping writes in flight on the same blocks of an encrypted volume, with the committer
