@@ -216,6 +216,36 @@ fn slice_iov(iov: &[IoVec], mut off: usize, mut len: usize, out: &mut Vec<libc::
     }
 }
 
+/// Zero bytes [off, off+len) of a scatter list (a hole reads as zeros without device I/O).
+///
+/// # Safety
+/// The iovecs must be valid writable memory (submit's contract).
+unsafe fn zero_iov(iov: &[IoVec], off: usize, len: usize) {
+    let mut v = Vec::new();
+    slice_iov(iov, off, len, &mut v);
+    for seg in v {
+        // SAFETY: a piece of the caller's writable buffers (this function's contract).
+        unsafe { std::ptr::write_bytes(seg.iov_base as *mut u8, 0, seg.iov_len) };
+    }
+}
+
+/// Copy bytes [off, off+len) of a scatter list to `dst`.
+///
+/// # Safety
+/// The iovecs must be valid readable memory (submit's contract) and `dst` valid for `len`
+/// bytes of writes.
+unsafe fn gather_iov(iov: &[IoVec], off: usize, len: usize, dst: *mut u8) {
+    let mut v = Vec::new();
+    slice_iov(iov, off, len, &mut v);
+    let mut at = 0;
+    for seg in v {
+        // SAFETY: source: a piece of the caller's buffers; destination: inside `dst`, since
+        // the pieces total at most `len` (this function's contract).
+        unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, dst.add(at), seg.iov_len) };
+        at += seg.iov_len;
+    }
+}
+
 /// One device I/O of a request: where on the device, and which bytes of the request.
 struct Part {
     dev_off: u64,
@@ -504,7 +534,7 @@ impl Queue {
         }
         if self.encrypted && req.kind != ReqKind::Discard && req.len > 0 {
             // Whole blocks only (FORMAT.md §11.4); a discard unmaps the whole blocks inside.
-            if req.offset % BLOCK_SIZE != 0 || req.len % BLOCK_SIZE != 0 {
+            if !req.offset.is_multiple_of(BLOCK_SIZE) || !req.len.is_multiple_of(BLOCK_SIZE) {
                 return Err(Error::Misaligned { offset: req.offset, len: req.len });
             }
             if self.crypt.is_none() && matches!(req.kind, ReqKind::Read | ReqKind::Write) {
@@ -603,15 +633,9 @@ impl Queue {
                 match res {
                     ReadRes::At(pba) => push(&mut parts, *pba, i as u64, false, UNMAPPED),
                     ReadRes::Zero => {
-                        // A hole reads as zeros without device I/O.
                         let (s, e) = cover(i as u64);
-                        let mut v = Vec::new();
-                        slice_iov(&req.iov, (s - start) as usize, (e - s) as usize, &mut v);
-                        for seg in v {
-                            // SAFETY: the caller guarantees the iovecs are valid writable
-                            // memory for the request's lifetime (submit's contract).
-                            unsafe { std::ptr::write_bytes(seg.iov_base as *mut u8, 0, seg.iov_len) };
-                        }
+                        // SAFETY: the caller's writable buffers (submit's contract).
+                        unsafe { zero_iov(&req.iov, (s - start) as usize, (e - s) as usize) };
                     }
                 }
             }
@@ -639,8 +663,6 @@ impl Queue {
                 // block's data) around the request's data.
                 let mut b = AlignedBuf::new(BLOCK_SIZE as usize);
                 let within = ((p.dev_off - DATA_START) % BLOCK_SIZE) as usize;
-                let mut src = Vec::new();
-                slice_iov(&req.iov, p.req_off, p.len, &mut src);
                 let block_off = p.dev_off - within as u64;
                 if p.src != UNMAPPED {
                     // Read the old block into the bounce buffer, then (linked: only after the
@@ -653,7 +675,7 @@ impl Queue {
                     if within > 0 {
                         v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: within });
                     }
-                    v.extend(src);
+                    slice_iov(&req.iov, p.req_off, p.len, &mut v);
                     let tail = within + p.len;
                     if tail < BLOCK_SIZE as usize {
                         v.push(libc::iovec {
@@ -662,14 +684,10 @@ impl Queue {
                         });
                     }
                 } else {
-                    let mut at = within;
-                    for seg in src {
-                        // SAFETY: source: the caller's valid buffer (submit's contract);
-                        // destination: inside our 4 KiB bounce buffer (at + len <= 4096 since
-                        // the part lies within one block).
-                        unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, b.as_mut_ptr().add(at), seg.iov_len) };
-                        at += seg.iov_len;
-                    }
+                    // SAFETY: source: the caller's buffers (submit's contract); destination:
+                    // inside our 4 KiB bounce buffer (within + len <= 4096: the part lies
+                    // within one block).
+                    unsafe { gather_iov(&req.iov, p.req_off, p.len, b.as_mut_ptr().add(within)) };
                     v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize });
                 }
                 f._bounces.push(b);
@@ -720,7 +738,7 @@ impl Queue {
         };
         if write {
             let mut w = std::mem::take(&mut self.scratch_w);
-            match self.shared.resolve_write_enc(&self.vol, lba, n, &self.qs, &mut w) {
+            match self.shared.resolve_write(&self.vol, lba, n, false, false, &self.qs, &mut w) {
                 Err(e) => {
                     self.scratch_w = w;
                     return fail(self, &e);
@@ -733,16 +751,9 @@ impl Queue {
                 }
                 Ok(true) => {}
             }
-            let mut src = Vec::new();
-            slice_iov(&req.iov, 0, req.len as usize, &mut src);
-            let mut at = 0;
-            for seg in src {
-                // SAFETY: source: the caller's buffers, valid for the request (submit's
-                // contract); destination: inside the bounce buffer, whose length is the
-                // request's, which is the buffers' total (validated).
-                unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, bounce.as_mut_ptr().add(at), seg.iov_len) };
-                at += seg.iov_len;
-            }
+            // SAFETY: source: the caller's buffers (submit's contract); destination: the bounce
+            // buffer, of the request's length.
+            unsafe { gather_iov(&req.iov, 0, req.len as usize, bounce.as_mut_ptr()) };
             for (i, b) in w.iter_mut().enumerate() {
                 let nonce = match self.shared.next_nonce() {
                     Ok(x) => x,
@@ -771,14 +782,8 @@ impl Queue {
                         push(&mut parts, self.shared.data_offset(*pba), i * bs);
                         blocks.push((i, *pba, seal));
                     }
-                    _ => {
-                        let mut v = Vec::new();
-                        slice_iov(&req.iov, i * bs, bs, &mut v);
-                        for seg in v {
-                            // SAFETY: the caller's writable buffers, valid for the request.
-                            unsafe { std::ptr::write_bytes(seg.iov_base as *mut u8, 0, seg.iov_len) };
-                        }
-                    }
+                    // SAFETY: the caller's writable buffers (submit's contract).
+                    _ => unsafe { zero_iov(&req.iov, i * bs, bs) },
                 }
             }
             self.scratch_r = r;

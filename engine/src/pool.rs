@@ -881,6 +881,12 @@ impl Shared {
     /// A block is written in place only if the volume's own head entry maps it and no
     /// snapshot shares it (born after the newest snapshot). Otherwise a new block is allocated
     /// (copy-on-write: a partial write copies the rest of the block from the old one).
+    ///
+    /// An encrypted volume (FORMAT.md §11.3) writes nothing in place: every block is
+    /// redirected to a newly allocated one, also one the volume owns alone or one written
+    /// since the last commit (then remembered as `src_pending`), so a block's data and seal
+    /// never change while it is allocated. Its writes are whole blocks (the caller checks),
+    /// and one that meets a block whose earlier write is still in flight waits for it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn resolve_write(
         &self,
@@ -894,13 +900,14 @@ impl Shared {
     ) -> Result<bool> {
         out.clear();
         let partial = |i: u64| (i == 0 && head_partial) || (i + 1 == n && tail_partial);
+        let redirect = vol.encrypted.load(Ordering::Relaxed);
         let latest_pin = vol.latest_pin.load(Ordering::Acquire);
         let mut p = vol.lock_pending();
         // First pass, read-only: any conflict defers the whole request before anything changes.
         for i in 0..n {
             if let Some(e) = p.map.get(&(lba + i)) {
                 if let PState::Fresh { writers, padded } = e.state {
-                    if padded > 0 || (partial(i) && writers > 0) {
+                    if padded > 0 || ((partial(i) || redirect) && writers > 0) {
                         p.waiters.push(waiter.clone());
                         return Ok(false);
                     }
@@ -917,6 +924,20 @@ impl Shared {
             let existing = p.map.get(&l).copied();
             let b = match existing {
                 Some(e) => match e.state {
+                    PState::Written if redirect => {
+                        let Some(pba) = self.alloc_block(hint) else {
+                            drop(p);
+                            self.finish_write(vol, lba, out, false);
+                            return Err(self.no_space(vol));
+                        };
+                        p.set(l, pba, PState::Fresh { writers: 1, padded: 0 });
+                        if let Some(x) = p.map.get_mut(&l) {
+                            // Reads see the uncommitted block until the new one lands.
+                            x.src = e.pba;
+                            x.src_pending = true;
+                        }
+                        WBlock { pba, fresh: true, padded: false, src: e.pba, seal: None }
+                    }
                     PState::Written => WBlock { pba: e.pba, fresh: false, padded: false, src: UNMAPPED, seal: None },
                     // Full write joining other full writes of a new block.
                     PState::Fresh { writers, padded } if writers > 0 => {
@@ -956,7 +977,7 @@ impl Shared {
                         }
                     };
                     let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
-                    if own_data && !shared_with_snapshot(cv.birth, latest_pin) {
+                    if own_data && !shared_with_snapshot(cv.birth, latest_pin) && !redirect {
                         // The volume owns the block alone: write in place (any sub-range).
                         WBlock { pba: cv.pba, fresh: false, padded: false, src: UNMAPPED, seal: None }
                     } else {
@@ -1011,97 +1032,6 @@ impl Shared {
         };
         p.cache_put(l, c, &self.cache);
         Ok(c)
-    }
-
-    /// `resolve_write` for an encrypted volume (FORMAT.md §11.3): every block is redirected
-    /// to a newly allocated one, also one the volume owns alone, so a block's data and seal
-    /// never change while it is allocated. Whole blocks only (the caller checks alignment). A
-    /// block whose earlier write is still in flight defers the request.
-    pub(crate) fn resolve_write_enc(
-        &self,
-        vol: &VolumeState,
-        lba: u64,
-        n: u64,
-        waiter: &Arc<QueueShared>,
-        out: &mut Vec<WBlock>,
-    ) -> Result<bool> {
-        out.clear();
-        let mut p = vol.lock_pending();
-        for i in 0..n {
-            if let Some(PEntry { state: PState::Fresh { writers, .. }, .. }) = p.map.get(&(lba + i)) {
-                if *writers > 0 {
-                    p.waiters.push(waiter.clone());
-                    return Ok(false);
-                }
-            }
-        }
-        let committed = self.committed_prefetch(vol, &p, lba, n)?;
-        let mut hint: Option<u64> = None;
-        for i in 0..n {
-            let l = lba + i;
-            let fresh = PState::Fresh { writers: 1, padded: 0 };
-            let b = match p.map.get(&l).copied() {
-                // All earlier writes failed: the block was never written; reuse it.
-                Some(e) if matches!(e.state, PState::Fresh { .. }) => {
-                    p.set(l, e.pba, fresh);
-                    WBlock { pba: e.pba, fresh: true, padded: false, src: e.src, seal: None }
-                }
-                Some(e) => {
-                    let Some(pba) = self.alloc_block(hint) else {
-                        drop(p);
-                        self.finish_write(vol, lba, out, false);
-                        return Err(self.no_space(vol));
-                    };
-                    p.seq += 1;
-                    let seq = p.seq;
-                    if let Some(x) = p.map.get_mut(&l) {
-                        x.pba = pba;
-                        x.state = fresh;
-                        x.seq = seq;
-                        if e.state == PState::Written {
-                            // Reads see the uncommitted block until the new one lands.
-                            x.src = e.pba;
-                            x.src_pending = true;
-                        } else {
-                            // Discarded since the last commit: reads zeros meanwhile.
-                            x.src = UNMAPPED;
-                            x.src_pending = false;
-                            vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    WBlock { pba, fresh: true, padded: false, src: if e.state == PState::Written { e.pba } else { UNMAPPED }, seal: None }
-                }
-                None => {
-                    let cv = match self.committed_view(vol, &mut p, l, committed.as_ref().map(|c| c[i as usize])) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            drop(p);
-                            self.finish_write(vol, lba, out, false);
-                            return Err(e);
-                        }
-                    };
-                    let own_data = cv.birth != NO_OWN && cv.pba != UNMAPPED;
-                    let Some(pba) = self.alloc_block(hint) else {
-                        drop(p);
-                        self.finish_write(vol, lba, out, false);
-                        return Err(self.no_space(vol));
-                    };
-                    p.insert(l, pba, fresh, cv.pba, cv.own(), false);
-                    if !own_data {
-                        vol.mapped_blocks.fetch_add(1, Ordering::Relaxed);
-                    }
-                    WBlock { pba, fresh: true, padded: false, src: cv.pba, seal: None }
-                }
-            };
-            hint = Some(b.pba + 1);
-            out.push(b);
-        }
-        let kick = p.map.len() >= PENDING_KICK;
-        drop(p);
-        if kick {
-            self.send_commit(CommitMsg::Kick);
-        }
-        Ok(true)
     }
 
     /// The committed seal of block `pba` (cache, then RocksDB).
@@ -1163,7 +1093,7 @@ impl Shared {
                 }
                 if let PState::Fresh { writers, padded } = e.state {
                     if e.src_pending {
-                        // An encrypted rewrite of an uncommitted block (`resolve_write_enc`):
+                        // An encrypted rewrite of an uncommitted block (`resolve_write`):
                         // on success that block is garbage; on failure it is what the lba
                         // holds again, and the new block is.
                         let (pba, freed) = if ok { (b.pba, e.src) } else { (e.src, b.pba) };
@@ -1362,6 +1292,8 @@ impl Shared {
             let gen = v.gen.load(Ordering::Acquire);
             let latest_pin = v.latest_pin.load(Ordering::Acquire);
             let origin = v.has_origin();
+            // (lba, entry, new head, seq if the entry may be dropped, seal to commit).
+            #[allow(clippy::type_complexity)]
             let mut work: Vec<(u64, PEntry, Option<u64>, Option<u64>, Option<Seal>)> = Vec::with_capacity(p.map.len());
             let encrypted = v.encrypted.load(Ordering::Relaxed);
             let mut revert = Vec::new();
@@ -2367,12 +2299,12 @@ impl Pool {
             rep.errors.push("key records exist but the master-key check record (key 0) is missing".into());
         }
         for (id, family) in &key_recs {
-            if *id != 0 && !vol_recs.get(id).is_some_and(|r| r.flags & vol_flags::ENCRYPTED != 0) {
+            if *id != 0 && vol_recs.get(id).is_none_or(|r| r.flags & vol_flags::ENCRYPTED == 0) {
                 rep.errors.push(format!("{}: key record of volume {id} (family {family}), which is not an encrypted volume", Location::Record(key_key(*id))));
             }
         }
         for r in &enc_vols {
-            if !key_recs.get(&r.id).is_some_and(|f| *f != 0) {
+            if key_recs.get(&r.id).is_none_or(|f| *f == 0) {
                 rep.errors.push(format!("encrypted volume {:?} has no key record", r.name));
             }
             for (lba, pba) in head_blocks.iter().filter(|(b, _, _)| *b == r.layer).map(|(_, l, p)| (l, p)) {
@@ -2545,7 +2477,7 @@ mod tests {
         let seal = |x: u8| Seal { nonce: [x; 12], tag: [x; 16] };
         let write = |x: u8, ok: bool| -> WBlock {
             let mut out = Vec::new();
-            assert!(s.resolve_write_enc(&v, 0, 1, &q, &mut out).unwrap());
+            assert!(s.resolve_write(&v, 0, 1, false, false, &q, &mut out).unwrap());
             out[0].seal = Some(seal(x));
             s.finish_write(&v, 0, &out, ok);
             out[0]
@@ -2564,12 +2496,12 @@ mod tests {
         assert_eq!(read(), (y1.pba, seal(1)));
         // A rewrite before any commit goes elsewhere; while it is in flight reads see Y1.
         let mut out = Vec::new();
-        assert!(s.resolve_write_enc(&v, 0, 1, &q, &mut out).unwrap());
+        assert!(s.resolve_write(&v, 0, 1, false, false, &q, &mut out).unwrap());
         let y2 = out[0];
         assert_ne!(y2.pba, y1.pba);
         assert_eq!(read(), (y1.pba, seal(1)));
         // Another write of the block waits for it.
-        assert!(!s.resolve_write_enc(&v, 0, 1, &q, &mut Vec::new()).unwrap());
+        assert!(!s.resolve_write(&v, 0, 1, false, false, &q, &mut Vec::new()).unwrap());
         // It fails: Y1 is what the lba holds again, Y2 goes back to the pool.
         s.finish_write(&v, 0, &out, false);
         assert_eq!(read(), (y1.pba, seal(1)));
@@ -2584,7 +2516,7 @@ mod tests {
         // committed head and is retired by the commit after the rewrite lands (not freed
         // twice, not leaked).
         let mut out = Vec::new();
-        assert!(s.resolve_write_enc(&v, 0, 1, &q, &mut out).unwrap());
+        assert!(s.resolve_write(&v, 0, 1, false, false, &q, &mut out).unwrap());
         s.commit().unwrap();
         let committed = s.committed_range(&v, 0, 1).unwrap();
         assert_eq!(committed.len(), 1);

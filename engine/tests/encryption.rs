@@ -27,6 +27,24 @@ fn block(lba: u64, ver: u64) -> Vec<u8> {
     b
 }
 
+/// Write `block(lba, ver)` for each lba to volume `vol` and flush.
+fn write_flushed(pool: &Pool, vol: &str, lbas: std::ops::Range<u64>, ver: u64) {
+    let v = pool.open_volume(vol, false).unwrap();
+    let mut io = v.sync_io().unwrap();
+    for lba in lbas {
+        io.write_at(lba * 4096, &block(lba, ver)).unwrap();
+    }
+    io.flush().unwrap();
+}
+
+/// Block `lba` of volume `vol`.
+fn read_block(pool: &Pool, vol: &str, lba: u64) -> Vec<u8> {
+    let v = pool.open_volume(vol, true).unwrap();
+    let mut b = vec![0u8; 4096];
+    v.sync_io().unwrap().read_at(lba * 4096, &mut b).unwrap();
+    b
+}
+
 /// Whether `needle` occurs anywhere in the pool file.
 fn file_contains(p: &Path, needle: &[u8]) -> bool {
     let data = std::fs::read(p).unwrap();
@@ -102,10 +120,7 @@ fn wrong_or_missing_master_key() {
     {
         let pool = open_with(&p, Some(K1)).unwrap();
         pool.create_encrypted_volume("e", MIB).unwrap();
-        let v = pool.open_volume("e", false).unwrap();
-        let mut io = v.sync_io().unwrap();
-        io.write_at(0, &block(0, 1)).unwrap();
-        io.flush().unwrap();
+        write_flushed(&pool, "e", 0..1, 1);
     }
     // A wrong key is refused at open.
     assert!(matches!(open_with(&p, Some(K2)), Err(Error::WrongKey)));
@@ -180,21 +195,9 @@ fn snapshots_clones_and_flatten_of_an_encrypted_volume() {
     {
         let pool = open_with(&p, Some(K1)).unwrap();
         pool.create_encrypted_volume("e", MIB).unwrap();
-        {
-            let v = pool.open_volume("e", false).unwrap();
-            let mut io = v.sync_io().unwrap();
-            for lba in 0..8u64 {
-                io.write_at(lba * 4096, &block(lba, 1)).unwrap();
-            }
-            io.flush().unwrap();
-        }
+        write_flushed(&pool, "e", 0..8, 1);
         pool.snapshot_create("e", "s1").unwrap();
-        {
-            let v = pool.open_volume("e", false).unwrap();
-            let mut io = v.sync_io().unwrap();
-            io.write_at(0, &block(0, 2)).unwrap();
-            io.flush().unwrap();
-        }
+        write_flushed(&pool, "e", 0..1, 2);
         let c = pool.clone_volume("e", "s1", "c").unwrap();
         assert!(c.encrypted);
         {
@@ -237,31 +240,16 @@ fn master_key_rotation_rewraps_without_rewriting_data() {
     {
         let pool = open_with(&p, Some(K1)).unwrap();
         pool.create_encrypted_volume("e", MIB).unwrap();
-        let v = pool.open_volume("e", false).unwrap();
-        let mut io = v.sync_io().unwrap();
-        io.write_at(0, &block(0, 5)).unwrap();
-        io.flush().unwrap();
-        drop(io);
-        drop(v);
+        write_flushed(&pool, "e", 0..1, 5);
         assert_eq!(pool.rotate_master_key(&Key(K2)).unwrap(), 2);
         // The open pool wraps new keys under the new master key from now on.
         pool.create_encrypted_volume("after", MIB).unwrap();
-        let v = pool.open_volume("after", false).unwrap();
-        let mut io = v.sync_io().unwrap();
-        io.write_at(0, &block(0, 6)).unwrap();
-        io.flush().unwrap();
+        write_flushed(&pool, "after", 0..1, 6);
     }
     assert!(matches!(open_with(&p, Some(K1)), Err(Error::WrongKey)));
     let pool = open_with(&p, Some(K2)).unwrap();
-    let v = pool.open_volume("e", false).unwrap();
-    let mut io = v.sync_io().unwrap();
-    let mut b = vec![0u8; 4096];
-    io.read_at(0, &mut b).unwrap();
-    assert_eq!(b, block(0, 5));
-    let v2 = pool.open_volume("after", false).unwrap();
-    let mut io2 = v2.sync_io().unwrap();
-    io2.read_at(0, &mut b).unwrap();
-    assert_eq!(b, block(0, 6));
+    assert_eq!(read_block(&pool, "e", 0), block(0, 5));
+    assert_eq!(read_block(&pool, "after", 0), block(0, 6));
 }
 
 /// Overlapping writes in flight on the same blocks of an encrypted volume, with the committer

@@ -98,7 +98,7 @@ fn run(ops: Vec<Op>, encrypted: bool) -> Result<(), TestCaseError> {
                 let off = (sector * SECT).min(size);
                 (off, (n * SECT).min(size - off).min(1 << 20))
             };
-            let aligned = |off: u64, len: u64| off % 4096 == 0 && len % 4096 == 0;
+            let aligned = |off: u64, len: u64| off.is_multiple_of(4096) && len.is_multiple_of(4096);
             match op {
                 Op::Write { sector, n, ver } => {
                     let (off, len) = clamp(sector, n);
