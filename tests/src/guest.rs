@@ -82,12 +82,22 @@ pub struct GuestRun {
     pub timeout: Duration,
     /// Guest RAM in MiB (shared memfd memory, as vhost-user needs).
     pub mem_mib: u32,
+    /// More kernel command line parameters (space-separated).
+    pub kernel_args: String,
 }
 
 impl GuestRun {
     /// A run with defaults: no argument, 64 MiB pattern, 300 s timeout, 512 MiB RAM.
     pub fn new(scenario: &str, disks: Vec<DiskSpec>) -> Self {
-        GuestRun { disks, scenario: scenario.to_string(), arg: None, mib: None, timeout: Duration::from_secs(300), mem_mib: 512 }
+        GuestRun {
+            disks,
+            scenario: scenario.to_string(),
+            arg: None,
+            mib: None,
+            timeout: Duration::from_secs(300),
+            mem_mib: 512,
+            kernel_args: String::new(),
+        }
     }
 
     /// Sets [`GuestRun::mib`].
@@ -386,6 +396,10 @@ pub fn kernel_cmdline(run: &GuestRun) -> String {
     if let Some(m) = run.mib {
         s.push_str(&format!(" vblk.mib={m}"));
     }
+    if !run.kernel_args.is_empty() {
+        s.push(' ');
+        s.push_str(&run.kernel_args);
+    }
     s
 }
 
@@ -609,6 +623,271 @@ pub fn run_guest_with_hook(run: &GuestRun, mut hook: Option<(&str, Box<dyn FnOnc
         );
     }
     Ok(out)
+}
+
+/// A QEMU process with its console and stderr collected.
+struct Running {
+    child: KillOnDrop,
+    console: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    fn spawn(argv: &[String], echo: bool) -> Result<Running> {
+        let mut child = KillOnDrop(
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {} (apt-get install qemu-system-x86)", argv[0]))?,
+        );
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            pump(child.0.stdout.take().expect("stdout is piped"), console.clone(), echo),
+            pump(child.0.stderr.take().expect("stderr is piped"), stderr.clone(), echo),
+        ];
+        Ok(Running { child, console, stderr, readers })
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        self.child.0.try_wait().context("waiting for qemu")
+    }
+
+    /// Wait for exit (killing QEMU at `deadline`), then for the console readers.
+    fn finish(mut self, deadline: Instant) -> Result<(ExitStatus, String, String)> {
+        let status = loop {
+            if let Some(st) = self.exited()? {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.0.kill();
+                bail!("qemu timed out\n--- qemu stderr ---\n{}\n--- console tail ---\n{}", self.stderr().trim_end(), tail_lines(&self.console(), 40));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Ok((status, self.console(), self.stderr()))
+    }
+}
+
+/// A QMP client (QEMU's JSON monitor) on a unix socket.
+pub struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connect (retrying while QEMU creates the socket) and leave capabilities negotiation.
+    pub fn connect(path: &Path, within: Duration) -> Result<Qmp> {
+        let t0 = Instant::now();
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if t0.elapsed() < within => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e).with_context(|| format!("connecting to QMP at {}", path.display())),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Qmp { reader: std::io::BufReader::new(stream.try_clone()?), writer: stream };
+        let greeting = q.line()?;
+        if greeting.get("QMP").is_none() {
+            bail!("not a QMP greeting: {greeting}");
+        }
+        q.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        if self.reader.read_line(&mut l).context("reading from QMP")? == 0 {
+            bail!("QMP connection closed");
+        }
+        serde_json::from_str(&l).with_context(|| format!("QMP sent {l:?}"))
+    }
+
+    /// Run a command; its `return` value, or its `error` as an error. Events are skipped.
+    pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value> {
+        let msg = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{msg}").context("writing to QMP")?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {command}: {e}");
+            }
+        }
+    }
+}
+
+/// How [`run_guest_migrating`] migrates the guest.
+pub struct Migration<'a> {
+    /// The guest prints this line when it is ready: the migration starts.
+    pub ready: &'a str,
+    /// Migration bandwidth, bytes/s.
+    pub bandwidth: u64,
+    /// Runs once the migration has copied all of guest memory once (the first pass) and goes
+    /// on copying what changes, with the guest running.
+    pub first_pass_done: Box<dyn FnOnce() + 'a>,
+    /// The guest prints this line when what it does during the migration is done: the source
+    /// is paused, the migration completes.
+    pub done: &'a str,
+    /// Runs once the destination runs the guest.
+    pub resumed: Box<dyn FnOnce() + 'a>,
+}
+
+/// [`run_guest`] with a live migration in the middle. When the console shows `m.ready`, the
+/// running QEMU starts migrating the guest to a file; after the first pass, with a bandwidth
+/// and downtime limit too small to ever converge: the migration keeps copying dirtied pages
+/// while the guest runs, for as long as the test wants. After the first pass over guest memory, `m.first_pass_done` runs; when the
+/// console shows `m.done`, the source is paused, the migration completes and the source quits.
+/// A new QEMU with the same devices takes the guest up from the file (`-incoming`), connecting
+/// to the same vhost-user sockets, and is resumed; then `m.resumed` runs. The output is the
+/// first console followed by the second. Also returns the final `query-migrate` status.
+pub fn run_guest_migrating(run: &GuestRun, m: Migration<'_>) -> Result<(GuestOutput, serde_json::Value)> {
+    validate(run)?;
+    let art = guest_artifacts()?;
+    let _slot = guest_slot(&art.dir)?;
+    let echo = std::env::var("VBLK_GUEST_VERBOSE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let work = tempfile::Builder::new().prefix("vblk-migrate-").tempdir().context("temp dir")?;
+    let state = work.path().join("state");
+    let argv = qemu_args(run, &art);
+    let with = |extra: &[String]| -> Vec<String> { argv.iter().chain(extra).cloned().collect() };
+    let (qmp_a, qmp_b) = (work.path().join("qmp-a"), work.path().join("qmp-b"));
+    let qmp_arg = |p: &Path| vec!["-qmp".to_string(), format!("unix:{},server=on,wait=off", p.display())];
+    let start = Instant::now();
+    let deadline = start + run.timeout;
+    let context = |what: &str, r: &Running| {
+        format!(
+            "{what} ({} scenario)\ncommand: {}\n--- qemu stderr ---\n{}\n--- console tail ---\n{}",
+            run.scenario,
+            shell_words(&argv),
+            r.stderr().trim_end(),
+            tail_lines(&r.console(), 40)
+        )
+    };
+    let wait_line = |r: &mut Running, line: &str| -> Result<()> {
+        loop {
+            if r.exited()?.is_some() {
+                bail!("{}", context(&format!("QEMU ended before the guest printed {line}"), r));
+            }
+            if r.console().lines().any(|l| l.trim_end() == line) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{}", context(&format!("timed out waiting for {line}"), r));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    };
+    let status_of = |v: &serde_json::Value| v.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string();
+
+    // The source.
+    let mut a = Running::spawn(&with(&qmp_arg(&qmp_a)), echo)?;
+    let mut q = Qmp::connect(&qmp_a, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e:#}\n{}", context("no QMP", &a)))?;
+    wait_line(&mut a, m.ready)?;
+    q.execute("migrate-set-parameters", serde_json::json!({ "max-bandwidth": m.bandwidth, "downtime-limit": 1 }))?;
+    q.execute("migrate", serde_json::json!({ "uri": format!("exec:cat > {}", state.display()) }))?;
+    // Near the end of the first pass, slow down: at 4 MiB/s and a 1 ms downtime limit the
+    // migration never converges while the guest dirties a few pages now and then, so it goes
+    // on copying what changes until the test pauses the guest.
+    let mut slowed = false;
+    loop {
+        let st = q.execute("query-migrate", serde_json::json!({}))?;
+        let ram = &st["ram"];
+        match status_of(&st).as_str() {
+            "active" if slowed && ram["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 => break,
+            "active" if !slowed && ram["remaining"].as_u64().is_some_and(|r| r < 48 << 20) => {
+                q.execute("migrate-set-parameters", serde_json::json!({ "max-bandwidth": 4 << 20 }))?;
+                slowed = true;
+            }
+            "active" | "setup" => {}
+            _ => bail!("{}", context(&format!("the migration is not running its passes: {st}"), &a)),
+        }
+        if Instant::now() >= deadline {
+            bail!("{}", context(&format!("the first pass did not end: {st}"), &a));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (m.first_pass_done)();
+    wait_line(&mut a, m.done)?;
+    let st = q.execute("query-migrate", serde_json::json!({}))?;
+    if status_of(&st) != "active" {
+        bail!("{}", context(&format!("the migration ended while the guest ran: {st}"), &a));
+    }
+    q.execute("stop", serde_json::json!({}))?;
+    q.execute("migrate-set-parameters", serde_json::json!({ "max-bandwidth": m.bandwidth, "downtime-limit": 300 }))?;
+    let status = loop {
+        let st = q.execute("query-migrate", serde_json::json!({}))?;
+        match status_of(&st).as_str() {
+            "completed" => break st,
+            "failed" | "cancelled" => bail!("{}", context(&format!("migration failed: {st}"), &a)),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            bail!("{}", context(&format!("migration did not complete: {st}"), &a));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    q.execute("quit", serde_json::json!({})).ok();
+    drop(q);
+    let (_, console_a, stderr_a) = a.finish(deadline)?;
+
+    // The destination: the same machine, started from the migration stream.
+    let mut extra = qmp_arg(&qmp_b);
+    extra.extend(["-incoming".to_string(), format!("exec:cat {}", state.display())]);
+    let mut b = Running::spawn(&with(&extra), echo)?;
+    let mut q = Qmp::connect(&qmp_b, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e:#}\n{}", context("no QMP", &b)))?;
+    loop {
+        if b.exited()?.is_some() {
+            bail!("{}", context("the destination QEMU ended before the guest ran", &b));
+        }
+        let st = q.execute("query-status", serde_json::json!({}))?;
+        // The source was paused: so is the destination once it has loaded the state.
+        if status_of(&st) == "paused" {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{}", context(&format!("the destination did not load the state: {st}"), &b));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    q.execute("cont", serde_json::json!({}))?;
+    drop(q);
+    (m.resumed)();
+    let (status_b, console_b, stderr_b) = b.finish(deadline)?;
+    let console = format!("{console_a}{console_b}");
+    let mut out = GuestOutput::parse(&console, &run.scenario);
+    out.elapsed = start.elapsed();
+    out.qemu_stderr = format!("{stderr_a}{stderr_b}");
+    if out.result.is_none() {
+        bail!(
+            "guest scenario {} printed no VBLK-RESULT after the migration (destination qemu {status_b})\n--- qemu stderr ---\n{}\n--- console tail ---\n{}",
+            run.scenario,
+            out.qemu_stderr.trim_end(),
+            out.console_tail(40)
+        );
+    }
+    Ok((out, status))
 }
 
 /// [`run_guest`], then [`GuestOutput::ensure_passed`].

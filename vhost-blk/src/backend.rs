@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use vblk_engine::{Completion, IoVec, ReqKind, Request, Volume};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_queue::QueueT;
@@ -34,7 +35,12 @@ use crate::request::{self, BlkOp, GuestSeg, ParsedRequest, RequestLimits, STATUS
 use crate::DeviceStats;
 
 /// Guest memory as vhost-user-backend maps it (no dirty-page bitmap: see the crate docs).
-pub(crate) type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory with a dirty-page log (vhost-user `LOG_SHMFD`): once the frontend has handed
+/// over a log (`SET_LOG_BASE`, live migration), every write through vm-memory (used ring, status
+/// bytes, copies out of bounce buffers) marks its pages; writes the device makes behind
+/// vm-memory's back (io_uring reads straight into guest buffers) are marked by
+/// [`BlkBackend::on_completion`].
+pub(crate) type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
 pub(crate) type Gm = GuestMemoryAtomic<GuestMem>;
 pub(crate) type Vring = VringRwLock<Gm>;
 type MemGuard = GuestMemoryLoadGuard<GuestMem>;
@@ -264,6 +270,9 @@ struct Chain {
     bounce: Option<Bounce>,
     /// Keeps the guest memory this chain's buffers point into mapped until it completes.
     mem: MemGuard,
+    /// Guest buffers the engine writes into directly (a read without a bounce buffer): marked
+    /// dirty in the migration log when the chain completes.
+    dma: Vec<GuestSeg>,
 }
 
 /// A one-shot CLOCK_MONOTONIC timerfd (non-blocking: an expiry read after a re-arm must not
@@ -788,6 +797,7 @@ impl BlkBackend {
             flush_after: false,
             bounce: None,
             mem: mem.clone(),
+            dma: Vec::new(),
         };
         let op = match p.op {
             Ok(op) => op,
@@ -813,6 +823,7 @@ impl BlkBackend {
                         chain.bounce = Some(Bounce { buf: b, len: buf.len as usize, segs: buf.segs });
                         iov
                     } else {
+                        chain.dma = buf.segs;
                         buf.iov
                     };
                     reqs.push(Request { kind: ReqKind::Read, offset, len: buf.len, iov, tag: 0 });
@@ -944,6 +955,9 @@ impl BlkBackend {
             return false;
         }
         let Some(mut chain) = q.release(slot) else { return false };
+        // Whatever the outcome, the device may have written into the guest's buffers: a live
+        // migration must send those pages again (a no-op until the frontend sets up a log).
+        mark_dirty(&chain.mem, &chain.dma);
         let mut status = STATUS_OK;
         let bounce = chain.bounce.take();
         if let Some(errno) = chain.err {
@@ -1061,8 +1075,20 @@ fn qos_io(p: &ParsedRequest) -> Option<Io> {
     }
 }
 
+/// Mark guest segments dirty in the migration log, if the frontend set one up (`SET_LOG_BASE`;
+/// the bitmap of each region is empty otherwise and marking does nothing).
+fn mark_dirty(mem: &GuestMem, segs: &[GuestSeg]) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestMemoryBackend;
+    for s in segs {
+        for slice in GuestMemoryBackend::get_slices(mem, s.addr, s.len as usize).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
+
 /// Every file-backed region must lie within its file (see `update_memory`).
-fn check_regions_backed(mem: &GuestMemoryMmap) -> Result<(), String> {
+fn check_regions_backed(mem: &GuestMem) -> Result<(), String> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for r in mem.iter() {
         let Some(fo) = r.file_offset() else {
@@ -1110,7 +1136,7 @@ impl Drop for BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -1146,6 +1172,9 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            // Live migration: the frontend's dirty-page log in shared memory (SET_LOG_BASE);
+            // see `GuestMem`.
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn get_inflight_fd(&self, i: &VhostUserInflight) -> io::Result<(VhostUserInflight, std::fs::File)> {
@@ -1226,7 +1255,7 @@ impl VhostUserBackend for BlkBackend {
         // the daemon with every volume. Check every region against its file; on a bad table,
         // swap in an empty memory map (every later guest access then fails cleanly) and refuse.
         if let Err(why) = check_regions_backed(&mem.memory()) {
-            mem.lock().map_err(|_| io::Error::other("guest memory lock poisoned"))?.replace(GuestMemoryMmap::new());
+            mem.lock().map_err(|_| io::Error::other("guest memory lock poisoned"))?.replace(GuestMem::new());
             tracing::warn!(volume = %self.dev.name, "refused a guest memory table: {why}");
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }

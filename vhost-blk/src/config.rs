@@ -40,6 +40,10 @@ pub const DISCARD_SECTOR_ALIGNMENT: u32 = SECTORS_PER_BLOCK as u32;
 
 /// vhost-user: the backend supports VHOST_USER_GET/SET_PROTOCOL_FEATURES.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// vhost: the backend logs the guest pages it writes to while the frontend asks it to (live
+/// migration; with vhost-user the log is shared memory, protocol feature LOG_SHMFD). QEMU
+/// refuses to migrate a VM with a vhost device that does not offer it.
+pub const VHOST_F_LOG_ALL: u32 = 26;
 
 /// Byte offset of `writeback` (the only writable field) in the configuration space.
 pub const WCE_OFFSET: u32 = 32;
@@ -58,7 +62,8 @@ pub fn device_features(read_only: bool) -> u64 {
         | (1u64 << VIRTIO_BLK_F_FLUSH)
         | (1u64 << VIRTIO_BLK_F_MQ)
         | (1u64 << VIRTIO_BLK_F_CONFIG_WCE)
-        | (1u64 << VHOST_USER_F_PROTOCOL_FEATURES);
+        | (1u64 << VHOST_USER_F_PROTOCOL_FEATURES)
+        | (1u64 << VHOST_F_LOG_ALL);
     if read_only {
         f |= 1u64 << VIRTIO_BLK_F_RO;
     } else {

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -185,7 +185,7 @@ fn listen(mut listener: Listener, socket: &Path, dev: &Arc<DevShared>, ctl: &Mut
 
 /// Accept one connection and serve it until it ends.
 fn serve_one(listener: &mut Listener, dev: &Arc<DevShared>, ctl: &Mutex<ConnCtl>) -> Result<(), Error> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(crate::backend::GuestMem::new());
     let backend = Arc::new(BlkBackend::new(dev.clone(), mem.clone())?);
     let mut daemon = VhostUserDaemon::new(format!("vblk-fe-{}", short(&dev.name, 7)), backend.clone(), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;

@@ -628,3 +628,97 @@ fn inflight_area_resubmits_what_an_earlier_backend_left_in_flight() {
     drop(d);
     f.dev.take().unwrap().stop().unwrap();
 }
+
+/// Live migration (vhost-user "Migration"): the device offers VHOST_F_LOG_ALL and LOG_SHMFD,
+/// and once the frontend has handed over a dirty-page log (SET_LOG_BASE), every guest page the
+/// device writes is marked in it: the buffers of reads the engine fills straight from the disk
+/// (io_uring, behind vm-memory's back), a bounce buffer's copy, the status byte and the used
+/// ring. Pages the device only reads are not marked.
+#[test]
+fn dirty_page_log_for_live_migration() {
+    use vhost::VhostUserDirtyLogRegion;
+    const VHOST_F_LOG_ALL: u64 = 1 << 26;
+    let mut f = fixture();
+    let mut d = Driver::connect(&f);
+    let features = d.fe.get_features().unwrap();
+    assert_ne!(features & VHOST_F_LOG_ALL, 0, "VHOST_F_LOG_ALL offered (QEMU will not migrate without it)");
+    assert!(d.fe.get_protocol_features().unwrap().contains(VhostUserProtocolFeatures::LOG_SHMFD));
+
+    // Data to read back, written before logging starts.
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 % 251) as u8).collect();
+    d.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    d.header(HDR, VIRTIO_BLK_T_OUT, 0);
+    d.add(&[(HDR, 16, false), (DATA, 8192, false), (STATUS, 1, true)]);
+    d.kick();
+    d.wait_used(1);
+    assert_eq!(d.status(STATUS), 0);
+
+    // The log: one bit per 4 KiB page of guest memory, in a memfd shared with the backend.
+    let log_len = (MEM_SIZE / 4096 / 8) as u64;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"vblk-test-log".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh descriptor we own.
+    let log = unsafe { File::from_raw_fd(fd) };
+    log.set_len(log_len).unwrap();
+    d.fe.set_log_base(0, Some(VhostUserDirtyLogRegion { mmap_size: log_len, mmap_offset: 0, mmap_handle: log.as_raw_fd() }))
+        .unwrap();
+    d.fe.set_features(features | VHOST_F_LOG_ALL).unwrap();
+    let dirty = |addr: u64| -> bool {
+        use std::os::unix::fs::FileExt;
+        let page = addr / 4096;
+        let mut b = [0u8; 1];
+        log.read_exact_at(&mut b, page / 8).unwrap();
+        b[0] & (1 << (page % 8)) != 0
+    };
+    let clear = || {
+        use std::os::unix::fs::FileExt;
+        log.write_all_at(&vec![0u8; log_len as usize], 0).unwrap();
+    };
+    clear();
+
+    // A read into page-aligned buffers: the engine's io_uring writes them directly.
+    let (dst, st) = (DATA + 0x10_0000, STATUS + 0x2000);
+    d.header(HDR, VIRTIO_BLK_T_IN, 0);
+    d.add(&[(HDR, 16, false), (dst, 4096, true), (dst + 0x4000, 4096, true), (st, 1, true)]);
+    d.kick();
+    d.wait_used(1);
+    assert_eq!(d.status(st), 0);
+    let mut back = vec![0u8; 4096];
+    d.mem.read_slice(&mut back, GuestAddress(dst + 0x4000)).unwrap();
+    assert_eq!(back, data[4096..], "the read itself worked");
+    assert!(dirty(dst) && dirty(dst + 0x4000), "pages the engine read into are marked");
+    assert!(!dirty(dst + 0x1000) && !dirty(dst + 0x3000), "pages between them are not");
+    assert!(dirty(st), "the status byte's page is marked");
+    assert!(dirty(USED), "the used ring is marked");
+    assert!(!dirty(HDR), "the header is only read by the device");
+    assert!(!dirty(DATA), "nor is the source of the earlier write");
+
+    // A write: only the status byte and the used ring change in guest memory.
+    clear();
+    d.header(HDR, VIRTIO_BLK_T_OUT, 64);
+    d.add(&[(HDR, 16, false), (DATA, 4096, false), (st, 1, true)]);
+    d.kick();
+    d.wait_used(1);
+    assert!(!dirty(DATA) && dirty(st) && dirty(USED));
+
+    // A read through a bounce buffer (a buffer not 512-byte aligned), spanning two pages.
+    clear();
+    let odd = DATA + 0x20_0e03;
+    d.header(HDR, VIRTIO_BLK_T_IN, 0);
+    d.add(&[(HDR, 16, false), (odd, 4096, true), (st, 1, true)]);
+    d.kick();
+    d.wait_used(1);
+    assert_eq!(d.status(st), 0);
+    assert!(dirty(odd) && dirty(odd + 4095), "both pages of the bounce copy are marked");
+
+    // GET_ID writes the id through vm-memory.
+    clear();
+    d.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
+    d.add(&[(HDR, 16, false), (DATA + 0x40_0000, 20, true), (st, 1, true)]);
+    d.kick();
+    d.wait_used(1);
+    assert!(dirty(DATA + 0x40_0000));
+    drop(d);
+    f.dev.take().unwrap().stop().unwrap();
+}

@@ -474,7 +474,13 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
-            vring
+            // vblk patch: one lock for the whole update. The frontend also sends SET_VRING_ADDR
+            // to a running ring (QEMU does, to turn used-ring logging on when a live migration
+            // starts): with separate locks a worker could put a request on the used ring between
+            // the read of the used index below and the reset of next_used, and the next request
+            // would overwrite that used entry. The guest never sees the request complete.
+            let mut state = vring.get_mut();
+            state
                 .set_queue_info(desc_table, avail_ring, used_ring)
                 .map_err(|_| VhostUserError::InvalidParam)?;
 
@@ -488,10 +494,12 @@ where
             // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
             // _probably_ to make sure that the VQ is already configured. A better solution would
             // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
-                .queue_used_idx()
+            let mem = self.atomic_mem.memory();
+            let idx = state
+                .get_queue()
+                .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
                 .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
+            state.get_queue_mut().set_next_used(idx.0);
 
             Ok(())
         } else {
