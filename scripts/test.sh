@@ -4,7 +4,9 @@
 # including the QEMU guest tests (TCG where KVM is not usable; never skipped).
 #   VBLK_SOAK=1 scripts/test.sh   also runs the soak: the engine's model-based property test with
 #                                 20 000 cases (VBLK_SOAK_CASES) and the kill -9 crash test in a
-#                                 loop (VBLK_SOAK_ROUNDS, default 50); about an hour
+#                                 loop (VBLK_SOAK_ROUNDS, default 50), and live migrations of
+#                                 a guest that switch over while it reads (VBLK_SOAK_MIGRATIONS,
+#                                 default 20); about an hour
 #   VBLK_FUZZ=1 scripts/test.sh   also builds the fuzz targets and fuzzes each for $FUZZ_SECS s
 #                                 (fuzz/run-ci.sh, default 60; needs cargo-fuzz, see fuzz/README.md)
 #   VBLK_BENCH_SMOKE=1 scripts/test.sh  also runs one short repeat of the side-by-side macro
@@ -26,6 +28,10 @@ if [ "${VBLK_SOAK:-0}" = 1 ]; then
     VBLK_SOAK_CASES=${VBLK_SOAK_CASES:-20000} cargo test --release -p vblk-engine --test snap_model
     for i in $(seq "${VBLK_SOAK_ROUNDS:-50}"); do
         VBLK_KILL9_SEED=$i cargo test --release -p vblk-engine --test engine kill9 -- --test-threads=1
+    done
+    # Live migrations that switch over with the guest running and reading (README "Limits").
+    for i in $(seq "${VBLK_SOAK_MIGRATIONS:-20}"); do
+        VBLK_MIGRATE_LIVE=1 cargo test -p vblk-tests --test guest guest_live_migration
     done
 fi
 # One summary line for humans and CI: the totals of every test binary above.

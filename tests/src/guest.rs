@@ -748,21 +748,26 @@ pub struct Migration<'a> {
     /// Runs once the migration has copied all of guest memory once (the first pass) and goes
     /// on copying what changes, with the guest running.
     pub first_pass_done: Box<dyn FnOnce() + 'a>,
-    /// The guest prints this line when what it does during the migration is done: the source
-    /// is paused, the migration completes.
+    /// The guest prints this line when what it does during the migration is done: the
+    /// migration may converge now (the guest keeps running until QEMU pauses it for the last
+    /// pass).
     pub done: &'a str,
     /// Runs once the destination runs the guest.
     pub resumed: Box<dyn FnOnce() + 'a>,
+    /// Pause the guest (QMP `stop`) before letting the migration converge, and resume it on
+    /// the destination; otherwise the migration converges with the guest running.
+    pub pause_first: bool,
 }
 
 /// [`run_guest`] with a live migration in the middle. When the console shows `m.ready`, the
 /// running QEMU starts migrating the guest to a file; after the first pass, with a bandwidth
 /// and downtime limit too small to ever converge: the migration keeps copying dirtied pages
-/// while the guest runs, for as long as the test wants. After the first pass over guest memory, `m.first_pass_done` runs; when the
-/// console shows `m.done`, the source is paused, the migration completes and the source quits.
-/// A new QEMU with the same devices takes the guest up from the file (`-incoming`), connecting
-/// to the same vhost-user sockets, and is resumed; then `m.resumed` runs. The output is the
-/// first console followed by the second. Also returns the final `query-migrate` status.
+/// while the guest runs, for as long as the test wants. After the first pass over guest
+/// memory, `m.first_pass_done` runs; when the console shows `m.done`, the limits are raised and
+/// the migration converges (QEMU pauses the guest for the last pass) and the source quits. A
+/// new QEMU with the same devices takes the guest up from the file (`-incoming`), connecting
+/// to the same vhost-user sockets, and runs it; then `m.resumed` runs. The output is the first
+/// console followed by the second. Also returns the final `query-migrate` status.
 pub fn run_guest_migrating(run: &GuestRun, m: Migration<'_>) -> Result<(GuestOutput, serde_json::Value)> {
     validate(run)?;
     let art = guest_artifacts()?;
@@ -834,7 +839,10 @@ pub fn run_guest_migrating(run: &GuestRun, m: Migration<'_>) -> Result<(GuestOut
     if status_of(&st) != "active" {
         bail!("{}", context(&format!("the migration ended while the guest ran: {st}"), &a));
     }
-    q.execute("stop", serde_json::json!({}))?;
+    if m.pause_first {
+        q.execute("stop", serde_json::json!({}))?;
+    }
+    // Converge now (with the guest running, QEMU stops it for the last pass itself).
     q.execute("migrate-set-parameters", serde_json::json!({ "max-bandwidth": m.bandwidth, "downtime-limit": 300 }))?;
     let status = loop {
         let st = q.execute("query-migrate", serde_json::json!({}))?;
@@ -862,16 +870,18 @@ pub fn run_guest_migrating(run: &GuestRun, m: Migration<'_>) -> Result<(GuestOut
             bail!("{}", context("the destination QEMU ended before the guest ran", &b));
         }
         let st = q.execute("query-status", serde_json::json!({}))?;
-        // The source was paused: so is the destination once it has loaded the state.
-        if status_of(&st) == "paused" {
+        if status_of(&st) == "running" {
             break;
+        }
+        // A source paused before the migration ended leaves the destination paused.
+        if status_of(&st) == "paused" {
+            q.execute("cont", serde_json::json!({}))?;
         }
         if Instant::now() >= deadline {
             bail!("{}", context(&format!("the destination did not load the state: {st}"), &b));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    q.execute("cont", serde_json::json!({}))?;
     drop(q);
     (m.resumed)();
     let (status_b, console_b, stderr_b) = b.finish(deadline)?;
