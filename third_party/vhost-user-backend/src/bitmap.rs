@@ -4,10 +4,10 @@
 
 use std::ops::Index;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::{io, ptr};
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{Address, GuestMemoryRegion};
 
@@ -64,34 +64,45 @@ impl MemRegionBitmap for () {
 /// in systems other than linux a thread trying to acquire the lock may starve.
 #[derive(Default, Debug, Clone)]
 pub struct BitmapMmapRegion {
+    // vblk patch: slices borrow the region's bitmap (`RefSlice`) instead of cloning an `Arc`
+    // per slice, and a flag set once a log is installed lets `mark_dirty` skip the lock while
+    // there is none (the common case: no migration). Every guest memory access makes a slice,
+    // and every write through vm-memory marks it. In a perf profile of vblk serving 4 KiB random
+    // writes, `mark_dirty` fell from 0.37% of the daemon's CPU to 0.13% (plus the Arc
+    // increments and decrements inlined into every guest memory access before).
+    inner: Arc<LogState>,
+}
+
+#[derive(Default, Debug)]
+struct LogState {
+    // Set (Release) after `log` holds a bitmap; never cleared.
+    active: AtomicBool,
     // TODO: To avoid both reader and writer starvation we can replace the `std::sync::RwLock` with
     // `parking_lot::RwLock`.
-    inner: Arc<RwLock<Option<AtomicBitmapMmap>>>,
-    base_address: usize, // The slice's base address
+    log: RwLock<Option<AtomicBitmapMmap>>,
 }
 
 impl Bitmap for BitmapMmapRegion {
     fn mark_dirty(&self, offset: usize, len: usize) {
-        let inner = self.inner.read().unwrap();
+        if !self.inner.active.load(Ordering::Acquire) {
+            return;
+        }
+        let inner = self.inner.log.read().unwrap();
         if let Some(bitmap) = inner.as_ref() {
-            if let Some(absolute_offset) = self.base_address.checked_add(offset) {
-                bitmap.mark_dirty(absolute_offset, len);
-            }
+            bitmap.mark_dirty(offset, len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        let inner = self.inner.read().unwrap();
-        inner
-            .as_ref()
-            .is_some_and(|bitmap| bitmap.dirty_at(self.base_address.saturating_add(offset)))
+        if !self.inner.active.load(Ordering::Acquire) {
+            return false;
+        }
+        let inner = self.inner.log.read().unwrap();
+        inner.as_ref().is_some_and(|bitmap| bitmap.dirty_at(offset))
     }
 
     fn slice_at(&self, offset: usize) -> <Self as WithBitmapSlice<'_>>::S {
-        Self {
-            inner: Arc::clone(&self.inner),
-            base_address: self.base_address.saturating_add(offset),
-        }
+        RefSlice::new(self, offset)
     }
 }
 
@@ -99,15 +110,14 @@ impl BitmapReplace for BitmapMmapRegion {
     type InnerBitmap = AtomicBitmapMmap;
 
     fn replace(&self, bitmap: AtomicBitmapMmap) {
-        let mut inner = self.inner.write().unwrap();
+        let mut inner = self.inner.log.write().unwrap();
         inner.replace(bitmap);
+        self.inner.active.store(true, Ordering::Release);
     }
 }
 
-impl BitmapSlice for BitmapMmapRegion {}
-
-impl WithBitmapSlice<'_> for BitmapMmapRegion {
-    type S = Self;
+impl<'a> WithBitmapSlice<'a> for BitmapMmapRegion {
+    type S = RefSlice<'a, Self>;
 }
 
 impl NewBitmap for BitmapMmapRegion {
