@@ -34,7 +34,6 @@ use crate::qos::{self, Admission, Dir, Io, LocalCounts, VolumeQos};
 use crate::request::{self, BlkOp, GuestSeg, ParsedRequest, RequestLimits, STATUS_IOERR, STATUS_OK};
 use crate::DeviceStats;
 
-/// Guest memory as vhost-user-backend maps it (no dirty-page bitmap: see the crate docs).
 /// Guest memory with a dirty-page log (vhost-user `LOG_SHMFD`): once the frontend has handed
 /// over a log (`SET_LOG_BASE`, live migration), every write through vm-memory (used ring, status
 /// bytes, copies out of bounce buffers) marks its pages; writes the device makes behind
@@ -1152,7 +1151,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let prev = self.acked_features.swap(features, Ordering::AcqRel);
+        // The frontend also sets features on a running device: QEMU toggles VHOST_F_LOG_ALL
+        // when a live migration starts and when it is cancelled. That is no renegotiation: the
+        // cache mode the guest chose (CONFIG_WCE) stays. 0 = the first negotiation of this
+        // connection or since a reset.
+        let log_all = 1u64 << config::VHOST_F_LOG_ALL;
+        if prev != 0 && prev & !log_all == features & !log_all {
+            tracing::debug!(volume = %self.dev.name, log_all = features & log_all != 0, "dirty-page logging switched");
+            return;
+        }
         // Without CONFIG_WCE the cache mode follows FLUSH (virtio 1.2 §5.2.5.2).
         let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.writeback.store(writeback, Ordering::Relaxed);

@@ -13,11 +13,16 @@
 //! with a timerfd per queue), `backend` (the vhost-user backend) and `device` (socket,
 //! connection loop, [`Device`]).
 //!
-//! Known gaps: no VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (vhost-user-backend 0.24 does not
-//! support it), so requests in flight when the backend process dies are lost to the guest; no
-//! dirty-page logging (VHOST_F_LOG_ALL) for live migration. A volume that grows while attached
-//! is announced with VHOST_USER_BACKEND_CONFIG_CHANGE_MSG when the frontend negotiated
-//! BACKEND_REQ (QEMU does), through the patched vhost in `third_party/`.
+//! Requests in flight when the daemon dies are run again by the next one
+//! (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, [`inflight`]); live migration is supported with a
+//! dirty-page log in shared memory (VHOST_F_LOG_ALL + LOG_SHMFD: the device marks every guest
+//! page it writes). A volume that grows while attached is announced with
+//! VHOST_USER_BACKEND_CONFIG_CHANGE_MSG when the frontend negotiated BACKEND_REQ (QEMU does).
+//! vhost and vhost-user-backend are patched copies in `third_party/` (see its README).
+//!
+//! Known gaps: a memory region added while a log is active (memory hot-plug during a
+//! migration, which QEMU refuses) is not logged; marking stays on after a cancelled migration
+//! (harmless).
 
 pub mod config;
 mod backend;

@@ -663,7 +663,14 @@ fn dirty_page_log_for_live_migration() {
     log.set_len(log_len).unwrap();
     d.fe.set_log_base(0, Some(VhostUserDirtyLogRegion { mmap_size: log_len, mmap_offset: 0, mmap_handle: log.as_raw_fd() }))
         .unwrap();
+    // The guest chose write-through; the frontend switching logging on (a migration starts)
+    // and off (cancelled) must not change that.
+    d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
     d.fe.set_features(features | VHOST_F_LOG_ALL).unwrap();
+    assert_eq!(d.config()[32], 0, "still write-through after LOG_ALL was switched on");
+    d.fe.set_features(features & !VHOST_F_LOG_ALL).unwrap();
+    d.fe.set_features(features | VHOST_F_LOG_ALL).unwrap();
+    assert_eq!(d.config()[32], 0, "still write-through after LOG_ALL was switched off and on");
     let dirty = |addr: u64| -> bool {
         use std::os::unix::fs::FileExt;
         let page = addr / 4096;
