@@ -563,36 +563,20 @@ pub fn run_guest_with_hook(run: &GuestRun, mut hook: Option<(&str, Box<dyn FnOnc
     let argv = qemu_args(run, &art);
     let echo = std::env::var("VBLK_GUEST_VERBOSE").is_ok_and(|v| !v.is_empty() && v != "0");
     let start = Instant::now();
-    let mut child = KillOnDrop(
-        Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {} (apt-get install qemu-system-x86)", argv[0]))?,
-    );
-    let console = Arc::new(Mutex::new(Vec::new()));
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let readers = [
-        pump(child.0.stdout.take().expect("stdout is piped"), console.clone(), echo),
-        pump(child.0.stderr.take().expect("stderr is piped"), stderr.clone(), echo),
-    ];
-    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-
+    let mut qemu = Running::spawn(&argv, echo)?;
     let status: ExitStatus = loop {
-        if let Some(st) = child.0.try_wait().context("waiting for qemu")? {
+        if let Some(st) = qemu.exited()? {
             break st;
         }
-        if hook.as_ref().is_some_and(|(m, _)| text(&console).lines().any(|l| l.trim_end() == *m)) {
+        if hook.as_ref().is_some_and(|(m, _)| qemu.console().lines().any(|l| l.trim_end() == *m)) {
             if let Some((_, f)) = hook.take() {
                 f();
             }
         }
         if start.elapsed() >= run.timeout {
-            let _ = child.0.kill();
-            let _ = child.0.wait();
-            for r in readers {
+            let _ = qemu.child.0.kill();
+            let _ = qemu.child.0.wait();
+            for r in qemu.readers.drain(..) {
                 let _ = r.join();
             }
             bail!(
@@ -600,19 +584,19 @@ pub fn run_guest_with_hook(run: &GuestRun, mut hook: Option<(&str, Box<dyn FnOnc
                 run.scenario,
                 run.timeout,
                 shell_words(&argv),
-                text(&stderr).trim_end(),
-                tail_lines(&text(&console), 40)
+                qemu.stderr().trim_end(),
+                tail_lines(&qemu.console(), 40)
             );
         }
         std::thread::sleep(Duration::from_millis(25));
     };
-    for r in readers {
+    for r in qemu.readers.drain(..) {
         let _ = r.join();
     }
     let elapsed = start.elapsed();
-    let mut out = GuestOutput::parse(&text(&console), &run.scenario);
+    let mut out = GuestOutput::parse(&qemu.console(), &run.scenario);
     out.elapsed = elapsed;
-    out.qemu_stderr = text(&stderr);
+    out.qemu_stderr = qemu.stderr();
     if out.result.is_none() {
         bail!(
             "guest scenario {} printed no VBLK-RESULT (qemu {status} after {elapsed:.1?})\ncommand: {}\n--- qemu stderr ---\n{}\n--- console tail ---\n{}",
