@@ -201,7 +201,7 @@ fn guest_live_migration_keeps_what_the_device_wrote() {
         resumed: Box::new(grow("80M")),
         // VBLK_MIGRATE_LIVE=1 (the soak, scripts/test.sh): the migration converges with the
         // guest running and reading, so that QEMU stops it with requests in flight. One run in
-        // 24 of that ended in a guest kernel crash (slab corruption) after the migration,
+        // 36 of that ended in a guest kernel crash (slab corruption) after the migration,
         // cause not found yet (README "Limits worth knowing"); pausing first, 17 of 17 passed.
         pause_first: !std::env::var("VBLK_MIGRATE_LIVE").is_ok_and(|v| v == "1"),
     };
