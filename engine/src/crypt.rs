@@ -173,6 +173,16 @@ impl Nonces {
 }
 
 impl crate::pool::Shared {
+    /// The pool's current master key; `None` if it was opened without one (locked).
+    fn master_key(&self) -> Option<Key> {
+        crate::pool::lock(&self.master).clone()
+    }
+
+    /// The master key, for an operation that cannot do without it.
+    fn need_master_key(&self) -> Result<Key> {
+        self.master_key().ok_or_else(no_master_key)
+    }
+
     /// At open: check the master key, load the nonce counter and give every encrypted volume
     /// its family's cipher.
     pub(crate) fn load_keys(&self) -> Result<()> {
@@ -180,12 +190,11 @@ impl crate::pool::Shared {
             let r = NonceRecord::decode(&v)?;
             let _ = self.nonces.set(Nonces::new(r));
         }
-        let Some(master) = crate::pool::lock(&self.master).clone() else { return Ok(()) };
-        let master = &master;
+        let Some(master) = self.master_key() else { return Ok(()) };
         let check = key_key(0);
         if let Some(v) = self.db.get_pinned(&check).map_err(Error::meta("get key record"))? {
             let r = KeyRecord::decode(&check, &v)?;
-            if unwrap(master, &self.sb.uuid, 0, &r).is_none() {
+            if unwrap(&master, &self.sb.uuid, 0, &r).is_none() {
                 return Err(Error::WrongKey);
             }
         }
@@ -232,23 +241,21 @@ impl crate::pool::Shared {
 
     /// Unwrap volume `id`'s key record.
     pub(crate) fn volume_cipher(&self, id: u64) -> Result<Arc<VolCrypt>> {
-        let Some(master) = crate::pool::lock(&self.master).clone() else { return Err(Error::Crypto("the pool is locked (no master key)".into())) };
-        let master = &master;
+        let Some(master) = self.master_key() else { return Err(Error::Crypto("the pool is locked (no master key)".into())) };
         let k = key_key(id);
         let v = self.db.get_pinned(&k).map_err(Error::meta("get key record"))?.ok_or_else(|| Error::Corrupt {
             location: crate::error::Location::Record(k.clone()),
             what: format!("encrypted volume {id} has no key record"),
         })?;
         let r = KeyRecord::decode(&k, &v)?;
-        let dek = unwrap(master, &self.sb.uuid, id, &r).ok_or(Error::WrongKey)?;
+        let dek = unwrap(&master, &self.sb.uuid, id, &r).ok_or(Error::WrongKey)?;
         Ok(Arc::new(VolCrypt::new(r.family, &dek)?.with_key(dek)))
     }
 
     /// Before the first encrypted volume: set `incompat::ENCRYPTION` in the superblock
     /// (synced), and add the master-key check and the nonce record to `b` if missing.
     pub(crate) fn prepare_encryption(&self, b: &mut WriteBatch) -> Result<Option<NonceRecord>> {
-        let Some(master) = crate::pool::lock(&self.master).clone() else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
-        let master = &master;
+        let master = self.need_master_key()?;
         if !self.encryption_on.load(Ordering::Acquire) {
             let mut sb = self.sb.clone();
             sb.incompat |= incompat::ENCRYPTION;
@@ -271,7 +278,7 @@ impl crate::pool::Shared {
                     what: "the master-key check record is missing while volume keys exist".into(),
                 });
             }
-            b.put(&check, wrap(master, &self.sb.uuid, 0, 0, &Key([0; KEY_LEN]))?.encode(0));
+            b.put(&check, wrap(&master, &self.sb.uuid, 0, 0, &Key([0; KEY_LEN]))?.encode(0));
         }
         if self.nonces.get().is_none() {
             if has_keys {
@@ -296,10 +303,12 @@ impl crate::pool::Shared {
 
     /// A key record for volume `id` of `family` holding `dek`.
     pub(crate) fn wrap_for(&self, id: u64, family: u64, dek: &Key) -> Result<Vec<u8>> {
-        let Some(master) = crate::pool::lock(&self.master).clone() else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
-        let master = &master;
-        Ok(wrap(master, &self.sb.uuid, id, family, dek)?.encode(id))
+        Ok(wrap(&self.need_master_key()?, &self.sb.uuid, id, family, dek)?.encode(id))
     }
+}
+
+fn no_master_key() -> Error {
+    Error::Crypto("the pool was opened without a master key".into())
 }
 
 impl crate::pool::Pool {
@@ -309,8 +318,7 @@ impl crate::pool::Pool {
     pub fn rotate_master_key(&self, new: &Key) -> Result<u64> {
         let sh = &self.shared;
         let mut held = crate::pool::lock(&sh.master);
-        let Some(master) = held.clone() else { return Err(Error::Crypto("the pool was opened without a master key".into())) };
-        let master = &master;
+        let master = held.clone().ok_or_else(no_master_key)?;
         let _c = self.control();
         let mut b = WriteBatch::default();
         let mut n = 0;
@@ -318,7 +326,7 @@ impl crate::pool::Pool {
             let (k, v) = item.map_err(Error::meta("scan key records"))?;
             let Some(id) = parse_key_key(&k) else { break };
             let r = KeyRecord::decode(&k, &v)?;
-            let dek = unwrap(master, &sh.sb.uuid, id, &r).ok_or(Error::WrongKey)?;
+            let dek = unwrap(&master, &sh.sb.uuid, id, &r).ok_or(Error::WrongKey)?;
             b.put(&k, wrap(new, &sh.sb.uuid, id, r.family, &dek)?.encode(id));
             n += 1;
         }

@@ -537,7 +537,10 @@ impl Shared {
     }
 
     pub(crate) fn release_blocks(&self, blocks: Vec<u64>) {
-        if !blocks.is_empty() && self.encryption_on.load(Ordering::Acquire) {
+        if blocks.is_empty() {
+            return;
+        }
+        if self.encryption_on.load(Ordering::Acquire) {
             // A block's seal from this life must not be found for its next one: the next
             // life's seal reaches RocksDB (with its mapping) before it reaches the cache, and a
             // reader can find the mapping in between (FORMAT.md §11.4).
@@ -548,11 +551,9 @@ impl Shared {
                 }
             }
         }
-        if !blocks.is_empty() {
-            let mut a = lock(&self.alloc);
-            for b in blocks {
-                a.release(b);
-            }
+        let mut a = lock(&self.alloc);
+        for b in blocks {
+            a.release(b);
         }
     }
 
