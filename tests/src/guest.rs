@@ -681,10 +681,7 @@ impl Qmp {
         let stream = loop {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if t0.elapsed() < within => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                Err(_) if t0.elapsed() < within => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => return Err(e).with_context(|| format!("connecting to QMP at {}", path.display())),
             }
         };

@@ -12,6 +12,18 @@ fn used_bytes(d: &Daemon) -> u64 {
     d.json(&["pool", "status"]).unwrap()["used_bytes"].as_u64().unwrap()
 }
 
+/// A new pool of `pool_size` in a temporary directory, a daemon on it, and a volume `vol` of
+/// `size` attached on `<dir>/vda.sock`.
+fn attached_volume(pool_size: &str, vol: &str, size: &str) -> (tempfile::TempDir, Daemon, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Daemon::create_pool(dir.path(), pool_size).unwrap();
+    let sock = dir.path().join("vda.sock");
+    let d = Daemon::start(dir.path(), &pool, &[]).unwrap();
+    d.cli(&["vol", "create", vol, size]).unwrap();
+    d.cli(&["attach", vol, "--socket", sock.to_str().unwrap()]).unwrap();
+    (dir, d, sock)
+}
+
 /// Wait for background commits to settle the pool's used bytes to `want`.
 fn wait_used(d: &Daemon, want: impl Fn(u64) -> bool) -> u64 {
     let t0 = Instant::now();
@@ -65,12 +77,7 @@ fn guest_pattern_survives_daemon_kill9_and_discard_frees_space() {
 
 #[test]
 fn guest_mkfs_ext4_files_and_fsck_clean() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Daemon::create_pool(dir.path(), "512M").unwrap();
-    let sock = dir.path().join("vda.sock");
-    let d = Daemon::start(dir.path(), &pool, &[]).unwrap();
-    d.cli(&["vol", "create", "fsdisk", "2G"]).unwrap();
-    d.cli(&["attach", "fsdisk", "--socket", sock.to_str().unwrap()]).unwrap();
+    let (_dir, d, sock) = attached_volume("512M", "fsdisk", "2G");
     run_guest_pass(&GuestRun::new("mkfs-fsck", vec![DiskSpec::new(&sock)])).unwrap();
     let check = d.json(&["check"]).unwrap();
     assert_eq!(check["clean"], serde_json::Value::Bool(true), "{check}");
@@ -113,13 +120,9 @@ fn guest_sees_virtio_blk_features() {
 #[test]
 fn guest_survives_daemon_restart_with_reconnect() {
     use vblk_tests::guest::run_guest_with_hook;
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Daemon::create_pool(dir.path(), "256M").unwrap();
-    let sock = dir.path().join("vda.sock");
+    let (dir, mut d, sock) = attached_volume("256M", "rc", "64M");
+    let pool = d.pool.clone();
     let attach = format!("--attach=rc:{}", sock.display());
-    let mut d = Daemon::start(dir.path(), &pool, &[]).unwrap();
-    d.cli(&["vol", "create", "rc", "64M"]).unwrap();
-    d.cli(&["attach", "rc", "--socket", sock.to_str().unwrap()]).unwrap();
     let mut disk = DiskSpec::new(&sock);
     disk.reconnect = true;
     let d2 = std::cell::RefCell::new(None);
@@ -142,12 +145,7 @@ fn guest_survives_daemon_restart_with_reconnect() {
 #[test]
 fn guest_sees_volume_grown_online() {
     use vblk_tests::guest::run_guest_with_hook;
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Daemon::create_pool(dir.path(), "256M").unwrap();
-    let sock = dir.path().join("vda.sock");
-    let d = Daemon::start(dir.path(), &pool, &[]).unwrap();
-    d.cli(&["vol", "create", "g", "64M"]).unwrap();
-    d.cli(&["attach", "g", "--socket", sock.to_str().unwrap()]).unwrap();
+    let (dir, d, sock) = attached_volume("256M", "g", "64M");
     let grow = || {
         d.cli(&["vol", "resize", "g", "96M"]).unwrap();
     };
@@ -172,12 +170,7 @@ fn guest_sees_volume_grown_online() {
 #[test]
 fn guest_live_migration_keeps_what_the_device_wrote() {
     use vblk_tests::guest::{run_guest_migrating, Migration};
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Daemon::create_pool(dir.path(), "256M").unwrap();
-    let sock = dir.path().join("vda.sock");
-    let d = Daemon::start(dir.path(), &pool, &[]).unwrap();
-    d.cli(&["vol", "create", "mig", "64M"]).unwrap();
-    d.cli(&["attach", "mig", "--socket", sock.to_str().unwrap()]).unwrap();
+    let (dir, d, sock) = attached_volume("256M", "mig", "64M");
     let mut disk = DiskSpec::new(&sock);
     // The new QEMU connects when the old one has gone (one frontend per socket at a time).
     disk.reconnect = true;
