@@ -58,14 +58,20 @@ fn fixture_with(queue_size: u16) -> Fixture {
     Fixture { _dir: dir, _pool: pool, dev: Some(dev), socket }
 }
 
-/// Guest memory shared with the backend through a memfd.
-fn guest_memory() -> Mem {
+/// A memfd of `len` bytes (shared memory to hand to the backend).
+fn memfd(name: &std::ffi::CStr, len: u64) -> File {
     // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vblk-test".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: fd is a fresh descriptor we own.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
+    file.set_len(len).unwrap();
+    file
+}
+
+/// Guest memory shared with the backend through a memfd.
+fn guest_memory() -> Mem {
+    let file = memfd(c"vblk-test", MEM_SIZE as u64);
     GuestMemoryMmap::from_ranges_with_files(&[(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)))]).unwrap()
 }
 
@@ -637,7 +643,7 @@ fn inflight_area_resubmits_what_an_earlier_backend_left_in_flight() {
 #[test]
 fn dirty_page_log_for_live_migration() {
     use vhost::VhostUserDirtyLogRegion;
-    const VHOST_F_LOG_ALL: u64 = 1 << 26;
+    const VHOST_F_LOG_ALL: u64 = 1 << vblk_vhost::config::VHOST_F_LOG_ALL;
     let mut f = fixture();
     let mut d = Driver::connect(&f);
     let features = d.fe.get_features().unwrap();
@@ -655,12 +661,7 @@ fn dirty_page_log_for_live_migration() {
 
     // The log: one bit per 4 KiB page of guest memory, in a memfd shared with the backend.
     let log_len = (MEM_SIZE / 4096 / 8) as u64;
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vblk-test-log".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd is a fresh descriptor we own.
-    let log = unsafe { File::from_raw_fd(fd) };
-    log.set_len(log_len).unwrap();
+    let log = memfd(c"vblk-test-log", log_len);
     d.fe.set_log_base(0, Some(VhostUserDirtyLogRegion { mmap_size: log_len, mmap_offset: 0, mmap_handle: log.as_raw_fd() }))
         .unwrap();
     // The guest chose write-through; the frontend switching logging on (a migration starts)
