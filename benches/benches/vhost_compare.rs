@@ -28,7 +28,9 @@
 //! VBLK_BENCH_GIB working set (2; fractions allowed), VBLK_BENCH_FRESH_GIB size of the fresh
 //! volume / qcow2 for allocating writes (2 x the working set; a cell ends early when it has written
 //! every block), VBLK_BENCH_PREALLOC pool --preallocate (full), VBLK_BENCH_CACHE vblk --cache
-//! (64M), VBLK_BENCH_WORKLOADS (comma-separated row keys, e.g. aw4k-qd32,cw4k-qd32), VBLK_BENCH_PERF=DIR
+//! (64M), VBLK_BENCH_WORKLOADS (comma-separated row keys, e.g. aw4k-qd32,cw4k-qd32), VBLK_BENCH_SERVERS
+//! (comma-separated row letters, e.g. b,e,e2), VBLK_BENCH_ALT_BIN (a second vblk binary, row (e2):
+//! (e) served by it, for an A/B comparison of two builds in one interleaved run), VBLK_BENCH_PERF=DIR
 //! (`perf record -g` of every server cell into DIR; VBLK_BENCH_PERF_ARGS replaces `-g`, e.g.
 //! `--call-graph dwarf,16384 -F 2000` for Rust frames without frame pointers), VBLK_BENCH_SMOKE=1 (1 s cells, 1 repeat, 256 MiB; results to target/ instead of
 //! benches/results/), VBLK_BIN (use this vblk binary instead of building target/release/vblk).
@@ -68,6 +70,9 @@ enum Server {
     VblkPinned,
     /// An encrypted copy of (e).
     VblkEncrypted,
+    /// (e) served by another vblk binary (`VBLK_BENCH_ALT_BIN`): an A/B comparison of two
+    /// builds in one interleaved run.
+    VblkAlt,
 }
 
 /// The QoS limit of row (i), requests per second.
@@ -89,6 +94,7 @@ impl Server {
             Server::VblkOneThread => "(j) vblk, (e) with --threads 1",
             Server::VblkPinned => "(k) vblk, (e) with --pin-memory",
             Server::VblkEncrypted => "(l) vblk, encrypted volume (written)",
+            Server::VblkAlt => "(e2) vblk, (e) run by VBLK_BENCH_ALT_BIN",
         }
     }
 }
@@ -219,6 +225,8 @@ struct Bench {
     dur: Duration,
     aio: String,
     cache: String,
+    /// VBLK_BENCH_ALT_BIN: the binary of row (e2).
+    alt_bin: Option<PathBuf>,
 }
 
 /// Removes a file when dropped.
@@ -273,9 +281,12 @@ impl Bench {
                 d.stop()?;
                 Ok(c)
             }
-            Server::Vblk => {
+            Server::Vblk | Server::VblkAlt => {
                 let attach = format!("--attach=full:{}:{EXPORT_QUEUES}", sock.display());
-                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[attach])?;
+                let mut d = match (server, &self.alt_bin) {
+                    (Server::VblkAlt, Some(bin)) => VblkDaemon::start_bin(bin, &self.dir, &self.pool, &self.cache, &[attach])?,
+                    _ => VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[attach])?,
+                };
                 vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
                 let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
                 d.stop()?;
@@ -499,6 +510,7 @@ fn real_main() -> Result<()> {
     let fresh_size = ((fresh_gib * GIB as f64) as u64 / MIB).max(16) * MIB;
     let prealloc: String = env_or("VBLK_BENCH_PREALLOC", "full".to_string());
     let cache: String = env_or("VBLK_BENCH_CACHE", "64M".to_string());
+    let alt_bin: Option<PathBuf> = std::env::var_os("VBLK_BENCH_ALT_BIN").map(PathBuf::from);
     let base_dir = bench_dir();
     let t_start = Instant::now();
 
@@ -585,8 +597,24 @@ fn real_main() -> Result<()> {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
 
-    let bench = Bench { dir: dir.clone(), raw, qcow2, pool, span, fresh_size, dur: Duration::from_secs(secs), aio, cache: cache.clone() };
+    let bench = Bench { dir: dir.clone(), raw, qcow2, pool, span, fresh_size, dur: Duration::from_secs(secs), aio, cache: cache.clone(), alt_bin };
     let mut wls = workloads(bench.qcow2.is_some());
+    // VBLK_BENCH_ALT_BIN: row (e2) wherever (e) runs.
+    if bench.alt_bin.is_some() {
+        for w in &mut wls {
+            if let Some(i) = w.servers.iter().position(|&s| s == Server::Vblk) {
+                w.servers.insert(i + 1, Server::VblkAlt);
+            }
+        }
+    }
+    // VBLK_BENCH_SERVERS=b,e,e2 runs only those servers (by the letter of their row).
+    if let Ok(only) = std::env::var("VBLK_BENCH_SERVERS") {
+        let keys: Vec<String> = only.split(',').map(|k| format!("({})", k.trim())).collect();
+        for w in &mut wls {
+            w.servers.retain(|s| keys.iter().any(|k| s.label().starts_with(k.as_str())));
+        }
+        wls.retain(|w| !w.servers.is_empty());
+    }
     // VBLK_BENCH_WORKLOADS=aw4k-qd32,cw4k-qd32 runs only those rows (for profiling).
     if let Ok(only) = std::env::var("VBLK_BENCH_WORKLOADS") {
         let keys: Vec<&str> = only.split(',').collect();

@@ -341,10 +341,16 @@ impl VblkDaemon {
     /// `vblk daemon --pool POOL --socket DIR/api.sock --cache CACHE EXTRA...`; waits until the
     /// API answers.
     pub fn start(dir: &Path, pool: &Path, cache: &str, extra: &[String]) -> Result<VblkDaemon> {
+        Self::start_bin(&vblk_tests::vblk_bin()?, dir, pool, cache, extra)
+    }
+
+    /// [`start`](Self::start) with the daemon run by `bin` (the CLI calls still use
+    /// [`vblk_tests::vblk_bin`]).
+    pub fn start_bin(bin: &Path, dir: &Path, pool: &Path, cache: &str, extra: &[String]) -> Result<VblkDaemon> {
         let api = dir.join("api.sock");
         let log = dir.join("vblk-daemon.log");
         let _ = std::fs::remove_file(&api);
-        let mut cmd = Command::new(vblk_tests::vblk_bin()?);
+        let mut cmd = Command::new(bin);
         cmd.arg("daemon").arg("--pool").arg(pool).arg("--socket").arg(&api).args(["--cache", cache]).args(extra);
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let mut child = spawn_guarded(cmd, &log)?;

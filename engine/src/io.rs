@@ -418,6 +418,14 @@ impl Queue {
         self.dispatch(req);
     }
 
+    /// A request at byte `offset` is coming: start loading the map-cache entry of its first
+    /// block now. A caller that parses several requests before it submits them (one pass over
+    /// a virtqueue) overlaps the memory latency of one lookup with the work on the others;
+    /// on a large volume that lookup is usually a miss in the CPU cache.
+    pub fn prefetch(&self, offset: u64) {
+        self.vol.lock_pending().cache.prefetch(offset / BLOCK_SIZE);
+    }
+
     /// Collect the SQEs of the following submits and hand them to the kernel in batches (a
     /// caller taking many requests at once, e.g. one pass over a virtqueue). Must be followed by
     /// [`unplug`](Self::unplug), which submits the rest.

@@ -192,6 +192,12 @@ impl MapCache {
         self.shards[s].get(k)
     }
 
+    /// See [`LbaTable::prefetch`].
+    pub fn prefetch(&self, lba: u64) {
+        let (s, k) = Self::split(lba);
+        self.shards[s].prefetch(k)
+    }
+
     pub fn get_mut(&mut self, lba: &u64) -> Option<&mut CVal> {
         let (s, k) = Self::split(*lba);
         self.shards[s].get_mut(k)

@@ -591,12 +591,19 @@ impl BlkBackend {
                 let parsed = request::parse_descriptors(&*mem, head, descs, &limits);
                 added |= self.start(q, &mut vr, &mem, parsed);
             }
+            // One parsed request is held back while the next one is parsed: its map-cache
+            // entry is prefetched first, so the lookup's memory latency overlaps with this
+            // one's submission instead of stalling the thread (see `Queue::prefetch`).
+            let mut held: Option<request::ParsedRequest> = None;
             loop {
-                if q.inflight >= q.limit {
+                if q.inflight + usize::from(held.is_some()) >= q.limit {
                     q.throttled = true;
                     break;
                 }
                 let Some(chain) = vr.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                    if let Some(p) = held.take() {
+                        added |= self.start(q, &mut vr, &mem, p);
+                    }
                     // With a map older than the ring's memory the avail index is unreadable;
                     // enable_notification (on the current map) would then see chains and come
                     // back here forever. Retry once with the current map.
@@ -611,8 +618,13 @@ impl BlkBackend {
                 // between the load and the pop. A chain seen in the ring was published after
                 // every region it may use, so a map loaded now has them all. If the map changed,
                 // step back over the chain and take it again with the new map (a chain parsed
-                // with the old one would fail with "guest memory not mapped").
-                if self.refresh_mem(&mut mem) {
+                // with the old one would fail with "guest memory not mapped"). A held request
+                // was parsed with the old map and starts with it.
+                if !self.mem_current(&mem) {
+                    if let Some(p) = held.take() {
+                        added |= self.start(q, &mut vr, &mem, p);
+                    }
+                    self.refresh_mem(&mut mem);
                     self.pin(q, &mem);
                     drop(chain);
                     let queue = vr.get_queue_mut();
@@ -620,7 +632,8 @@ impl BlkBackend {
                     continue;
                 }
                 let parsed = request::parse_request(chain, &limits);
-                if let Some(io) = qos_io(&parsed) {
+                let io = qos_io(&parsed);
+                if let Some(io) = io {
                     if let Some(Admission::Wait(d)) = qos.map(|qos| qos.admit(q.qos_id, io)) {
                         // Leave the chain in the ring: step back over it (it was the last one
                         // popped, and nothing was written for it), and stop taking chains.
@@ -631,7 +644,15 @@ impl BlkBackend {
                     }
                     q.qos_counts.add(io);
                 }
-                added |= self.start(q, &mut vr, &mem, parsed);
+                if let Ok(BlkOp::Read { offset, .. } | BlkOp::Write { offset, .. }) = &parsed.op {
+                    q.engine.0.prefetch(*offset);
+                }
+                if let Some(p) = held.replace(parsed) {
+                    added |= self.start(q, &mut vr, &mem, p);
+                }
+            }
+            if let Some(p) = held.take() {
+                added |= self.start(q, &mut vr, &mem, p);
             }
             q.engine.0.unplug();
             if q.throttled || qos_wait.is_some() {
@@ -735,6 +756,11 @@ impl BlkBackend {
 
     /// Replace `mem` with the current guest memory map if the frontend changed it since `mem`
     /// was loaded; returns whether it did.
+    /// Whether `mem` is the current memory map.
+    fn mem_current(&self, mem: &MemGuard) -> bool {
+        std::ptr::eq::<GuestMem>(&*self.mem.memory(), &**mem)
+    }
+
     fn refresh_mem(&self, mem: &mut MemGuard) -> bool {
         let now = self.mem.memory();
         if std::ptr::eq::<GuestMem>(&*now, &**mem) {
