@@ -378,9 +378,9 @@ impl Bench {
             }
             None => None,
         };
-        let (s0, c0) = (proc_cpu_seconds(pid)?, process_cpu_seconds());
+        let (s0, c0, t0) = (proc_cpu_seconds(pid)?, process_cpu_seconds(), proc_threads_cpu(pid));
         let mut out = client.run(&spec)?;
-        let (s1, c1) = (proc_cpu_seconds(pid)?, process_cpu_seconds());
+        let (s1, c1, t1) = (proc_cpu_seconds(pid)?, process_cpu_seconds(), proc_threads_cpu(pid));
         if let Some(mut p) = perf {
             // SAFETY: kill(2) on our own child's pid; SIGINT makes perf write its file and exit.
             unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
@@ -390,7 +390,21 @@ impl Bench {
         let ops = out.ops.max(1) as f64;
         let iops = out.iops();
         let rate = if w.mibps() { iops * w.bs as f64 / MIB as f64 } else { iops };
-        let note = if out.exhausted { format!("wrote every block of the fresh device in {:.1} s", out.secs) } else { String::new() };
+        let mut notes = Vec::new();
+        if out.exhausted {
+            notes.push(format!("wrote every block of the fresh device in {:.1} s", out.secs));
+        }
+        // Where the server's CPU went, by thread name (µs per I/O, threads with at least 0.1).
+        let threads: Vec<String> = t1
+            .iter()
+            .map(|(n, c)| (n, (c - t0.iter().find(|(m, _)| m == n).map_or(0.0, |x| x.1)) * 1e6 / ops))
+            .filter(|(_, us)| *us >= 0.1)
+            .map(|(n, us)| format!("{n} {us:.1}"))
+            .collect();
+        if !threads.is_empty() {
+            notes.push(format!("threads µs/IO: {}", threads.join(", ")));
+        }
+        let note = notes.join("; ");
         Ok(Cell {
             rate,
             iops,

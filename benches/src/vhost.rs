@@ -165,6 +165,23 @@ pub fn proc_cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(14)? + ticks(15)?) as f64 / clk_tck())
 }
 
+/// CPU seconds (user + system) of each thread of process `pid` so far, summed by thread name
+/// (`comm`; RocksDB's and the daemon's threads are named), sorted by name. Threads that ended
+/// are not counted.
+pub fn proc_threads_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut by: std::collections::BTreeMap<String, f64> = Default::default();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    for t in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (Some(a), Some(b)) = (s.find('('), s.rfind(')')) else { continue };
+        let comm = s[a + 1..b].to_string();
+        let f: Vec<&str> = s[b + 1..].split_whitespace().collect();
+        let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        *by.entry(comm).or_default() += (ticks(14) + ticks(15)) as f64 / clk_tck();
+    }
+    by.into_iter().collect()
+}
+
 /// CPU time (user + system) of this process's children that have been waited for, in seconds.
 pub fn children_cpu_seconds() -> f64 {
     let mut ru = MaybeUninit::<libc::rusage>::zeroed();
