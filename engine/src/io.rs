@@ -140,6 +140,10 @@ pub struct Queue {
     ready: Vec<Completion>,
     scratch_r: Vec<ReadRes>,
     scratch_w: Vec<WBlock>,
+    /// `submit_rw`'s device I/Os and io_uring operations, kept between requests so that a
+    /// request does not allocate them.
+    scratch_parts: Vec<Part>,
+    scratch_ops: Vec<(bool, u64, bool)>,
     unsubmitted: u32,
     /// Between [`plug`](Self::plug) and [`unplug`](Self::unplug): SQEs are handed to the kernel
     /// in batches of [`PLUG_BATCH`], not one `io_uring_enter` per request.
@@ -295,6 +299,8 @@ impl Queue {
             ready: Vec::new(),
             scratch_r: Vec::new(),
             scratch_w: Vec::new(),
+            scratch_parts: Vec::new(),
+            scratch_ops: Vec::new(),
             unsubmitted: 0,
             plugged: false,
             edge: false,
@@ -590,7 +596,8 @@ impl Queue {
             let bs = (lba + i) * BLOCK_SIZE;
             (bs.max(start), (bs + BLOCK_SIZE).min(end))
         };
-        let mut parts: Vec<Part> = Vec::new();
+        let mut parts = std::mem::take(&mut self.scratch_parts);
+        parts.clear();
         let mut write_blocks = None;
         let push = |parts: &mut Vec<Part>, pba: u64, i: u64, padded: bool, src: u64| {
             let (s, e) = cover(i);
@@ -663,7 +670,8 @@ impl Queue {
             bounce_bytes: 0,
         };
         // One io_uring operation per entry: (write?, device offset, linked to the next).
-        let mut ops: Vec<(bool, u64, bool)> = Vec::with_capacity(parts.len());
+        let mut ops = std::mem::take(&mut self.scratch_ops);
+        ops.clear();
         for p in &parts {
             let mut v = Vec::new();
             if p.padded {
@@ -709,6 +717,8 @@ impl Queue {
             f.iovs.push(v);
         }
         self.start(f, &ops);
+        self.scratch_parts = parts;
+        self.scratch_ops = ops;
     }
 
     /// Read or write of an encrypted volume (FORMAT.md §11.4): whole blocks, through one
@@ -854,6 +864,17 @@ impl Queue {
                 }
                 (false, Some((v, i))) => {
                     opcode::ReadFixed::new(types::Fixed(0), v.iov_base as *mut u8, v.iov_len as u32, i).offset(off).build()
+                }
+                // A single buffer: the plain opcodes (no iovec array for the kernel to import).
+                (true, None) if cnt == 1 => {
+                    // SAFETY: ptr points to the one iovec of this part (cnt == 1), owned by the slot.
+                    let v = unsafe { *ptr };
+                    opcode::Write::new(types::Fixed(0), v.iov_base as *const u8, v.iov_len as u32).offset(off).build()
+                }
+                (false, None) if cnt == 1 => {
+                    // SAFETY: as above.
+                    let v = unsafe { *ptr };
+                    opcode::Read::new(types::Fixed(0), v.iov_base as *mut u8, v.iov_len as u32).offset(off).build()
                 }
                 (true, None) => opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build(),
                 (false, None) => opcode::Readv::new(types::Fixed(0), ptr, cnt).offset(off).build(),

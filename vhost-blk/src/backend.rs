@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use vblk_engine::{Completion, IoVec, ReqKind, Request, Volume};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -833,7 +834,8 @@ impl BlkBackend {
             }
         };
         let writethrough = !self.writeback.load(Ordering::Relaxed);
-        let mut reqs: Vec<Request> = Vec::new();
+        // One engine request, except for DISCARD / WRITE_ZEROES with several ranges.
+        let mut reqs: SmallVec<[Request; 1]> = SmallVec::new();
         match op {
             BlkOp::Read { offset, buf } => {
                 chain.kind = Kind::Read;

@@ -12,6 +12,7 @@
 
 use std::ops::Deref;
 
+use smallvec::SmallVec;
 use vblk_engine::IoVec;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -243,8 +244,9 @@ where
     I: IntoIterator<Item = Descriptor>,
 {
     let max_descs = limits.seg_max as usize + EXTRA_DESCRIPTORS;
-    let mut readable: Vec<GuestSeg> = Vec::new();
-    let mut writable: Vec<GuestSeg> = Vec::new();
+    // Inline for the usual 2-3 descriptors: no allocation for the common request.
+    let mut readable: SmallVec<[GuestSeg; 4]> = SmallVec::new();
+    let mut writable: SmallVec<[GuestSeg; 4]> = SmallVec::new();
     let mut last_writable: Option<GuestSeg> = None;
     let mut writable_total: u64 = 0;
     let mut bad_layout = false;
