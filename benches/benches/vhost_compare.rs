@@ -679,7 +679,19 @@ fn real_main() -> Result<()> {
     md += &format!(
         "`{}cargo bench -p vblk-benches --bench vhost_compare`: {secs} s per cell, {repeats} repeat(s), \
          cells interleaved (per repeat: each workload on every server in turn); total run {:.0} s.\n\n",
-        if smoke { "VBLK_BENCH_SMOKE=1 " } else { "" },
+        {
+            // The environment that shaped the run, as it would be typed.
+            let mut e = String::new();
+            for k in ["VBLK_BENCH_SMOKE", "VBLK_BENCH_GIB", "VBLK_BENCH_SECS", "VBLK_BENCH_REPEATS", "VBLK_BENCH_WORKLOADS", "VBLK_BENCH_SERVERS"] {
+                if let Ok(v) = std::env::var(k) {
+                    e += &format!("{k}={v} ");
+                }
+            }
+            if std::env::var_os("VBLK_BENCH_ALT_BIN").is_some() {
+                e += "VBLK_BENCH_ALT_BIN=... ";
+            }
+            e
+        },
         t_start.elapsed().as_secs_f64()
     );
     md += &machine_facts(&base_dir);
