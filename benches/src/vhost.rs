@@ -157,12 +157,18 @@ pub fn clk_tck() -> f64 {
 /// utime + stime of process `pid` (all its threads, live and exited), in seconds.
 pub fn proc_cpu_seconds(pid: u32) -> Result<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    stat_cpu_seconds(&s).map(|(_, cpu)| cpu).ok_or_else(|| anyhow!("odd /proc/{pid}/stat: {s}"))
+}
+
+/// The command name and the CPU seconds (utime + stime) of a /proc `stat` line (of a process
+/// or of one of its threads).
+fn stat_cpu_seconds(s: &str) -> Option<(&str, f64)> {
     // Fields after the command name, which is in parentheses and may contain anything.
-    let rest = &s[s.rfind(')').ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime field 15.
-    let ticks = |i: usize| -> Result<u64> { Ok(f.get(i - 3).ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?.parse()?) };
-    Ok((ticks(14)? + ticks(15)?) as f64 / clk_tck())
+    let (open, close) = (s.find('(')?, s.rfind(')')?);
+    let f: Vec<&str> = s.get(close + 1..)?.split_whitespace().collect();
+    // f starts at field 3 (state); utime is field 14, stime field 15.
+    let ticks = |i: usize| f.get(i - 3)?.parse::<u64>().ok();
+    Some((s.get(open + 1..close)?, (ticks(14)? + ticks(15)?) as f64 / clk_tck()))
 }
 
 /// CPU seconds (user + system) of each thread of process `pid` so far, summed by thread name
@@ -173,11 +179,8 @@ pub fn proc_threads_cpu(pid: u32) -> Vec<(String, f64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     for t in dir.flatten() {
         let Ok(s) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-        let (Some(a), Some(b)) = (s.find('('), s.rfind(')')) else { continue };
-        let comm = s[a + 1..b].to_string();
-        let f: Vec<&str> = s[b + 1..].split_whitespace().collect();
-        let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-        *by.entry(comm).or_default() += (ticks(14) + ticks(15)) as f64 / clk_tck();
+        let Some((comm, cpu)) = stat_cpu_seconds(&s) else { continue };
+        *by.entry(comm.to_string()).or_default() += cpu;
     }
     by.into_iter().collect()
 }

@@ -849,35 +849,26 @@ impl Queue {
                 (f.iovs[part].as_ptr(), f.iovs[part].len() as u32)
             };
             let ud = ((idx as u64) << 16) | part as u64;
+            // SAFETY: with cnt == 1, ptr points to the one iovec of this part, owned by the slot.
+            let single = if cnt == 1 { Some(unsafe { *ptr }) } else { None };
             // A single buffer inside registered memory: the fixed-buffer opcodes.
-            let fixed = if cnt == 1 && !self.fixed.is_empty() {
-                // SAFETY: ptr points to the one iovec of this part (cnt == 1), owned by the slot.
-                let v = unsafe { *ptr };
-                self.fixed_index(v.iov_base as usize, v.iov_len).map(|i| (v, i))
-            } else {
-                None
-            };
+            let fixed = single
+                .filter(|_| !self.fixed.is_empty())
+                .and_then(|v| self.fixed_index(v.iov_base as usize, v.iov_len).map(|i| (v, i)));
             self.fixed_sqes += u64::from(fixed.is_some());
-            let mut sqe = match (is_write, fixed) {
-                (true, Some((v, i))) => {
+            let mut sqe = match (is_write, fixed, single) {
+                (true, Some((v, i)), _) => {
                     opcode::WriteFixed::new(types::Fixed(0), v.iov_base as *const u8, v.iov_len as u32, i).offset(off).build()
                 }
-                (false, Some((v, i))) => {
+                (false, Some((v, i)), _) => {
                     opcode::ReadFixed::new(types::Fixed(0), v.iov_base as *mut u8, v.iov_len as u32, i).offset(off).build()
                 }
-                // A single buffer: the plain opcodes (no iovec array for the kernel to import).
-                (true, None) if cnt == 1 => {
-                    // SAFETY: ptr points to the one iovec of this part (cnt == 1), owned by the slot.
-                    let v = unsafe { *ptr };
-                    opcode::Write::new(types::Fixed(0), v.iov_base as *const u8, v.iov_len as u32).offset(off).build()
-                }
-                (false, None) if cnt == 1 => {
-                    // SAFETY: as above.
-                    let v = unsafe { *ptr };
-                    opcode::Read::new(types::Fixed(0), v.iov_base as *mut u8, v.iov_len as u32).offset(off).build()
-                }
-                (true, None) => opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build(),
-                (false, None) => opcode::Readv::new(types::Fixed(0), ptr, cnt).offset(off).build(),
+                // Any other single buffer: the plain opcodes (no iovec array for the kernel to
+                // import).
+                (true, None, Some(v)) => opcode::Write::new(types::Fixed(0), v.iov_base as *const u8, v.iov_len as u32).offset(off).build(),
+                (false, None, Some(v)) => opcode::Read::new(types::Fixed(0), v.iov_base as *mut u8, v.iov_len as u32).offset(off).build(),
+                (true, None, None) => opcode::Writev::new(types::Fixed(0), ptr, cnt).offset(off).build(),
+                (false, None, None) => opcode::Readv::new(types::Fixed(0), ptr, cnt).offset(off).build(),
             }
             .user_data(ud);
             if link {

@@ -633,8 +633,7 @@ impl BlkBackend {
                     continue;
                 }
                 let parsed = request::parse_request(chain, &limits);
-                let io = qos_io(&parsed);
-                if let Some(io) = io {
+                if let Some(io) = qos_io(&parsed) {
                     if let Some(Admission::Wait(d)) = qos.map(|qos| qos.admit(q.qos_id, io)) {
                         // Leave the chain in the ring: step back over it (it was the last one
                         // popped, and nothing was written for it), and stop taking chains.
@@ -755,19 +754,18 @@ impl BlkBackend {
         }
     }
 
-    /// Replace `mem` with the current guest memory map if the frontend changed it since `mem`
-    /// was loaded; returns whether it did.
-    /// Whether `mem` is the current memory map.
+    /// Whether `mem` is the current guest memory map.
     fn mem_current(&self, mem: &MemGuard) -> bool {
         std::ptr::eq::<GuestMem>(&*self.mem.memory(), &**mem)
     }
 
+    /// Replace `mem` with the current guest memory map if the frontend changed it since `mem`
+    /// was loaded; returns whether it did.
     fn refresh_mem(&self, mem: &mut MemGuard) -> bool {
-        let now = self.mem.memory();
-        if std::ptr::eq::<GuestMem>(&*now, &**mem) {
+        if self.mem_current(mem) {
             return false;
         }
-        *mem = now;
+        *mem = self.mem.memory();
         true
     }
 
