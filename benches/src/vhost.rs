@@ -286,9 +286,19 @@ pub struct Qsd {
 impl Qsd {
     /// The command line: `format` "raw" or "qcow2", `aio` "io_uring" or "native".
     pub fn args(image: &Path, format: &str, aio: &str, sock: &Path, queues: usize) -> Vec<String> {
+        Self::args_window(image, format, None, aio, sock, queues)
+    }
+
+    /// [`Qsd::args`], exporting only `window` = (offset, size) of a raw image (the `raw`
+    /// driver's `offset`/`size` options) when it is given.
+    pub fn args_window(image: &Path, format: &str, window: Option<(u64, u64)>, aio: &str, sock: &Path, queues: usize) -> Vec<String> {
         let file = format!("driver=file,node-name=file0,filename={},cache.direct=on,aio={aio}", image.display());
         let mut a = vec!["--blockdev".to_string(), file];
-        let node = if format == "raw" {
+        let node = if let (Some((offset, size)), "raw") = (window, format) {
+            a.push("--blockdev".into());
+            a.push(format!("driver=raw,node-name=fmt0,file=file0,offset={offset},size={size}"));
+            "fmt0"
+        } else if format == "raw" {
             "file0"
         } else {
             a.push("--blockdev".into());
@@ -304,9 +314,22 @@ impl Qsd {
     }
 
     pub fn start(image: &Path, format: &str, aio: &str, sock: &Path, queues: usize, log: &Path) -> Result<Qsd> {
+        Self::start_window(image, format, None, aio, sock, queues, log)
+    }
+
+    /// [`Qsd::start`] with [`Qsd::args_window`]'s window.
+    pub fn start_window(
+        image: &Path,
+        format: &str,
+        window: Option<(u64, u64)>,
+        aio: &str,
+        sock: &Path,
+        queues: usize,
+        log: &Path,
+    ) -> Result<Qsd> {
         let _ = std::fs::remove_file(sock);
         let mut cmd = Command::new("qemu-storage-daemon");
-        cmd.args(Self::args(image, format, aio, sock, queues));
+        cmd.args(Self::args_window(image, format, window, aio, sock, queues));
         let mut child = spawn_guarded(cmd, log)?;
         wait_socket(sock, &mut child, log, "qemu-storage-daemon")?;
         Ok(Qsd { child: Some(child), sock: sock.into(), log: log.into() })
