@@ -79,6 +79,10 @@ enum Server {
     /// (e) served by another vblk binary (`VBLK_BENCH_ALT_BIN`): an A/B comparison of two
     /// builds in one interleaved run.
     VblkAlt,
+    /// qsd's null-co driver: no I/O, the vhost-user-blk round trip alone.
+    QsdNull,
+    /// A vblk volume never written: reads are zeros without device I/O.
+    VblkUnwritten,
 }
 
 /// The QoS limit of row (i), requests per second.
@@ -101,6 +105,8 @@ impl Server {
             Server::VblkPinned => "(k) vblk, (e) with --pin-memory",
             Server::VblkEncrypted => "(l) vblk, encrypted volume (written)",
             Server::VblkAlt => "(e2) vblk, (e) run by VBLK_BENCH_ALT_BIN",
+            Server::QsdNull => "(m) qsd, null-co driver (no I/O)",
+            Server::VblkUnwritten => "(n) vblk, unwritten volume (no device I/O)",
         }
     }
 }
@@ -164,7 +170,10 @@ fn workloads(qcow2: bool) -> Vec<Workload> {
             servers: all.iter().copied().chain([VblkOneThread]).collect(),
             ..w("rw4k-qd32x2", "4K randwrite QD32 x 2 queues", true, 4 * KIB, 32, 2, Pattern::Random, false)
         },
-        w("rr4k-qd1", "4K randread QD1", false, 4 * KIB, 1, 1, Pattern::Random, true),
+        Workload {
+            servers: all.iter().copied().chain([QsdNull, VblkUnwritten]).collect(),
+            ..w("rr4k-qd1", "4K randread QD1", false, 4 * KIB, 1, 1, Pattern::Random, true)
+        },
         w("sr128k-qd8", "128K seq read QD8", false, 128 * KIB, 8, 1, Pattern::Sequential, false),
         w("sw128k-qd8", "128K seq write QD8", true, 128 * KIB, 8, 1, Pattern::Sequential, false),
         Workload {
@@ -352,6 +361,18 @@ impl Bench {
                 let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[key, attach])?;
                 vblk_tests::wait_for_socket(&sock, Duration::from_secs(30))?;
                 let c = self.blkio_cell(&sock, d.pid(), w, self.span, seed)?;
+                d.stop()?;
+                Ok(c)
+            }
+            Server::QsdNull => {
+                let mut q = Qsd::start_null(self.span, &sock, EXPORT_QUEUES, &self.dir.join("qsd.log"))?;
+                let c = self.blkio_cell(&q.sock, q.pid(), w, self.span, seed)?;
+                q.stop()?;
+                Ok(c)
+            }
+            Server::VblkUnwritten => {
+                let mut d = VblkDaemon::start(&self.dir, &self.pool, &self.cache, &[])?;
+                let c = self.attached_cell(&d, "empty", &[], &sock, w, self.span, seed)?;
                 d.stop()?;
                 Ok(c)
             }
@@ -635,6 +656,8 @@ fn real_main() -> Result<()> {
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "full"])?;
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "cow"])?;
         d.cli(&["vol", "create", "enc", &span.to_string(), "--encrypt"])?;
+        // (n): never written.
+        d.cli(&["vol", "create", "empty", &span.to_string()])?;
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "enc"])?;
         let info = d.json(&["vol", "info", "full"])?;
         let alloc = info["allocated_bytes"].as_u64().unwrap_or(0);
@@ -692,6 +715,9 @@ fn real_main() -> Result<()> {
         let keys: Vec<&str> = only.split(',').collect();
         wls.retain(|w| keys.contains(&w.key));
     }
+    // The machine's wake-up cost, which bounds QD1 latency over any client/server transport.
+    let wake = (wake_round_trip_us(20_000, false)?, wake_round_trip_us(20_000, true)?);
+    eprintln!("eventfd ping-pong between two threads: {:.1} µs round trip, {:.1} µs on one CPU", wake.0, wake.1);
     let mut res: HashMap<(&str, Server), Vec<Cell>> = HashMap::new();
     let mut log: Vec<(usize, &str, Server, Cell)> = Vec::new();
     for rep in 0..repeats {
@@ -785,6 +811,14 @@ fn real_main() -> Result<()> {
     md += "- (d) `qemu-img create -f qcow2 -b (c) -F qcow2` before each cell (64 KiB clusters: the first write to a cluster \
            copies it, later writes to it are in place); (f) copies on write at 4 KiB, so with a short cell (d) has \
            copied most of its clusters early and then writes in place\n";
+    md += "- (m) `qemu-storage-daemon --blockdev driver=null-co,read-zeroes=on` and (n) a vblk volume never written (reads are zeros, \
+           no device I/O), on the QD1 row: the vhost-user-blk round trip without the disk\n";
+    md += &format!(
+        "- wake-up cost on this machine: an eventfd ping-pong between two threads that sleep in read(2) takes {:.1} µs per round trip \
+         ({:.1} µs with both threads on one CPU); a QD1 request over vhost-user-blk from a client that sleeps until its completion \
+         pays at least this on top of the device, fio on the raw file does not (it sleeps once, in io_uring_enter)\n",
+        wake.0, wake.1
+    );
     md += "- client: libblkio virtio-blk-vhost-user (blkio crate 0.5), one thread per queue, QD requests kept in flight per queue, \
            blocking completion waits (no polling); each server process is started for its cell and stopped after it\n";
     md += "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat around the cell, per I/O; \

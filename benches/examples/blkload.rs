@@ -1,6 +1,6 @@
 //! A closed-loop load over vhost-user-blk for profiling a server by hand:
 //! `cargo run --release -p vblk-benches --example blkload -- SOCKET read|write BS QD SECS [SPAN_MIB]`
-//! (e.g. run `perf record -p <server pid>` meanwhile).
+//! (e.g. run `perf record -p <server pid>` meanwhile). Prints IOPS and mean/p99 latency.
 
 use std::path::Path;
 use std::time::Duration;
@@ -25,10 +25,14 @@ fn main() -> anyhow::Result<()> {
         span,
         dur: Some(Duration::from_secs(secs)),
         limit: None,
-        record_latency: false,
+        record_latency: true,
         seed: 1,
     };
-    let out = c.run(&spec)?;
-    println!("{:.0} IOPS ({} ops in {:.2} s)", out.iops(), out.ops, out.secs);
+    let mut out = c.run(&spec)?;
+    print!("{:.0} IOPS ({} ops in {:.2} s)", out.iops(), out.ops, out.secs);
+    match out.latency_us() {
+        Some((mean, p99)) => println!(", latency mean {mean:.1} µs, p99 {p99:.1} µs"),
+        None => println!(),
+    }
     Ok(())
 }

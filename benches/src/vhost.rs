@@ -317,6 +317,21 @@ impl Qsd {
         Self::start_window(image, format, None, aio, sock, queues, log)
     }
 
+    /// qemu-storage-daemon exporting its `null-co` driver (`size` bytes, reads return zeros,
+    /// no I/O at all): the cost of the vhost-user-blk transport alone.
+    pub fn start_null(size: u64, sock: &Path, queues: usize, log: &Path) -> Result<Qsd> {
+        let _ = std::fs::remove_file(sock);
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev").arg(format!("driver=null-co,node-name=null0,size={size},read-zeroes=on"));
+        cmd.arg("--export").arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            sock.display()
+        ));
+        let mut child = spawn_guarded(cmd, log)?;
+        wait_socket(sock, &mut child, log, "qemu-storage-daemon")?;
+        Ok(Qsd { child: Some(child), sock: sock.into(), log: log.into() })
+    }
+
     /// [`Qsd::start`] with [`Qsd::args_window`]'s window.
     pub fn start_window(
         image: &Path,
@@ -806,6 +821,73 @@ pub fn today() -> String {
 }
 
 /// Markdown bullet list of the machine, the disk under `dir` and the tool versions.
+/// Mean round trip, µs, of an eventfd ping-pong between two threads (`rounds` times): each
+/// side blocks in read(2) until the other writes. With `one_cpu` both threads are pinned to
+/// the CPU this one runs on. The floor of any request/response between two sleeping threads,
+/// such as a vhost-user-blk client that waits for its completion and a server that waits for
+/// the kick; on a VM whose idle vCPUs halt it is dominated by waking a halted vCPU.
+pub fn wake_round_trip_us(rounds: u32, one_cpu: bool) -> Result<f64> {
+    // SAFETY: eventfd(2) with valid flags; results checked.
+    let (a, b) = unsafe { (libc::eventfd(0, libc::EFD_CLOEXEC), libc::eventfd(0, libc::EFD_CLOEXEC)) };
+    if a < 0 || b < 0 {
+        bail!("eventfd: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+    let pin = move || {
+        if one_cpu {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET within its size.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+        }
+    };
+    let rw = |rd: i32, wr: i32| {
+        let mut v: u64 = 0;
+        // SAFETY: 8-byte reads and writes of a valid u64 on our own eventfds.
+        unsafe {
+            libc::read(rd, &mut v as *mut u64 as *mut libc::c_void, 8);
+            v = 1;
+            libc::write(wr, &v as *const u64 as *const libc::c_void, 8);
+        }
+    };
+    let secs = std::thread::scope(|s| {
+        s.spawn(move || {
+            pin();
+            for _ in 0..rounds {
+                rw(a, b);
+            }
+        });
+        // This thread's own mask is restored afterwards.
+        // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+        let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, our own thread.
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved) };
+        pin();
+        let t0 = Instant::now();
+        let one: u64 = 1;
+        for _ in 0..rounds {
+            // SAFETY: as in `rw`.
+            unsafe { libc::write(a, &one as *const u64 as *const libc::c_void, 8) };
+            let mut v: u64 = 0;
+            // SAFETY: as in `rw`.
+            unsafe { libc::read(b, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        // SAFETY: restores the mask read above.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &saved) };
+        secs
+    });
+    // SAFETY: closing our own fds once.
+    unsafe {
+        libc::close(a);
+        libc::close(b);
+    }
+    Ok(secs * 1e6 / f64::from(rounds))
+}
+
 pub fn machine_facts(dir: &Path) -> String {
     let mut s = String::new();
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
