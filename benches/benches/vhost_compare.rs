@@ -26,7 +26,8 @@
 //! Every server is started fresh for every cell on the same directory, and the cells are
 //! interleaved: for each repeat, for each workload, a b c e ... Reported: IOPS (MiB/s for
 //! 128 KiB), QD1 mean and p99 latency, and server CPU per I/O (utime+stime of the server process
-//! from /proc/PID/stat around the cell), as medians with min-max and as ratios to (b) and (a).
+//! from /proc/PID/stat from the cell's start until the server is idle again, so that work a cell
+//! leaves behind (RocksDB compactions) is charged to it), as medians with min-max and as ratios to (b) and (a).
 //!
 //! `cargo bench -p vblk-benches --bench vhost_compare`
 //! env: VBLK_BENCH_SECS per cell (10), VBLK_BENCH_REPEATS (3), VBLK_BENCH_DIR (/var/tmp),
@@ -404,6 +405,11 @@ impl Bench {
     }
 
     fn blkio_cell(&self, sock: &Path, pid: u32, w: &Workload, span: u64, seed: u64) -> Result<Cell> {
+        // A server started on a pool that earlier servers wrote may begin with their leftovers
+        // (vblk: compacting the RocksDB files the last one flushed as it stopped). A daemon that
+        // runs for days has long done that work; start the cell once the server is idle. The
+        // wait is not counted (and is shown in the note).
+        let warm = wait_idle(pid, Duration::from_secs(60))?;
         let mut client = BenchClient::connect(sock, w.queues, w.qd * w.bs as usize)?;
         let spec = Spec {
             write: w.write,
@@ -436,7 +442,13 @@ impl Bench {
         };
         let (s0, c0, t0) = (proc_cpu_seconds(pid)?, process_cpu_seconds(), proc_threads_cpu(pid));
         let mut out = client.run(&spec)?;
-        let (s1, c1, t1) = (proc_cpu_seconds(pid)?, process_cpu_seconds(), proc_threads_cpu(pid));
+        let c1 = process_cpu_seconds();
+        // The server may go on working for this cell's requests after the last completion
+        // (vblk: the RocksDB flushes and compactions its writes caused). That is charged to
+        // this cell, not left to the next server started on the pool: wait until the server
+        // is idle (at most one clock tick of CPU in 250 ms), for at most 60 s.
+        let settled = wait_idle(pid, Duration::from_secs(60))?.0;
+        let (s1, t1) = (proc_cpu_seconds(pid)?, proc_threads_cpu(pid));
         if let Some(mut p) = perf {
             // SAFETY: kill(2) on our own child's pid; SIGINT makes perf write its file and exit.
             unsafe { libc::kill(p.id() as i32, libc::SIGINT) };
@@ -449,6 +461,12 @@ impl Bench {
         let mut notes = Vec::new();
         if out.exhausted {
             notes.push(format!("wrote every block of the fresh device in {:.1} s", out.secs));
+        }
+        if settled > 0.3 {
+            notes.push(format!("busy {settled:.1} s after the last completion (counted)"));
+        }
+        if warm.0 > 0.3 {
+            notes.push(format!("busy {:.1} s at start ({:.2} s of CPU, not counted)", warm.0, warm.1));
         }
         // Where the server's CPU went, by thread name (µs per I/O, threads with at least 0.1).
         let threads: Vec<String> = t1
@@ -526,6 +544,25 @@ impl Bench {
     }
 }
 
+
+/// Wait until process `pid` is idle (at most one clock tick of CPU in 250 ms), for at most
+/// `max`; returns (seconds waited, CPU seconds it used meanwhile).
+fn wait_idle(pid: u32, max: Duration) -> Result<(f64, f64)> {
+    let t0 = Instant::now();
+    let tick = 1.0 / clk_tck();
+    let first = proc_cpu_seconds(pid)?;
+    let mut prev = first;
+    while t0.elapsed() < max {
+        check_stop()?;
+        std::thread::sleep(Duration::from_millis(250));
+        let now = proc_cpu_seconds(pid)?;
+        if now - prev <= tick * 1.5 {
+            return Ok((t0.elapsed().as_secs_f64(), now - first));
+        }
+        prev = now;
+    }
+    Ok((t0.elapsed().as_secs_f64(), proc_cpu_seconds(pid)? - first))
+}
 
 fn tool_exists(prog: &str) -> bool {
     Command::new(prog).arg("--version").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok()
@@ -821,7 +858,11 @@ fn real_main() -> Result<()> {
     );
     md += "- client: libblkio virtio-blk-vhost-user (blkio crate 0.5), one thread per queue, QD requests kept in flight per queue, \
            blocking completion waits (no polling); each server process is started for its cell and stopped after it\n";
-    md += "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat around the cell, per I/O; \
+    md += "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat from the cell's start until the server \
+           is idle again after its last completion (deferred work such as vblk's RocksDB flushes and compactions is charged to the \
+           cell whose writes caused it, not to the next server started on the pool), per I/O; each cell starts once its server \
+           is idle (a vblk daemon may first compact the RocksDB files the previous one flushed as it stopped: not counted, the \
+           note says how long); \
            total CPU: server + this client process (for fio: fio's own CPU, i.e. its whole I/O path); clock-tick resolution 10 ms\n\n";
 
     md += "## Throughput and CPU per I/O (median, min–max over repeats)\n\n";

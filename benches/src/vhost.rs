@@ -267,8 +267,9 @@ fn wait_socket(p: &Path, child: &mut Child, log: &Path, what: &str) -> Result<()
         if let Some(st) = child.try_wait()? {
             bail!("{what} exited with {st}: {}", log_tail(log, 3000));
         }
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("{what}: {} did not appear in 30 s: {}", p.display(), log_tail(log, 3000));
+        // Generous: a daemon may finish an interrupted sweep or replay RocksDB's log at open.
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("{what}: {} did not appear in 120 s: {}", p.display(), log_tail(log, 3000));
         }
         check_stop()?;
         std::thread::sleep(Duration::from_millis(5));
