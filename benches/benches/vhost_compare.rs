@@ -673,8 +673,14 @@ fn real_main() -> Result<()> {
         None
     };
 
+    let raw_mode = std::env::var("VBLK_BENCH_RAW").unwrap_or_else(|_| "pool".into());
+    if raw_mode != "pool" && raw_mode != "file" {
+        bail!("VBLK_BENCH_RAW={raw_mode}: expected pool or file");
+    }
     // (e)/(g): the vblk pool, the written volume by import of the raw file.
     let pool = dir.join("pool.img");
+    let full_at_start: bool;
+    let full_check_secs: f64;
     let t0 = Instant::now();
     run_cmd(
         Command::new(&vblk_bin)
@@ -691,6 +697,11 @@ fn real_main() -> Result<()> {
         let key_arg = format!("--master-key-file={}", key.display());
         let mut d = VblkDaemon::start(&dir, &pool, &cache, &[key_arg])?;
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "full"])?;
+        // Checked before any other volume has blocks (the others are imports of the same file):
+        // a match can only be 'full's.
+        let tc = Instant::now();
+        full_at_start = raw_mode == "pool" && same_bytes(&pool, vblk_engine::format::DATA_START, &raw, span)?;
+        full_check_secs = tc.elapsed().as_secs_f64();
         d.cli(&["import", raw.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?, "cow"])?;
         d.cli(&["vol", "create", "enc", &span.to_string(), "--encrypt"])?;
         // (n): never written.
@@ -710,24 +721,20 @@ fn real_main() -> Result<()> {
     // (a)/(b) on the very blocks (e) uses. This disk's 4K random-write speed depends on where the
     // blocks are (40k-77k IOPS across 2 GiB windows of one file, stable over minutes), so two
     // servers on two files compare their files' placement as much as the servers. `vblk import`
-    // into a new pool lays 'full' out at pba 0.. in order (the next-fit allocator), which is
-    // checked here byte for byte; the window is the raw image (b) exports, through qsd's raw
-    // driver with offset/size, and fio's --offset/--size.
-    let raw_mode = std::env::var("VBLK_BENCH_RAW").unwrap_or_else(|_| "pool".into());
-    let raw_target = match raw_mode.as_str() {
-        "file" => RawTarget { path: raw.clone(), window: None },
-        "pool" => {
-            let off = vblk_engine::format::DATA_START;
-            let t0 = Instant::now();
-            if !same_bytes(&pool, off, &raw, span)? {
-                bail!(
-                    "volume 'full' is not laid out at the start of the pool's data area, so (a)/(b) cannot use its blocks: run with VBLK_BENCH_RAW=file"
-                );
-            }
-            eprintln!("(a)/(b) use the pool file's bytes {off}..{} ('full's blocks; checked in {:.1} s)", off + span, t0.elapsed().as_secs_f64());
-            RawTarget { path: pool.clone(), window: Some((off, span)) }
+    // into a new pool lays 'full' out at pba 0.. in order (the next-fit allocator), which was
+    // checked byte for byte right after that import; the window is the raw image (b) exports,
+    // through qsd's raw driver with offset/size, and fio's --offset/--size.
+    let raw_target = if raw_mode == "file" {
+        RawTarget { path: raw.clone(), window: None }
+    } else {
+        let off = vblk_engine::format::DATA_START;
+        if !full_at_start {
+            bail!(
+                "volume 'full' is not laid out at the start of the pool's data area, so (a)/(b) cannot use its blocks: run with VBLK_BENCH_RAW=file"
+            );
         }
-        other => bail!("VBLK_BENCH_RAW={other}: expected pool or file"),
+        eprintln!("(a)/(b) use the pool file's bytes {off}..{} ('full's blocks; checked in {full_check_secs:.1} s)", off + span);
+        RawTarget { path: pool.clone(), window: Some((off, span)) }
     };
     let bench = Bench { dir: dir.clone(), raw_target, qcow2, pool, span, fresh_size, dur: Duration::from_secs(secs), aio, cache: cache.clone(), alt_bin };
     let mut wls = workloads(bench.qcow2.is_some());
