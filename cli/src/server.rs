@@ -666,6 +666,7 @@ pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
     let master_key = crate::keys::master_key(&args.master_key)?;
     let opts = PoolOptions { meta_dir, cache_bytes: usize::try_from(args.cache).unwrap_or(usize::MAX), master_key, ..Default::default() };
     let shown = pool_path.clone();
+    info!(pool = %shown.display(), "opening the pool");
     // The pool lock decides first whether another daemon is alive.
     let pool = tokio::task::spawn_blocking(move || Pool::open(&pool_path, &opts))
         .await

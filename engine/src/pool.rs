@@ -1625,6 +1625,7 @@ pub struct Pool {
 impl Pool {
     /// Open the pool at `path`, taking an exclusive lock on it.
     pub fn open(path: &Path, opts: &PoolOptions) -> Result<Pool> {
+        let t_open = std::time::Instant::now();
         let lockf = File::open(path).map_err(Error::io("open", path))?;
         lock_exclusive(&lockf, path)?;
         let data = open_data(path)?;
@@ -1656,6 +1657,7 @@ impl Pool {
         }
         let (block_cache, memtable) = rocksdb_split(opts.cache_bytes, opts.memtable_bytes);
         let db = DB::open(&db_options(block_cache, false, memtable)?, &meta_dir).map_err(Error::meta("open"))?;
+        let t_db = t_open.elapsed();
         let rec = match db.get(POOL_KEY).map_err(Error::meta("get pool record"))? {
             Some(v) => PoolRecord::decode(&v)?,
             None => {
@@ -1847,7 +1849,18 @@ impl Pool {
             .spawn(move || committer(s2, rx, interval))
             .map_err(Error::io("spawn committer", path))?;
         let pool = Pool { shared, committer: Some(committer) };
+        let t_scan = t_open.elapsed();
         pool.resume()?;
+        // Where a slow open spent its time (RocksDB replaying its log, the scans that rebuild
+        // the allocator, operations a stop interrupted).
+        tracing::info!(
+            pool = %path.display(),
+            total_ms = t_open.elapsed().as_millis() as u64,
+            metadata_ms = t_db.as_millis() as u64,
+            scan_ms = (t_scan - t_db).as_millis() as u64,
+            resume_ms = (t_open.elapsed() - t_scan).as_millis() as u64,
+            "pool open timings"
+        );
         Ok(pool)
     }
 
