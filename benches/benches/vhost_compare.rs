@@ -825,7 +825,7 @@ fn real_main() -> Result<()> {
     md += &machine_facts(&base_dir);
     let raw_where = if bench.raw_target.window.is_some() {
         "the pool file's byte range that holds (e)'s blocks (VBLK_BENCH_RAW=pool: the 'raw file' of (a) and (b) is that range, \
-         so the three write the same physical blocks; `vblk import` laid 'full' out there, checked byte for byte before the first cell)"
+         so the three write the same physical blocks; `vblk import` laid 'full' out there, checked byte for byte right after that import)"
     } else {
         "the raw file (VBLK_BENCH_RAW=file: its own blocks, not (e)'s)"
     };

@@ -285,14 +285,10 @@ pub struct Qsd {
 }
 
 impl Qsd {
-    /// The command line: `format` "raw" or "qcow2", `aio` "io_uring" or "native".
-    pub fn args(image: &Path, format: &str, aio: &str, sock: &Path, queues: usize) -> Vec<String> {
-        Self::args_window(image, format, None, aio, sock, queues)
-    }
-
-    /// [`Qsd::args`], exporting only `window` = (offset, size) of a raw image (the `raw`
-    /// driver's `offset`/`size` options) when it is given.
-    pub fn args_window(image: &Path, format: &str, window: Option<(u64, u64)>, aio: &str, sock: &Path, queues: usize) -> Vec<String> {
+    /// The command line: `format` "raw" or "qcow2", `aio` "io_uring" or "native"; with
+    /// `window` = (offset, size), only that range of a raw image (the `raw` driver's
+    /// `offset`/`size` options).
+    pub fn args(image: &Path, format: &str, window: Option<(u64, u64)>, aio: &str, sock: &Path, queues: usize) -> Vec<String> {
         let file = format!("driver=file,node-name=file0,filename={},cache.direct=on,aio={aio}", image.display());
         let mut a = vec!["--blockdev".to_string(), file];
         let node = if let (Some((offset, size)), "raw") = (window, format) {
@@ -321,19 +317,19 @@ impl Qsd {
     /// qemu-storage-daemon exporting its `null-co` driver (`size` bytes, reads return zeros,
     /// no I/O at all): the cost of the vhost-user-blk transport alone.
     pub fn start_null(size: u64, sock: &Path, queues: usize, log: &Path) -> Result<Qsd> {
-        let _ = std::fs::remove_file(sock);
-        let mut cmd = Command::new("qemu-storage-daemon");
-        cmd.arg("--blockdev").arg(format!("driver=null-co,node-name=null0,size={size},read-zeroes=on"));
-        cmd.arg("--export").arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
-            sock.display()
-        ));
-        let mut child = spawn_guarded(cmd, log)?;
-        wait_socket(sock, &mut child, log, "qemu-storage-daemon")?;
-        Ok(Qsd { child: Some(child), sock: sock.into(), log: log.into() })
+        Self::spawn(
+            vec![
+                "--blockdev".into(),
+                format!("driver=null-co,node-name=null0,size={size},read-zeroes=on"),
+                "--export".into(),
+                format!("type=vhost-user-blk,id=e0,node-name=null0,addr.type=unix,addr.path={},writable=on,num-queues={queues}", sock.display()),
+            ],
+            sock,
+            log,
+        )
     }
 
-    /// [`Qsd::start`] with [`Qsd::args_window`]'s window.
+    /// [`Qsd::start`] with [`Qsd::args`]'s window.
     pub fn start_window(
         image: &Path,
         format: &str,
@@ -343,9 +339,14 @@ impl Qsd {
         queues: usize,
         log: &Path,
     ) -> Result<Qsd> {
+        Self::spawn(Self::args(image, format, window, aio, sock, queues), sock, log)
+    }
+
+    /// Start qemu-storage-daemon with `args` and wait for its export socket `sock`.
+    fn spawn(args: Vec<String>, sock: &Path, log: &Path) -> Result<Qsd> {
         let _ = std::fs::remove_file(sock);
         let mut cmd = Command::new("qemu-storage-daemon");
-        cmd.args(Self::args_window(image, format, window, aio, sock, queues));
+        cmd.args(args);
         let mut child = spawn_guarded(cmd, log)?;
         wait_socket(sock, &mut child, log, "qemu-storage-daemon")?;
         Ok(Qsd { child: Some(child), sock: sock.into(), log: log.into() })
@@ -821,7 +822,6 @@ pub fn today() -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Markdown bullet list of the machine, the disk under `dir` and the tool versions.
 /// Mean round trip, µs, of an eventfd ping-pong between two threads (`rounds` times): each
 /// side blocks in read(2) until the other writes. With `one_cpu` both threads are pinned to
 /// the CPU this one runs on. The floor of any request/response between two sleeping threads,
@@ -845,20 +845,22 @@ pub fn wake_round_trip_us(rounds: u32, one_cpu: bool) -> Result<f64> {
             }
         }
     };
-    let rw = |rd: i32, wr: i32| {
+    let read = |fd: i32| {
         let mut v: u64 = 0;
-        // SAFETY: 8-byte reads and writes of a valid u64 on our own eventfds.
-        unsafe {
-            libc::read(rd, &mut v as *mut u64 as *mut libc::c_void, 8);
-            v = 1;
-            libc::write(wr, &v as *const u64 as *const libc::c_void, 8);
-        }
+        // SAFETY: an 8-byte read into a valid u64 from our own eventfd.
+        unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+    };
+    let write = |fd: i32| {
+        let v: u64 = 1;
+        // SAFETY: an 8-byte write of a valid u64 to our own eventfd.
+        unsafe { libc::write(fd, &v as *const u64 as *const libc::c_void, 8) };
     };
     let secs = std::thread::scope(|s| {
         s.spawn(move || {
             pin();
             for _ in 0..rounds {
-                rw(a, b);
+                read(a);
+                write(b);
             }
         });
         // This thread's own mask is restored afterwards.
@@ -868,13 +870,9 @@ pub fn wake_round_trip_us(rounds: u32, one_cpu: bool) -> Result<f64> {
         unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved) };
         pin();
         let t0 = Instant::now();
-        let one: u64 = 1;
         for _ in 0..rounds {
-            // SAFETY: as in `rw`.
-            unsafe { libc::write(a, &one as *const u64 as *const libc::c_void, 8) };
-            let mut v: u64 = 0;
-            // SAFETY: as in `rw`.
-            unsafe { libc::read(b, &mut v as *mut u64 as *mut libc::c_void, 8) };
+            write(a);
+            read(b);
         }
         let secs = t0.elapsed().as_secs_f64();
         // SAFETY: restores the mask read above.
@@ -889,6 +887,7 @@ pub fn wake_round_trip_us(rounds: u32, one_cpu: bool) -> Result<f64> {
     Ok(secs * 1e6 / f64::from(rounds))
 }
 
+/// Markdown bullet list of the machine, the disk under `dir` and the tool versions.
 pub fn machine_facts(dir: &Path) -> String {
     let mut s = String::new();
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);

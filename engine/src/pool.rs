@@ -1851,14 +1851,15 @@ impl Pool {
         let pool = Pool { shared, committer: Some(committer) };
         let t_scan = t_open.elapsed();
         pool.resume()?;
+        let t_end = t_open.elapsed();
         // Where a slow open spent its time (RocksDB replaying its log, the scans that rebuild
         // the allocator, operations a stop interrupted).
         tracing::info!(
             pool = %path.display(),
-            total_ms = t_open.elapsed().as_millis() as u64,
+            total_ms = t_end.as_millis() as u64,
             metadata_ms = t_db.as_millis() as u64,
             scan_ms = (t_scan - t_db).as_millis() as u64,
-            resume_ms = (t_open.elapsed() - t_scan).as_millis() as u64,
+            resume_ms = (t_end - t_scan).as_millis() as u64,
             "pool open timings"
         );
         Ok(pool)
