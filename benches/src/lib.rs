@@ -89,7 +89,7 @@ pub fn engine_qd32(q: &mut vblk_engine::Queue, span: u64, kind: vblk_engine::Req
         let off = next_off(&mut rng);
         // SAFETY: buf outlives all requests: we drain before returning.
         unsafe {
-            q.submit(vblk_engine::Request { kind, offset: off, len: 4096u64, iov: vec![vblk_engine::IoVec { ptr: buf.ptr(s), len: 4096 }], tag: s as u64 })
+            q.submit(vblk_engine::Request { kind, offset: off, len: 4096u64, iov: vec![vblk_engine::IoVec { ptr: buf.ptr(s), len: 4096 }].into(), tag: s as u64 })
         };
     }
     let mut out = Vec::with_capacity(QD32);
@@ -106,7 +106,7 @@ pub fn engine_qd32(q: &mut vblk_engine::Queue, span: u64, kind: vblk_engine::Req
             let s = c.tag as usize;
             // SAFETY: as above.
             unsafe {
-                q.submit(vblk_engine::Request { kind, offset: off, len: 4096u64, iov: vec![vblk_engine::IoVec { ptr: buf.ptr(s), len: 4096 }], tag: c.tag })
+                q.submit(vblk_engine::Request { kind, offset: off, len: 4096u64, iov: vec![vblk_engine::IoVec { ptr: buf.ptr(s), len: 4096 }].into(), tag: c.tag })
             };
         }
         out.len() as u64

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, types, IoUring};
+use smallvec::SmallVec;
 
 use crate::error::{Error, Result};
 use crate::format::{BLOCK_SIZE, DATA_START};
@@ -34,6 +35,9 @@ pub struct IoVec {
     pub len: usize,
 }
 
+/// The buffers of a [`Request`]: inline for the usual one or two (no allocation per request).
+pub type IoVecs = smallvec::SmallVec<[IoVec; 2]>;
+
 /// A block request. `offset` and `len` are in bytes and must be multiples of 512 (4096 is the
 /// fast path). For Read and Write, `len` must equal the total length of `iov`, and every
 /// segment's address and length must be multiples of 512 (the data file is opened with
@@ -43,7 +47,7 @@ pub struct Request {
     pub kind: ReqKind,
     pub offset: u64,
     pub len: u64,
-    pub iov: Vec<IoVec>,
+    pub iov: IoVecs,
     pub tag: u64,
 }
 
@@ -94,16 +98,49 @@ struct InFlight {
     epoch: u64,
     /// For writes: first lba and the blocks resolved, to finish fresh allocations.
     write: Option<(u64, Vec<WBlock>)>,
-    /// iovec arrays owned until the kernel is done with them.
-    iovs: Vec<Vec<libc::iovec>>,
-    /// Expected byte count per part (index = part number).
-    expect: Vec<u32>,
+    /// The parts (index = part number): their buffers and the byte count each must return.
+    ios: SmallVec<[PartIo; 2]>,
+    /// The iovec arrays of parts with several buffers ([`PartIov::Many`]), handed to the
+    /// kernel by address: complete before the first part is submitted and unchanged until the
+    /// request is reaped (the heap block does not move with the `InFlight`).
+    many: Vec<libc::iovec>,
     /// Zero-padded copies of partial first writes, owned until completion.
     _bounces: Vec<AlignedBuf>,
     /// Encrypted reads: what to decrypt from `_bounces[0]` into the caller's buffers.
     dec: Option<Box<Decrypt>>,
     /// Bytes of encrypted-request bounce buffer this request holds (see `BOUNCE_BUDGET`).
     bounce_bytes: usize,
+}
+
+/// One device operation of a request.
+struct PartIo {
+    iov: PartIov,
+    /// Bytes the kernel must report for it (fewer: a short read or write, an I/O error).
+    expect: u32,
+}
+
+/// The buffers of a [`PartIo`].
+#[derive(Clone, Copy)]
+enum PartIov {
+    /// One buffer: the plain opcodes, no iovec array (and no allocation).
+    One(libc::iovec),
+    /// `InFlight::many[start..start + count]`.
+    Many { start: u32, count: u32 },
+}
+
+impl InFlight {
+    /// Add a part with buffers `v` (at least one).
+    fn add_part(&mut self, v: &[libc::iovec], expect: u32) {
+        let iov = match v {
+            [one] => PartIov::One(*one),
+            _ => {
+                let start = self.many.len() as u32;
+                self.many.extend_from_slice(v);
+                PartIov::Many { start, count: v.len() as u32 }
+            }
+        };
+        self.ios.push(PartIo { iov, expect });
+    }
 }
 
 /// The decryption step of an encrypted read (FORMAT.md §11.4).
@@ -113,7 +150,7 @@ struct Decrypt {
     /// (block index in the request, its pba, its seal) of every block read from the device.
     blocks: Vec<(usize, u64, Seal)>,
     /// The caller's buffers.
-    iov: Vec<IoVec>,
+    iov: IoVecs,
 }
 
 /// Entries in the io_uring submission queue; one request may need several.
@@ -125,6 +162,10 @@ const INTERNAL_TAG: u64 = 1 << 63;
 /// for a submission of more than two, so the device's doorbell rings once per batch, not once
 /// per request; a bounded batch keeps the first request from waiting for a whole ring's parsing.
 const PLUG_BATCH: u32 = 8;
+/// Vectors of resolved write blocks a queue keeps for reuse: one per write in flight at the
+/// usual queue depths, of requests up to [`WBLOCK_POOL_MAX_LEN`] blocks (larger ones are freed).
+const WBLOCK_POOL: usize = 256;
+const WBLOCK_POOL_MAX_LEN: usize = 64;
 /// Guest I/O granularity: offsets and lengths must be multiples of this.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -144,6 +185,10 @@ pub struct Queue {
     /// request does not allocate them.
     scratch_parts: Vec<Part>,
     scratch_ops: Vec<(bool, u64, bool)>,
+    /// Slots of the requests a [`reap_cq`](Self::reap_cq) pass finished.
+    scratch_done: Vec<usize>,
+    /// Vectors for [`InFlight::write`], reused (see [`WBLOCK_POOL`]).
+    wblock_pool: Vec<Vec<WBlock>>,
     unsubmitted: u32,
     /// Between [`plug`](Self::plug) and [`unplug`](Self::unplug): SQEs are handed to the kernel
     /// in batches of [`PLUG_BATCH`], not one `io_uring_enter` per request.
@@ -204,7 +249,7 @@ fn errno_of(e: &Error) -> i32 {
 }
 
 /// Sub-range [off, off+len) of a scatter list, as iovecs.
-fn slice_iov(iov: &[IoVec], mut off: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+fn slice_iov(iov: &[IoVec], mut off: usize, mut len: usize, out: &mut impl Extend<libc::iovec>) {
     for v in iov {
         if len == 0 {
             break;
@@ -214,7 +259,7 @@ fn slice_iov(iov: &[IoVec], mut off: usize, mut len: usize, out: &mut Vec<libc::
             continue;
         }
         let n = (v.len - off).min(len);
-        out.push(libc::iovec { iov_base: v.ptr.wrapping_add(off) as *mut libc::c_void, iov_len: n });
+        out.extend([libc::iovec { iov_base: v.ptr.wrapping_add(off) as *mut libc::c_void, iov_len: n }]);
         off = 0;
         len -= n;
     }
@@ -301,6 +346,8 @@ impl Queue {
             scratch_w: Vec::new(),
             scratch_parts: Vec::new(),
             scratch_ops: Vec::new(),
+            scratch_done: Vec::new(),
+            wblock_pool: Vec::new(),
             unsubmitted: 0,
             plugged: false,
             edge: false,
@@ -520,7 +567,7 @@ impl Queue {
         self.next_internal = (self.next_internal + 1) & !INTERNAL_TAG;
         self.split.insert(itag, (req.tag, edges.len() as u32, None));
         for (s, e) in edges {
-            let iov = vec![IoVec { ptr: self.zeros.as_mut_ptr(), len: (e - s) as usize }];
+            let iov = smallvec::smallvec![IoVec { ptr: self.zeros.as_mut_ptr(), len: (e - s) as usize }];
             self.submit_rw(Request { kind: ReqKind::Write, offset: s, len: e - s, iov, tag: itag });
         }
     }
@@ -634,7 +681,7 @@ impl Queue {
             for (i, b) in w.iter().enumerate() {
                 push(&mut parts, b.pba, i as u64, b.padded, b.src);
             }
-            write_blocks = Some((lba, w.clone()));
+            write_blocks = Some((lba, self.wblocks_of(&w)));
             self.scratch_w = w;
         } else {
             let mut r = std::mem::take(&mut self.scratch_r);
@@ -663,8 +710,8 @@ impl Queue {
             bytes: req.len as u32,
             epoch,
             write: write_blocks,
-            iovs: Vec::with_capacity(parts.len()),
-            expect: Vec::with_capacity(parts.len()),
+            ios: SmallVec::new(),
+            many: Vec::new(),
             _bounces: Vec::new(),
             dec: None,
             bounce_bytes: 0,
@@ -672,8 +719,9 @@ impl Queue {
         // One io_uring operation per entry: (write?, device offset, linked to the next).
         let mut ops = std::mem::take(&mut self.scratch_ops);
         ops.clear();
+        let mut v: SmallVec<[libc::iovec; 4]> = SmallVec::new();
         for p in &parts {
-            let mut v = Vec::new();
+            v.clear();
             if p.padded {
                 // First write of a partly written block: zeros (or, copy-on-write, the old
                 // block's data) around the request's data.
@@ -684,9 +732,8 @@ impl Queue {
                     // Read the old block into the bounce buffer, then (linked: only after the
                     // read completed) write head and tail from it and the middle from the
                     // request's buffers.
-                    let rv = vec![libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize }];
-                    f.iovs.push(rv);
-                    f.expect.push(BLOCK_SIZE as u32);
+                    let rv = libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: BLOCK_SIZE as usize };
+                    f.add_part(&[rv], BLOCK_SIZE as u32);
                     ops.push((false, self.shared.data_offset(p.src), true));
                     if within > 0 {
                         v.push(libc::iovec { iov_base: b.as_mut_ptr() as *mut libc::c_void, iov_len: within });
@@ -708,13 +755,12 @@ impl Queue {
                 }
                 f._bounces.push(b);
                 ops.push((true, block_off, false));
-                f.expect.push(BLOCK_SIZE as u32);
+                f.add_part(&v, BLOCK_SIZE as u32);
             } else {
                 slice_iov(&req.iov, p.req_off, p.len, &mut v);
                 ops.push((write, p.dev_off, false));
-                f.expect.push(p.len as u32);
+                f.add_part(&v, p.len as u32);
             }
-            f.iovs.push(v);
         }
         self.start(f, &ops);
         self.scratch_parts = parts;
@@ -784,7 +830,7 @@ impl Queue {
                 b.seal = Some(c.encrypt_block(nonce, lba + i as u64, &mut bounce.as_mut_slice()[i * bs..(i + 1) * bs]));
                 push(&mut parts, self.shared.data_offset(b.pba), i * bs);
             }
-            write_blocks = Some((lba, w.clone()));
+            write_blocks = Some((lba, self.wblocks_of(&w)));
             self.scratch_w = w;
         } else {
             let mut r = std::mem::take(&mut self.scratch_r);
@@ -815,11 +861,14 @@ impl Queue {
             bytes: req.len as u32,
             epoch,
             write: write_blocks,
-            iovs: parts
+            ios: parts
                 .iter()
-                .map(|&(_, at, len)| vec![libc::iovec { iov_base: base.wrapping_add(at) as *mut libc::c_void, iov_len: len }])
+                .map(|&(_, at, len)| PartIo {
+                    iov: PartIov::One(libc::iovec { iov_base: base.wrapping_add(at) as *mut libc::c_void, iov_len: len }),
+                    expect: len as u32,
+                })
                 .collect(),
-            expect: parts.iter().map(|p| p.2 as u32).collect(),
+            many: Vec::new(),
             _bounces: vec![bounce],
             dec,
             bounce_bytes: req.len as usize,
@@ -844,13 +893,18 @@ impl Queue {
         }
         let idx = self.slot(f);
         for (part, &(is_write, off, link)) in ops.iter().enumerate() {
-            let (ptr, cnt) = {
+            let (single, ptr, cnt) = {
                 let Some(Some(f)) = self.slots.get(idx) else { return };
-                (f.iovs[part].as_ptr(), f.iovs[part].len() as u32)
+                match f.ios.get(part).map(|p| p.iov) {
+                    Some(PartIov::One(v)) => (Some(v), std::ptr::null(), 1),
+                    Some(PartIov::Many { start, count }) => match f.many.get(start as usize..(start + count) as usize) {
+                        Some(m) => (None, m.as_ptr(), count),
+                        None => return,
+                    },
+                    None => return,
+                }
             };
             let ud = ((idx as u64) << 16) | part as u64;
-            // SAFETY: with cnt == 1, ptr points to the one iovec of this part, owned by the slot.
-            let single = if cnt == 1 { Some(unsafe { *ptr }) } else { None };
             // A single buffer inside registered memory: the fixed-buffer opcodes.
             let fixed = single
                 .filter(|_| !self.fixed.is_empty())
@@ -921,7 +975,8 @@ impl Queue {
     }
 
     fn reap_cq(&mut self) {
-        let mut done = Vec::new();
+        let mut done = std::mem::take(&mut self.scratch_done);
+        done.clear();
         for cqe in self.ring.completion() {
             let ud = cqe.user_data();
             let idx = (ud >> 16) as usize;
@@ -930,7 +985,7 @@ impl Queue {
             let Some(Some(f)) = self.slots.get_mut(idx) else { continue };
             if res < 0 {
                 f.err.get_or_insert(-res);
-            } else if f.expect.get(part).copied() != Some(res as u32) {
+            } else if f.ios.get(part).map(|p| p.expect) != Some(res as u32) {
                 // Short read/write: treat as an I/O error (the device shrank or failed).
                 f.err.get_or_insert(libc::EIO);
             }
@@ -939,7 +994,7 @@ impl Queue {
                 done.push(idx);
             }
         }
-        for idx in done {
+        for &idx in &done {
             let Some(mut f) = self.slots.get_mut(idx).and_then(|s| s.take()) else { continue };
             self.free_slots.push(idx);
             if let Some(d) = f.dec.take() {
@@ -955,14 +1010,30 @@ impl Queue {
                     }
                 }
             }
-            if let Some((l, b)) = &f.write {
-                self.shared.finish_write(&self.vol, *l, b, f.err.is_none());
+            if let Some((l, b)) = f.write.take() {
+                self.shared.finish_write(&self.vol, l, &b, f.err.is_none());
+                self.recycle_wblocks(b);
             }
             self.shared.exit(f.epoch);
             if let Some(e) = f.err {
                 tracing::warn!(volume = %self.vol.name(), errno = e, "data I/O failed");
             }
             self.ready.push(Completion { tag: f.tag, result: match f.err { None => Ok(f.bytes), Some(e) => Err(e) } });
+        }
+        self.scratch_done = done;
+    }
+
+    /// A copy of `w` for an [`InFlight`], in a vector from the pool (no allocation per write).
+    fn wblocks_of(&mut self, w: &[WBlock]) -> Vec<WBlock> {
+        let mut v = self.wblock_pool.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(w);
+        v
+    }
+
+    fn recycle_wblocks(&mut self, v: Vec<WBlock>) {
+        if self.wblock_pool.len() < WBLOCK_POOL && v.capacity() <= WBLOCK_POOL_MAX_LEN {
+            self.wblock_pool.push(v);
         }
     }
 
@@ -1057,8 +1128,14 @@ impl Queue {
             // Cleared before reaping: a completion after this read signals it again, so the
             // poll below cannot sleep through one (nor spin on a stale count).
             self.clear_event();
-            self.reap(out);
+            // Read before reaping: the committer pushes a flush's completion and then drops its
+            // handle of the queue, so a count read after the reap could miss a completion
+            // pushed between the two (seen: a flush's completion returned by the next drain).
+            // The fence pairs with the release of the handle's drop: the push is visible to
+            // the reap below.
             let flushes_pending = Arc::strong_count(&self.qs) > 1;
+            std::sync::atomic::fence(Ordering::Acquire);
+            self.reap(out);
             if self.in_flight() == 0 && !flushes_pending && self.split.is_empty() {
                 return;
             }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub use error::{Error, Result};
 pub use format::BLOCK_SIZE;
 pub use hugealloc::HugePageAlloc;
-pub use io::{Completion, IoVec, Queue, ReqKind, Request, SECTOR_SIZE};
+pub use io::{Completion, IoVec, IoVecs, Queue, ReqKind, Request, SECTOR_SIZE};
 pub use pool::{
     create_pool, default_meta_dir, read_superblock, uuid_string, CheckReport, CreateOptions, MemoryStats, Pool, PoolOptions,
     Preallocate, PoolStatus, VolumeInfo, MAX_VOLUME_SIZE,
@@ -141,7 +141,7 @@ pub struct SyncIo {
 impl SyncIo {
     fn run(&mut self, kind: ReqKind, offset: u64, len: u64, with_buf: bool) -> Result<()> {
         self.tag += 1;
-        let iov = if with_buf { vec![IoVec { ptr: self.buf.as_mut_ptr(), len: len as usize }] } else { vec![] };
+        let iov = if with_buf { smallvec::smallvec![IoVec { ptr: self.buf.as_mut_ptr(), len: len as usize }] } else { IoVecs::new() };
         let req = Request { kind, offset, len, iov, tag: self.tag };
         // SAFETY: the bounce buffer outlives the request: we wait for its completion below.
         unsafe { self.q.submit(req) };

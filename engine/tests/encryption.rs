@@ -288,7 +288,7 @@ fn overlapping_writes_and_racing_commits() {
                     kind: ReqKind::Write,
                     offset: lba * 4096,
                     len: 4096,
-                    iov: vec![IoVec { ptr: b.as_mut_ptr(), len: 4096 }],
+                    iov: vec![IoVec { ptr: b.as_mut_ptr(), len: 4096 }].into(),
                     tag: i as u64,
                 };
                 // SAFETY: `bufs` outlives the drain below and is not touched meanwhile.
@@ -306,7 +306,7 @@ fn overlapping_writes_and_racing_commits() {
             }
             if round % 7 == 0 {
                 // SAFETY: a flush has no buffers.
-                unsafe { q.submit(Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: vec![], tag: 999 }) };
+                unsafe { q.submit(Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: Default::default(), tag: 999 }) };
                 let mut o = Vec::new();
                 q.drain(&mut o);
                 assert!(o.iter().all(|c| c.result.is_ok()), "{o:?}");
@@ -353,7 +353,7 @@ fn huge_requests_wait_for_bounce_buffer_room_and_complete() {
     const LEN: usize = 24 << 20;
     let mut bufs: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; LEN]).collect();
     for (i, b) in bufs.iter_mut().enumerate() {
-        let req = Request { kind: ReqKind::Write, offset: (i * LEN) as u64, len: LEN as u64, iov: vec![IoVec { ptr: b.as_mut_ptr(), len: LEN }], tag: i as u64 };
+        let req = Request { kind: ReqKind::Write, offset: (i * LEN) as u64, len: LEN as u64, iov: vec![IoVec { ptr: b.as_mut_ptr(), len: LEN }].into(), tag: i as u64 };
         // SAFETY: `bufs` outlives the drain below.
         unsafe { q.submit(req) };
     }
@@ -363,7 +363,7 @@ fn huge_requests_wait_for_bounce_buffer_room_and_complete() {
     assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
     let mut back: Vec<Vec<u8>> = (0..3).map(|_| vec![0u8; LEN]).collect();
     for (i, b) in back.iter_mut().enumerate() {
-        let req = Request { kind: ReqKind::Read, offset: (i * LEN) as u64, len: LEN as u64, iov: vec![IoVec { ptr: b.as_mut_ptr(), len: LEN }], tag: 10 + i as u64 };
+        let req = Request { kind: ReqKind::Read, offset: (i * LEN) as u64, len: LEN as u64, iov: vec![IoVec { ptr: b.as_mut_ptr(), len: LEN }].into(), tag: 10 + i as u64 };
         // SAFETY: `back` outlives the drain below.
         unsafe { q.submit(req) };
     }

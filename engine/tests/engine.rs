@@ -447,7 +447,7 @@ fn concurrent_sector_writes_to_a_new_block() {
                 kind: ReqKind::Write,
                 offset: s as u64 * 512,
                 len: 512,
-                iov: vec![IoVec { ptr: b.as_mut_ptr(), len: 512 }],
+                iov: vec![IoVec { ptr: b.as_mut_ptr(), len: 512 }].into(),
                 tag: s as u64,
             })
         };
@@ -607,7 +607,7 @@ fn snapshots_under_concurrent_writes_are_exact() {
                     }
                     busy.insert(b);
                     slot_state[s] = Some((seq, b, Instant::now()));
-                    let iov = vec![IoVec { ptr: buf.as_mut_ptr(), len: 4096 }];
+                    let iov = vec![IoVec { ptr: buf.as_mut_ptr(), len: 4096 }].into();
                     // SAFETY: the buffer lives in `bufs` until the completion is reaped below.
                     unsafe { q.submit(Request { kind: ReqKind::Write, offset: b * 4096, len: 4096, iov, tag: s as u64 }) };
                 }
@@ -722,7 +722,7 @@ fn fixed_buffers_carry_the_same_data() {
     let submit = |q: &mut Queue, kind, lba: u64, iov: Vec<IoVec>, tag| {
         let len = iov.iter().map(|v| v.len).sum::<usize>() as u64;
         // SAFETY: the arena lives until every request is drained.
-        unsafe { q.submit(Request { kind, offset: lba * 4096, len, iov, tag }) };
+        unsafe { q.submit(Request { kind, offset: lba * 4096, len, iov: iov.into(), tag }) };
     };
     let at = |b: usize, n: usize| IoVec { ptr: ptr.wrapping_add(b * 4096), len: n * 4096 };
     // Blocks 0..8 written from registered memory (fixed), 8..16 from two iovecs (readv path).

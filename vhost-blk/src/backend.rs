@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use smallvec::SmallVec;
-use vblk_engine::{Completion, IoVec, ReqKind, Request, Volume};
+use vblk_engine::{Completion, IoVec, IoVecs, ReqKind, Request, Volume};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
@@ -32,7 +32,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 use crate::config::{self, BlkConfig};
 use crate::inflight::{InflightArea, InflightQueue};
 use crate::qos::{self, Admission, Dir, Io, LocalCounts, VolumeQos};
-use crate::request::{self, BlkOp, GuestSeg, ParsedRequest, RequestLimits, STATUS_IOERR, STATUS_OK};
+use crate::request::{self, BlkOp, GuestSeg, ParsedRequest, Segs, RequestLimits, STATUS_IOERR, STATUS_OK};
 use crate::DeviceStats;
 
 /// Guest memory with a dirty-page log (vhost-user `LOG_SHMFD`): once the frontend has handed
@@ -250,7 +250,7 @@ unsafe impl Send for AlignedBuf {}
 struct Bounce {
     buf: AlignedBuf,
     len: usize,
-    segs: Vec<GuestSeg>,
+    segs: Segs,
 }
 
 /// A descriptor chain being served.
@@ -272,7 +272,7 @@ struct Chain {
     mem: MemGuard,
     /// Guest buffers the engine writes into directly (a read without a bounce buffer): marked
     /// dirty in the migration log when the chain completes.
-    dma: Vec<GuestSeg>,
+    dma: Segs,
 }
 
 /// A one-shot CLOCK_MONOTONIC timerfd (non-blocking: an expiry read after a re-arm must not
@@ -821,7 +821,7 @@ impl BlkBackend {
             flush_after: false,
             bounce: None,
             mem: mem.clone(),
-            dma: Vec::new(),
+            dma: Segs::new(),
         };
         let op = match p.op {
             Ok(op) => op,
@@ -844,7 +844,7 @@ impl BlkBackend {
                             self.finish(q, vr, chain, STATUS_IOERR);
                             return true;
                         };
-                        let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
+                        let iov = smallvec::smallvec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
                         chain.bounce = Some(Bounce { buf: b, len: buf.len as usize, segs: buf.segs });
                         iov
                     } else {
@@ -869,9 +869,9 @@ impl BlkBackend {
                             self.finish(q, vr, chain, STATUS_IOERR);
                             return true;
                         }
-                        let iov = vec![IoVec { ptr: b.as_mut_ptr(), len: n }];
+                        let iov = smallvec::smallvec![IoVec { ptr: b.as_mut_ptr(), len: n }];
                         // Kept alive until completion (the engine reads from it).
-                        chain.bounce = Some(Bounce { buf: b, len: 0, segs: Vec::new() });
+                        chain.bounce = Some(Bounce { buf: b, len: 0, segs: Segs::new() });
                         iov
                     } else {
                         buf.iov
@@ -881,7 +881,7 @@ impl BlkBackend {
             }
             BlkOp::Flush => {
                 chain.kind = Kind::Flush;
-                reqs.push(Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: Vec::new(), tag: 0 });
+                reqs.push(Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: IoVecs::new(), tag: 0 });
             }
             BlkOp::GetId { segs } => {
                 chain.kind = Kind::GetId;
@@ -901,7 +901,7 @@ impl BlkBackend {
             BlkOp::Discard(ranges) => {
                 chain.kind = Kind::Discard;
                 for r in ranges {
-                    reqs.push(Request { kind: ReqKind::Discard, offset: r.offset, len: r.len, iov: Vec::new(), tag: 0 });
+                    reqs.push(Request { kind: ReqKind::Discard, offset: r.offset, len: r.len, iov: IoVecs::new(), tag: 0 });
                 }
             }
             BlkOp::WriteZeroes(ranges) => {
@@ -912,7 +912,7 @@ impl BlkBackend {
                         kind: ReqKind::WriteZeroes,
                         offset: r.offset,
                         len: r.len,
-                        iov: Vec::new(),
+                        iov: IoVecs::new(),
                         tag: 0,
                     });
                 }
@@ -974,7 +974,7 @@ impl BlkBackend {
             // Writethrough: the data is written; make it durable before completing.
             chain.flush_after = false;
             chain.parts = 1;
-            let r = Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: Vec::new(), tag: c.tag };
+            let r = Request { kind: ReqKind::Flush, offset: 0, len: 0, iov: IoVecs::new(), tag: c.tag };
             // SAFETY: a flush carries no buffers.
             unsafe { q.engine.0.submit(r) };
             return false;

@@ -13,7 +13,7 @@
 use std::ops::Deref;
 
 use smallvec::SmallVec;
-use vblk_engine::IoVec;
+use vblk_engine::{IoVec, IoVecs};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
@@ -80,13 +80,17 @@ pub struct GuestSeg {
     pub len: u32,
 }
 
+/// The segments of a request's data: inline for the usual one or two (no allocation per
+/// request).
+pub type Segs = SmallVec<[GuestSeg; 2]>;
+
 /// The data buffers of a read or write: guest segments and the same memory as host iovecs.
 #[derive(Debug)]
 pub struct DataBuf {
-    pub segs: Vec<GuestSeg>,
+    pub segs: Segs,
     /// Host virtual addresses of `segs`, valid while the guest memory object the request was
     /// parsed against is alive.
-    pub iov: Vec<IoVec>,
+    pub iov: IoVecs,
     /// Total bytes.
     pub len: u64,
 }
@@ -109,7 +113,7 @@ pub enum BlkOp {
     Flush,
     /// VIRTIO_BLK_T_GET_ID: the device writes the 20-byte id into `segs` (truncated to their
     /// length).
-    GetId { segs: Vec<GuestSeg> },
+    GetId { segs: Segs },
     /// VIRTIO_BLK_T_DISCARD, trimmed to whole 4 KiB blocks (may be empty: nothing to do).
     Discard(Vec<ByteRange>),
     /// VIRTIO_BLK_T_WRITE_ZEROES (unmap allowed or not, the engine unmaps: reads return zeros).
@@ -326,8 +330,8 @@ fn parse_op<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     req_type: u32,
     sector: u64,
-    out_data: Vec<GuestSeg>,
-    in_data: Vec<GuestSeg>,
+    out_data: Segs,
+    in_data: Segs,
     limits: &RequestLimits,
 ) -> Result<BlkOp, RequestError> {
     match req_type {
@@ -368,7 +372,7 @@ fn parse_op<M: GuestMemoryBackend + ?Sized>(
 fn data_buf<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
     sector: u64,
-    segs: Vec<GuestSeg>,
+    segs: Segs,
     limits: &RequestLimits,
 ) -> Result<(u64, DataBuf), RequestError> {
     let len: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
@@ -384,7 +388,7 @@ fn data_buf<M: GuestMemoryBackend + ?Sized>(
     let sectors = len >> SECTOR_SHIFT;
     check_range(sector, sectors, limits.capacity_sectors)?;
     let offset = sector << SECTOR_SHIFT; // sector <= capacity < 2^55: no overflow.
-    let mut iov = Vec::with_capacity(segs.len());
+    let mut iov = IoVecs::new();
     for s in &segs {
         // One region holds the whole segment (nearly always): one lookup. Otherwise walk the
         // regions it spans, which also finds the first unmapped byte.
@@ -468,8 +472,8 @@ fn parse_dwz<M: GuestMemoryBackend + ?Sized>(
 }
 
 /// The sub-stream `[skip, skip+len)` of a list of segments.
-fn sub_stream(segs: &[GuestSeg], mut skip: u64, mut len: u64) -> Result<Vec<GuestSeg>, RequestError> {
-    let mut out = Vec::new();
+fn sub_stream(segs: &[GuestSeg], mut skip: u64, mut len: u64) -> Result<Segs, RequestError> {
+    let mut out = Segs::new();
     for s in segs {
         if len == 0 {
             break;
@@ -650,7 +654,7 @@ mod tests {
         let data_after_hdr = HDR + 16;
         let p = parse(&m, &[rd(HDR, 8), rd(HDR + 8, 8 + 4096), wr(STATUS, 1)]);
         let Ok(BlkOp::Write { buf, .. }) = p.op else { panic!("{:?}", p.op) };
-        assert_eq!(buf.segs, vec![GuestSeg { addr: GuestAddress(data_after_hdr), len: 4096 }]);
+        assert_eq!(buf.segs.as_slice(), [GuestSeg { addr: GuestAddress(data_after_hdr), len: 4096 }]);
         // A read whose data and status share one writable descriptor.
         header(&m, VIRTIO_BLK_T_IN, 0);
         let p = parse(&m, &[rd(HDR, 16), wr(DATA, 4097)]);
