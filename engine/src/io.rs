@@ -35,8 +35,9 @@ pub struct IoVec {
     pub len: usize,
 }
 
-/// The buffers of a [`Request`]: inline for the usual one or two (no allocation per request).
-pub type IoVecs = smallvec::SmallVec<[IoVec; 2]>;
+/// The buffers of a [`Request`]: inline for the usual one (no allocation per request; one
+/// inline, not two, keeps a request small enough to be moved without a `memcpy` call).
+pub type IoVecs = smallvec::SmallVec<[IoVec; 1]>;
 
 /// A block request. `offset` and `len` are in bytes and must be multiples of 512 (4096 is the
 /// fast path). For Read and Write, `len` must equal the total length of `iov`, and every

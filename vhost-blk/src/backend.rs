@@ -267,13 +267,18 @@ struct Chain {
     /// Writethrough mode: issue a flush once the data parts succeeded.
     flush_after: bool,
     /// Read bounce buffer to copy back on completion (write bounces only need to live).
-    bounce: Option<Bounce>,
+    bounce: Option<Box<Bounce>>,
     /// Keeps the guest memory this chain's buffers point into mapped until it completes.
     mem: MemGuard,
     /// Guest buffers the engine writes into directly (a read without a bounce buffer): marked
     /// dirty in the migration log when the chain completes.
     dma: Segs,
 }
+
+// Chains are moved into and out of their slot: at most 128 bytes, x86-64 moves them inline
+// instead of calling memcpy (1.9% of the daemon's CPU for 4 KiB reads when chain, parsed
+// request and engine request were 192, 152 and 80 bytes).
+const _: () = assert!(std::mem::size_of::<Chain>() <= 128);
 
 /// A one-shot CLOCK_MONOTONIC timerfd (non-blocking: an expiry read after a re-arm must not
 /// block the queue thread) that resumes a queue held back by QoS.
@@ -845,7 +850,7 @@ impl BlkBackend {
                             return true;
                         };
                         let iov = smallvec::smallvec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
-                        chain.bounce = Some(Bounce { buf: b, len: buf.len as usize, segs: buf.segs });
+                        chain.bounce = Some(Box::new(Bounce { buf: b, len: buf.len as usize, segs: buf.segs }));
                         iov
                     } else {
                         chain.dma = buf.segs;
@@ -871,7 +876,7 @@ impl BlkBackend {
                         }
                         let iov = smallvec::smallvec![IoVec { ptr: b.as_mut_ptr(), len: n }];
                         // Kept alive until completion (the engine reads from it).
-                        chain.bounce = Some(Bounce { buf: b, len: 0, segs: Segs::new() });
+                        chain.bounce = Some(Box::new(Bounce { buf: b, len: 0, segs: Segs::new() }));
                         iov
                     } else {
                         buf.iov

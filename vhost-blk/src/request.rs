@@ -80,9 +80,9 @@ pub struct GuestSeg {
     pub len: u32,
 }
 
-/// The segments of a request's data: inline for the usual one or two (no allocation per
-/// request).
-pub type Segs = SmallVec<[GuestSeg; 2]>;
+/// The segments of a request's data: inline for the usual one (no allocation per request; see
+/// [`vblk_engine::IoVecs`]).
+pub type Segs = SmallVec<[GuestSeg; 1]>;
 
 /// The data buffers of a read or write: guest segments and the same memory as host iovecs.
 #[derive(Debug)]
@@ -185,6 +185,9 @@ pub struct ParsedRequest {
     pub req_type: Option<u32>,
     pub op: Result<BlkOp, RequestError>,
 }
+
+// Moved from parser to submission by value: see the size note on `Chain` (backend.rs).
+const _: () = assert!(std::mem::size_of::<ParsedRequest>() <= 128);
 
 /// Parse the descriptor chain of one virtio-blk request.
 ///
