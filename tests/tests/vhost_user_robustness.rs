@@ -100,8 +100,12 @@ fn mem_table(num_regions: u32, regions: &[(u64, u64, u64, u64)]) -> Vec<u8> {
 }
 
 fn memfd(len: u64) -> OwnedFd {
+    memfd_with(len, 0)
+}
+
+fn memfd_with(len: u64, flags: libc::c_uint) -> OwnedFd {
     // SAFETY: memfd_create with a valid NUL-terminated name; we check the result.
-    let fd = unsafe { libc::memfd_create(c"vblk-robustness".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"vblk-robustness".as_ptr(), libc::MFD_CLOEXEC | flags) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: fd is a new descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -670,4 +674,39 @@ fn memory_region_larger_than_its_fd_does_not_kill_the_daemon() {
     std::thread::sleep(Duration::from_millis(500));
     drop(r);
     env.check("a memory region larger than its fd");
+}
+
+/// A frontend that shrinks a memory region's file once the daemon has mapped it: the daemon
+/// seals the memfd against shrinking when it takes the table, so the truncation fails instead
+/// of turning the daemon's next access to the ring (a kick) into a SIGBUS that would kill
+/// every volume.
+#[test]
+fn memory_region_file_cannot_shrink_under_the_daemon() {
+    let mut env = Env::new();
+    let fd = memfd_with(MIB, libc::MFD_ALLOW_SEALING);
+    let uaddr = 0x7f00_0000_0000u64;
+    let mut r = env.owned();
+    r.msg(SET_MEM_TABLE, &mem_table(1, &[(0, MIB, uaddr, 0)]), &[fd.as_raw_fd()]).unwrap();
+    // Messages are handled in order: once GET_FEATURES is answered, the table was taken.
+    assert!(r.features().is_some(), "the daemon dropped the connection after a valid memory table");
+    // SAFETY: fcntl F_GET_SEALS on our own fd.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(seals >= 0 && seals & libc::F_SEAL_SHRINK != 0, "the region's memfd is not sealed against shrinking: seals {seals:#x}");
+    // SAFETY: ftruncate on our own fd.
+    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) };
+    let err = std::io::Error::last_os_error();
+    assert_eq!(rc, -1, "a mapped region's memfd shrank under the daemon");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    // The rings in the region's last half, past the size the truncation asked for.
+    let _ = r.msg(SET_VRING_NUM, &vring_state(0, 256), &[]);
+    let _ = r.msg(SET_VRING_ADDR, &vring_addr(0, uaddr + 0x80000, uaddr + 0x90000, uaddr + 0x88000), &[]);
+    let _ = r.msg(SET_VRING_BASE, &vring_state(0, 0), &[]);
+    let (kick, call) = (eventfd(), eventfd());
+    let _ = r.msg(SET_VRING_CALL, &u64p(0), &[call.as_raw_fd()]);
+    let _ = r.msg(SET_VRING_KICK, &u64p(0), &[kick.as_raw_fd()]);
+    // SAFETY: writes 8 bytes from a valid u64 to our eventfd: a kick.
+    unsafe { libc::write(kick.as_raw_fd(), [1u64].as_ptr().cast(), 8) };
+    std::thread::sleep(Duration::from_millis(500));
+    drop(r);
+    env.check("a frontend trying to shrink a mapped memory region's file");
 }

@@ -1117,13 +1117,20 @@ fn mark_dirty(mem: &GuestMem, segs: &[GuestSeg]) {
     }
 }
 
-/// Every file-backed region must lie within its file (see `update_memory`).
-fn check_regions_backed(mem: &GuestMem) -> Result<(), String> {
+/// Every file-backed region must lie within its file, and keep doing so: each file is sealed
+/// against shrinking first where it can be (see `update_memory`). Returns how many regions are
+/// in files that could not be sealed.
+fn check_regions_backed(mem: &GuestMem) -> Result<usize, String> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut unsealed = 0;
     for r in mem.iter() {
         let Some(fo) = r.file_offset() else {
             return Err(format!("region at guest address {:#x} has no file", r.start_addr().0));
         };
+        // Sealed before the size is read: the size checked is then the size for good.
+        if !seal_against_shrinking(fo.file()) {
+            unsealed += 1;
+        }
         let size = fo.file().metadata().map_err(|e| format!("fstat of a region's fd: {e}"))?.len();
         let end = fo.start().checked_add(r.len());
         if end.is_none_or(|e| e > size) {
@@ -1136,7 +1143,20 @@ fn check_regions_backed(mem: &GuestMem) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(unsealed)
+}
+
+/// Make sure `file` can no longer shrink: true if it carries `F_SEAL_SHRINK` (already, or
+/// added now). False for files that take no seals: a memfd created without
+/// `MFD_ALLOW_SEALING`, hugetlbfs and other plain files.
+fn seal_against_shrinking(file: &std::fs::File) -> bool {
+    // SAFETY: fcntl F_GET_SEALS on a valid fd; no memory effects.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return true;
+    }
+    // SAFETY: fcntl F_ADD_SEALS on a valid fd; no memory effects.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) == 0 }
 }
 
 /// vhost-user-backend's queue masks: worker `t` serves the queues `q` with `q % threads == t`
@@ -1293,10 +1313,21 @@ impl VhostUserBackend for BlkBackend {
         // end (the handler reads the used index on SET_VRING_ADDR) would be a SIGBUS that kills
         // the daemon with every volume. Check every region against its file; on a bad table,
         // swap in an empty memory map (every later guest access then fails cleanly) and refuse.
-        if let Err(why) = check_regions_backed(&mem.memory()) {
-            mem.lock().map_err(|_| io::Error::other("guest memory lock poisoned"))?.replace(GuestMem::new());
-            tracing::warn!(volume = %self.dev.name, "refused a guest memory table: {why}");
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        // A file that shrank later would do the same: each file is sealed against shrinking
+        // (F_SEAL_SHRINK; QEMU's memory-backend-memfd seals its memfds so by default) where it
+        // takes seals.
+        match check_regions_backed(&mem.memory()) {
+            Err(why) => {
+                mem.lock().map_err(|_| io::Error::other("guest memory lock poisoned"))?.replace(GuestMem::new());
+                tracing::warn!(volume = %self.dev.name, "refused a guest memory table: {why}");
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+            }
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                volume = %self.dev.name,
+                regions = n,
+                "guest memory regions in files that cannot be sealed against shrinking (hugetlbfs, a plain file, a memfd without MFD_ALLOW_SEALING): a frontend that truncated one would crash the daemon"
+            ),
         }
         tracing::debug!(volume = %self.dev.name, "guest memory table updated");
         // Queues with pinned memory register the new map now, not at their next request: an
