@@ -35,6 +35,10 @@ pub struct IoVec {
     pub len: usize,
 }
 
+// Requests are moved by value through submit and dispatch: see the size note on the vhost
+// device's `Chain`.
+const _: () = assert!(std::mem::size_of::<Request>() <= 128);
+
 /// The buffers of a [`Request`]: inline for the usual one (no allocation per request; one
 /// inline, not two, keeps a request small enough to be moved without a `memcpy` call).
 pub type IoVecs = smallvec::SmallVec<[IoVec; 1]>;
@@ -111,6 +115,20 @@ struct InFlight {
     dec: Option<Box<Decrypt>>,
     /// Bytes of encrypted-request bounce buffer this request holds (see `BOUNCE_BUDGET`).
     bounce_bytes: usize,
+}
+
+/// The io_uring `user_data` of part `part` of the request in slot `idx`: 32 bits each. (16
+/// bits for the part were too few: a 1 GiB read, which a guest may send (seg_max x size_max),
+/// over blocks that are not adjacent on the device has 262 144 parts, and part 65 536 counted
+/// as a completion of another slot's request: that request finished with its I/O still in
+/// flight, into its buffers.)
+fn user_data(idx: usize, part: usize) -> u64 {
+    (idx as u64) << 32 | (part as u64 & 0xffff_ffff)
+}
+
+/// The slot and part of a `user_data` from [`user_data`].
+fn slot_part(ud: u64) -> (usize, usize) {
+    ((ud >> 32) as usize, (ud & 0xffff_ffff) as usize)
 }
 
 /// One device operation of a request.
@@ -880,7 +898,7 @@ impl Queue {
     }
 
     /// Submit the device I/O of a resolved request (`ops`: write?, device offset, linked to
-    /// the next; one per entry of `f.iovs`), or complete it at once if there is none.
+    /// the next; one per entry of `f.ios`), or complete it at once if there is none.
     fn start(&mut self, mut f: InFlight, ops: &[(bool, u64, bool)]) {
         f.parts = ops.len() as u32;
         if f.parts == 0 {
@@ -895,17 +913,18 @@ impl Queue {
         let idx = self.slot(f);
         for (part, &(is_write, off, link)) in ops.iter().enumerate() {
             let (single, ptr, cnt) = {
-                let Some(Some(f)) = self.slots.get(idx) else { return };
+                // Every op has its part (built together in submit_rw / submit_rw_enc).
+                let Some(Some(f)) = self.slots.get(idx) else { unreachable!("slot {idx} just filled") };
                 match f.ios.get(part).map(|p| p.iov) {
                     Some(PartIov::One(v)) => (Some(v), std::ptr::null(), 1),
                     Some(PartIov::Many { start, count }) => match f.many.get(start as usize..(start + count) as usize) {
                         Some(m) => (None, m.as_ptr(), count),
-                        None => return,
+                        None => unreachable!("part {part}: iovecs {start}+{count} of {}", f.many.len()),
                     },
-                    None => return,
+                    None => unreachable!("op {part} of {} has no part", ops.len()),
                 }
             };
-            let ud = ((idx as u64) << 16) | part as u64;
+            let ud = user_data(idx, part);
             // A single buffer inside registered memory: the fixed-buffer opcodes.
             let fixed = single
                 .filter(|_| !self.fixed.is_empty())
@@ -939,9 +958,10 @@ impl Queue {
                 }
             }
             loop {
-                // SAFETY: the iovec array lives in self.slots[idx] until the completion of
-                // this part is reaped; the buffers it points to are the caller's (contract)
-                // or our bounce buffers, owned by the same slot.
+                // SAFETY: a `Many` part's iovec array is the heap block of the slot's `many`,
+                // unchanged and alive until the request is reaped (a `One` part's iovec is
+                // copied into the SQE); the buffers are the caller's (contract) or our bounce
+                // buffers, owned by the same slot.
                 let pushed = unsafe { self.ring.submission().push(&sqe) };
                 if pushed.is_ok() {
                     self.unsubmitted += 1;
@@ -978,22 +998,37 @@ impl Queue {
     fn reap_cq(&mut self) {
         let mut done = std::mem::take(&mut self.scratch_done);
         done.clear();
-        for cqe in self.ring.completion() {
-            let ud = cqe.user_data();
-            let idx = (ud >> 16) as usize;
-            let part = (ud & 0xffff) as usize;
-            let res = cqe.result();
-            let Some(Some(f)) = self.slots.get_mut(idx) else { continue };
-            if res < 0 {
-                f.err.get_or_insert(-res);
-            } else if f.ios.get(part).map(|p| p.expect) != Some(res as u32) {
-                // Short read/write: treat as an I/O error (the device shrank or failed).
-                f.err.get_or_insert(libc::EIO);
+        loop {
+            for cqe in self.ring.completion() {
+                let (idx, part) = slot_part(cqe.user_data());
+                let res = cqe.result();
+                let Some(Some(f)) = self.slots.get_mut(idx) else { continue };
+                if res < 0 {
+                    f.err.get_or_insert(-res);
+                } else if f.ios.get(part).map(|p| p.expect) != Some(res as u32) {
+                    // Short read/write: treat as an I/O error (the device shrank or failed).
+                    f.err.get_or_insert(libc::EIO);
+                }
+                f.parts -= 1;
+                if f.parts == 0 {
+                    done.push(idx);
+                }
             }
-            f.parts -= 1;
-            if f.parts == 0 {
-                done.push(idx);
+            // More completions than the CQ ring holds (requests with many parts: a large read
+            // over scattered blocks) wait in the kernel's overflow list, and only an
+            // io_uring_enter with GETEVENTS (which `submit` makes when the ring says
+            // CQ_OVERFLOW) moves them into the ring. Without it they were never seen, and
+            // their requests never completed.
+            if !self.ring.submission().cq_overflow() {
+                break;
             }
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(error = %e, "io_uring_enter (flushing overflowed completions) failed");
+                    break;
+                }
+            }
+            self.unsubmitted = 0;
         }
         for &idx in &done {
             let Some(mut f) = self.slots.get_mut(idx).and_then(|s| s.take()) else { continue };

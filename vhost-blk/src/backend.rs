@@ -1148,7 +1148,7 @@ fn check_regions_backed(mem: &GuestMem) -> Result<usize, String> {
 
 /// Make sure `file` can no longer shrink: true if it carries `F_SEAL_SHRINK` (already, or
 /// added now). False for files that take no seals: a memfd created without
-/// `MFD_ALLOW_SEALING`, hugetlbfs and other plain files.
+/// `MFD_ALLOW_SEALING`, files opened by path (on hugetlbfs, tmpfs or any file system).
 fn seal_against_shrinking(file: &std::fs::File) -> bool {
     // SAFETY: fcntl F_GET_SEALS on a valid fd; no memory effects.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
@@ -1326,7 +1326,7 @@ impl VhostUserBackend for BlkBackend {
             Ok(n) => tracing::info!(
                 volume = %self.dev.name,
                 regions = n,
-                "guest memory regions in files that cannot be sealed against shrinking (hugetlbfs, a plain file, a memfd without MFD_ALLOW_SEALING): a frontend that truncated one would crash the daemon"
+                "guest memory regions in files that cannot be sealed against shrinking (files opened by path, memfds without MFD_ALLOW_SEALING): a frontend that truncated one would crash the daemon"
             ),
         }
         tracing::debug!(volume = %self.dev.name, "guest memory table updated");
