@@ -217,6 +217,11 @@ pub struct Queue {
     edge: bool,
     /// Writes waiting for a block to be established (see `resolve_write`), retried on reap.
     deferred: VecDeque<Request>,
+    /// Device operations submitted and not yet reaped (see [`PARTS_BUDGET`]).
+    parts_in_flight: usize,
+    /// Reads and writes held back by [`PARTS_BUDGET`], in arrival order: started by
+    /// [`release_held`](Self::release_held) as operations complete.
+    held: VecDeque<Request>,
     /// Memory registered with the ring as fixed buffers ([`register_buffers`](Self::register_buffers)):
     /// `(start, end)` address ranges, sorted; the index is the buffer index.
     fixed: Vec<(usize, usize)>,
@@ -251,6 +256,13 @@ const BOUNCE_POOL_MAX_LEN: usize = 1 << 20;
 /// `seg_max` segments of `size_max`, aliasing the same pages), and each needs a buffer of its
 /// size. One request alone always goes.
 const BOUNCE_BUDGET: usize = 64 << 20;
+/// Device operations a queue has in flight before it holds further reads and writes back
+/// until some complete. Each operation keeps about 60 bytes of bookkeeping until it is reaped,
+/// and one request may have one per 4 KiB block (a read over blocks that are not adjacent on
+/// the device): a guest sending many reads of up to `seg_max` x `size_max` (about 1 GiB,
+/// 262 144 blocks) would otherwise make the daemon hold gigabytes. One request alone always
+/// goes; requests start in arrival order, so a large one is not overtaken for ever.
+const PARTS_BUDGET: usize = 65_536;
 
 // SAFETY: a Queue owns its io_uring (set up without single-issuer restrictions) and its
 // buffers; the raw iovec pointers it stores point into memory whose validity the submitter
@@ -371,6 +383,8 @@ impl Queue {
             plugged: false,
             edge: false,
             deferred: VecDeque::new(),
+            parts_in_flight: 0,
+            held: VecDeque::new(),
             fixed: Vec::new(),
             fixed_sqes: 0,
             frozen_q: VecDeque::new(),
@@ -463,7 +477,13 @@ impl Queue {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free_slots.len() + self.deferred.len() + self.frozen_q.len()
+        self.slots.len() - self.free_slots.len() + self.deferred.len() + self.frozen_q.len() + self.held.len()
+    }
+
+    /// Device operations submitted and not yet reaped (at most [`PARTS_BUDGET`] once more than
+    /// one request is in flight).
+    pub fn ops_in_flight(&self) -> usize {
+        self.parts_in_flight
     }
 
     /// Size of the volume in bytes now.
@@ -643,11 +663,41 @@ impl Queue {
         }
     }
 
+    /// Whether a request of `blocks` blocks must wait for operations in flight to complete
+    /// (see [`PARTS_BUDGET`]).
+    fn over_budget(&self, blocks: u64) -> bool {
+        self.parts_in_flight > 0 && self.parts_in_flight.saturating_add(blocks as usize) > PARTS_BUDGET
+    }
+
+    fn blocks_of(req: &Request) -> u64 {
+        (req.offset + req.len).div_ceil(BLOCK_SIZE) - req.offset / BLOCK_SIZE
+    }
+
+    /// Start held requests, in order, while the budget lets them (after operations completed).
+    fn release_held(&mut self) {
+        while let Some(r) = self.held.front() {
+            if self.over_budget(Self::blocks_of(r)) {
+                break;
+            }
+            if let Some(r) = self.held.pop_front() {
+                self.submit_rw_now(r);
+            }
+        }
+    }
+
     fn submit_rw(&mut self, req: Request) {
         if req.len == 0 {
             self.ready.push(Completion { tag: req.tag, result: Ok(0) });
             return;
         }
+        if !self.held.is_empty() || self.over_budget(Self::blocks_of(&req)) {
+            self.held.push_back(req);
+            return;
+        }
+        self.submit_rw_now(req);
+    }
+
+    fn submit_rw_now(&mut self, req: Request) {
         if let Some(c) = &self.crypt {
             let c = c.clone();
             return self.submit_rw_enc(req, c);
@@ -911,6 +961,7 @@ impl Queue {
             return;
         }
         let idx = self.slot(f);
+        self.parts_in_flight += ops.len();
         for (part, &(is_write, off, link)) in ops.iter().enumerate() {
             let (single, ptr, cnt) = {
                 // Every op has its part (built together in submit_rw / submit_rw_enc).
@@ -1033,6 +1084,7 @@ impl Queue {
         for &idx in &done {
             let Some(mut f) = self.slots.get_mut(idx).and_then(|s| s.take()) else { continue };
             self.free_slots.push(idx);
+            self.parts_in_flight = self.parts_in_flight.saturating_sub(f.ios.len());
             if let Some(d) = f.dec.take() {
                 if f.err.is_none() {
                     f.err = self.decrypt(&d, &mut f._bounces);
@@ -1124,6 +1176,13 @@ impl Queue {
             self.flush_sq();
         }
         self.reap_cq();
+        if !self.held.is_empty() {
+            // Operations completed just now: start what the budget lets go.
+            self.release_held();
+            if self.unsubmitted > 0 {
+                self.flush_sq();
+            }
+        }
         if let Ok(mut d) = self.qs.done.lock() {
             self.ready.append(&mut d);
         }

@@ -768,10 +768,12 @@ fn fixed_buffers_carry_the_same_data() {
 /// block, and a guest may send reads of up to seg_max x size_max (about 1 GiB, 262 144 blocks).
 /// The operation's part number once had 16 bits of its user_data: part 65 536 was counted for
 /// the request in the next slot, which then finished with its read still in flight, while the
-/// big one never finished. Here a 512 MiB read over every other block (65 540 parts) runs
-/// beside a small read, and both must complete with the right data.
+/// big one never finished; and more completions than the CQ ring holds were never seen. Here
+/// two 512 MiB reads over every other block (65 540 operations each) and a small read are
+/// submitted together: the queue holds the second big read and the small one back (65 536
+/// operations in flight at most once one request is), and all three complete with the right data.
 #[test]
-fn a_read_of_more_than_65536_separate_blocks() {
+fn reads_of_more_than_65536_separate_blocks() {
     const N: usize = 65_540; // written blocks: every odd lba below 2N
     let d = tempfile::tempdir().unwrap();
     let p = new_pool(d.path(), 300 * MIB);
@@ -801,32 +803,44 @@ fn a_read_of_more_than_65536_separate_blocks() {
     assert_eq!(out.len(), N);
     assert!(out.iter().all(|c| c.result == Ok(4096)), "a write failed");
     let len = 2 * N * 4096;
-    let mut rraw = aligned(len);
-    let rbase = rraw.as_ptr().align_offset(4096);
-    let dst = &mut rraw[rbase..rbase + len];
-    dst.fill(0xee);
+    let mut bufs: Vec<Vec<u8>> = (0..2).map(|_| aligned(len)).collect();
     let mut small = aligned(4096);
     let sbase = small.as_ptr().align_offset(4096);
-    // SAFETY: `dst` and `small` outlive the wait below and are not touched meanwhile.
-    unsafe {
-        q.submit(Request { kind: ReqKind::Read, offset: 0, len: len as u64, iov: vec![IoVec { ptr: dst.as_mut_ptr(), len }].into(), tag: 1 });
-        q.submit(Request { kind: ReqKind::Read, offset: 4096, len: 4096, iov: vec![IoVec { ptr: small[sbase..].as_mut_ptr(), len: 4096 }].into(), tag: 2 });
+    let mut ptrs = Vec::new();
+    for b in bufs.iter_mut() {
+        let base = b.as_ptr().align_offset(4096);
+        b[base..base + len].fill(0xee);
+        ptrs.push((base, b[base..].as_mut_ptr()));
     }
+    // SAFETY: `bufs` and `small` outlive the wait below and are not touched meanwhile.
+    unsafe {
+        for (t, &(_, ptr)) in ptrs.iter().enumerate() {
+            q.submit(Request { kind: ReqKind::Read, offset: 0, len: len as u64, iov: vec![IoVec { ptr, len }].into(), tag: 1 + t as u64 });
+        }
+        q.submit(Request { kind: ReqKind::Read, offset: 4096, len: 4096, iov: vec![IoVec { ptr: small[sbase..].as_mut_ptr(), len: 4096 }].into(), tag: 3 });
+    }
+    assert_eq!(q.ops_in_flight(), N, "the second big read and the small one are held back");
     let mut done = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while done.len() < 2 {
+    while done.len() < 3 {
         assert!(std::time::Instant::now() < deadline, "completions after 120 s: {done:?}");
         q.reap(&mut done);
+        assert!(q.ops_in_flight() <= N, "{} operations in flight", q.ops_in_flight());
         q.wait_event(10);
     }
     done.sort_by_key(|c| c.tag);
-    assert_eq!(done, [Completion { tag: 1, result: Ok(len as u32) }, Completion { tag: 2, result: Ok(4096) }]);
+    let want: Vec<Completion> =
+        vec![Completion { tag: 1, result: Ok(len as u32) }, Completion { tag: 2, result: Ok(len as u32) }, Completion { tag: 3, result: Ok(4096) }];
+    assert_eq!(done, want);
+    assert_eq!(q.ops_in_flight(), 0);
     assert!(small[sbase..sbase + 4096] == block(1, 7), "the small read");
-    for (lba, b) in dst.chunks(4096).enumerate() {
-        if lba % 2 == 1 {
-            assert!(b == block(lba as u64, 7), "block {lba}");
-        } else {
-            assert!(b.iter().all(|&x| x == 0), "unwritten block {lba} is not zeros");
+    for (b, &(base, _)) in bufs.iter().zip(&ptrs) {
+        for (lba, b) in b[base..base + len].chunks(4096).enumerate() {
+            if lba % 2 == 1 {
+                assert!(b == block(lba as u64, 7), "block {lba}");
+            } else {
+                assert!(b.iter().all(|&x| x == 0), "unwritten block {lba} is not zeros");
+            }
         }
     }
 }
