@@ -131,6 +131,12 @@ fn slot_part(ud: u64) -> (usize, usize) {
     ((ud >> 32) as usize, (ud & 0xffff_ffff) as usize)
 }
 
+/// An `io_uring_enter` that failed only for now: the completion queue is busy (EBUSY) or a
+/// signal came (EINTR).
+fn enter_retryable(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EINTR))
+}
+
 /// One device operation of a request.
 struct PartIo {
     iov: PartIov,
@@ -704,7 +710,7 @@ impl Queue {
         }
         let (start, end) = (req.offset, req.offset + req.len);
         let lba = start / BLOCK_SIZE;
-        let n = end.div_ceil(BLOCK_SIZE) - lba;
+        let n = Self::blocks_of(&req);
         let write = req.kind == ReqKind::Write;
         let epoch = self.shared.enter();
         // Byte range of block i (relative to lba) that the request covers.
@@ -923,25 +929,22 @@ impl Queue {
             dec = Some(Box::new(Decrypt { crypt: c, lba, blocks, iov: req.iov.clone() }));
         }
         let base = bounce.as_mut_ptr();
-        let f = InFlight {
+        let mut f = InFlight {
             tag: req.tag,
             parts: parts.len() as u32,
             err: None,
             bytes: req.len as u32,
             epoch,
             write: write_blocks,
-            ios: parts
-                .iter()
-                .map(|&(_, at, len)| PartIo {
-                    iov: PartIov::One(libc::iovec { iov_base: base.wrapping_add(at) as *mut libc::c_void, iov_len: len }),
-                    expect: len as u32,
-                })
-                .collect(),
+            ios: SmallVec::new(),
             many: Vec::new(),
             _bounces: vec![bounce],
             dec,
             bounce_bytes: req.len as usize,
         };
+        for &(_, at, len) in &parts {
+            f.add_part(&[libc::iovec { iov_base: base.wrapping_add(at) as *mut libc::c_void, iov_len: len }], len as u32);
+        }
         self.bounce_bytes += f.bounce_bytes;
         let ops: Vec<(bool, u64, bool)> = parts.iter().map(|p| (write, p.0, false)).collect();
         self.start(f, &ops);
@@ -1020,7 +1023,7 @@ impl Queue {
                 }
                 // Submission queue full: hand what we have to the kernel and retry.
                 if let Err(e) = self.ring.submit() {
-                    if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                    if !enter_retryable(&e) {
                         tracing::error!(error = %e, "io_uring_enter failed");
                     }
                     self.reap_cq();
@@ -1074,7 +1077,7 @@ impl Queue {
                 break;
             }
             if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
+                if !enter_retryable(&e) {
                     tracing::error!(error = %e, "io_uring_enter (flushing overflowed completions) failed");
                     break;
                 }

@@ -651,6 +651,20 @@ fn malformed_vhost_user_messages_do_not_hurt_the_daemon_or_other_volumes() {
     assert!(!log.contains("panicked"), "the daemon logged a panic:\n{log}");
 }
 
+/// Queue 0's rings in the second half of the 1 MiB region at `uaddr`, then a kick, and half a
+/// second for the daemon to act on it (replies and errors ignored: the caller checks the daemon).
+fn ring_in_second_half_and_kick(r: &mut Raw, uaddr: u64) {
+    let _ = r.msg(SET_VRING_NUM, &vring_state(0, 256), &[]);
+    let _ = r.msg(SET_VRING_ADDR, &vring_addr(0, uaddr + 0x80000, uaddr + 0x90000, uaddr + 0x88000), &[]);
+    let _ = r.msg(SET_VRING_BASE, &vring_state(0, 0), &[]);
+    let (kick, call) = (eventfd(), eventfd());
+    let _ = r.msg(SET_VRING_CALL, &u64p(0), &[call.as_raw_fd()]);
+    let _ = r.msg(SET_VRING_KICK, &u64p(0), &[kick.as_raw_fd()]);
+    // SAFETY: writes 8 bytes from a valid u64 to our eventfd: a kick.
+    unsafe { libc::write(kick.as_raw_fd(), [1u64].as_ptr().cast(), 8) };
+    std::thread::sleep(Duration::from_millis(500));
+}
+
 /// A memory table whose region is larger than the fd behind it, and a vring placed in the part
 /// past the fd's end. vm-memory 0.18 maps such a region without checking the fd's size, and the
 /// first access past the end — `SET_VRING_ADDR` reads the used index — was a SIGBUS that killed
@@ -663,15 +677,7 @@ fn memory_region_larger_than_its_fd_does_not_kill_the_daemon() {
     let uaddr = 0x7f00_0000_0000u64;
     let mut r = env.owned();
     let _ = r.msg(SET_MEM_TABLE, &mem_table(1, &[(0, MIB, uaddr, 0)]), &[fd.as_raw_fd()]);
-    let _ = r.msg(SET_VRING_NUM, &vring_state(0, 256), &[]);
-    let _ = r.msg(SET_VRING_ADDR, &vring_addr(0, uaddr + 0x80000, uaddr + 0x90000, uaddr + 0x88000), &[]);
-    let _ = r.msg(SET_VRING_BASE, &vring_state(0, 0), &[]);
-    let (kick, call) = (eventfd(), eventfd());
-    let _ = r.msg(SET_VRING_CALL, &u64p(0), &[call.as_raw_fd()]);
-    let _ = r.msg(SET_VRING_KICK, &u64p(0), &[kick.as_raw_fd()]);
-    // SAFETY: writes 8 bytes from a valid u64 to our eventfd: a kick.
-    unsafe { libc::write(kick.as_raw_fd(), [1u64].as_ptr().cast(), 8) };
-    std::thread::sleep(Duration::from_millis(500));
+    ring_in_second_half_and_kick(&mut r, uaddr);
     drop(r);
     env.check("a memory region larger than its fd");
 }
@@ -698,15 +704,7 @@ fn memory_region_file_cannot_shrink_under_the_daemon() {
     assert_eq!(rc, -1, "a mapped region's memfd shrank under the daemon");
     assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
     // The rings in the region's last half, past the size the truncation asked for.
-    let _ = r.msg(SET_VRING_NUM, &vring_state(0, 256), &[]);
-    let _ = r.msg(SET_VRING_ADDR, &vring_addr(0, uaddr + 0x80000, uaddr + 0x90000, uaddr + 0x88000), &[]);
-    let _ = r.msg(SET_VRING_BASE, &vring_state(0, 0), &[]);
-    let (kick, call) = (eventfd(), eventfd());
-    let _ = r.msg(SET_VRING_CALL, &u64p(0), &[call.as_raw_fd()]);
-    let _ = r.msg(SET_VRING_KICK, &u64p(0), &[kick.as_raw_fd()]);
-    // SAFETY: writes 8 bytes from a valid u64 to our eventfd: a kick.
-    unsafe { libc::write(kick.as_raw_fd(), [1u64].as_ptr().cast(), 8) };
-    std::thread::sleep(Duration::from_millis(500));
+    ring_in_second_half_and_kick(&mut r, uaddr);
     drop(r);
     env.check("a frontend trying to shrink a mapped memory region's file");
 }

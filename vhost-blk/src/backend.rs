@@ -1128,7 +1128,7 @@ fn check_regions_backed(mem: &GuestMem) -> Result<usize, String> {
             return Err(format!("region at guest address {:#x} has no file", r.start_addr().0));
         };
         // Sealed before the size is read: the size checked is then the size for good.
-        if !seal_against_shrinking(fo.file()) {
+        if crate::inflight::seal_against_shrinking(fo.file()).is_err() {
             unsealed += 1;
         }
         let size = fo.file().metadata().map_err(|e| format!("fstat of a region's fd: {e}"))?.len();
@@ -1144,19 +1144,6 @@ fn check_regions_backed(mem: &GuestMem) -> Result<usize, String> {
         }
     }
     Ok(unsealed)
-}
-
-/// Make sure `file` can no longer shrink: true if it carries `F_SEAL_SHRINK` (already, or
-/// added now). False for files that take no seals: a memfd created without
-/// `MFD_ALLOW_SEALING`, files opened by path (on hugetlbfs, tmpfs or any file system).
-fn seal_against_shrinking(file: &std::fs::File) -> bool {
-    // SAFETY: fcntl F_GET_SEALS on a valid fd; no memory effects.
-    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-        return true;
-    }
-    // SAFETY: fcntl F_ADD_SEALS on a valid fd; no memory effects.
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) == 0 }
 }
 
 /// vhost-user-backend's queue masks: worker `t` serves the queues `q` with `q % threads == t`

@@ -115,11 +115,7 @@ impl InflightArea {
         // The file must hold the mapping, and keep holding it: touching a page past its end
         // would be a SIGBUS, which kills the daemon with every volume. So the file must be
         // sealed against shrinking (a memfd from GET_INFLIGHT_FD is; else seal it now).
-        // SAFETY: fcntl F_GET_SEALS on a valid fd; no memory effects.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            seal(&file, libc::F_SEAL_SHRINK).map_err(|e| bad(format!("the area's file cannot be sealed against shrinking: {e}")))?;
-        }
+        seal_against_shrinking(&file).map_err(|e| bad(format!("the area's file cannot be sealed against shrinking: {e}")))?;
         let size = file.metadata()?.len();
         if offset.checked_add(need as u64).is_none_or(|end| end > size) {
             return Err(bad(format!("area of {need} bytes at {offset} in a file of {size}")));
@@ -155,6 +151,18 @@ impl InflightArea {
             counter: 0,
         })
     }
+}
+
+/// Make sure `file` can no longer shrink: it carries `F_SEAL_SHRINK` already, or it is added
+/// now. Fails for files that take no seals: a memfd created without `MFD_ALLOW_SEALING`, files
+/// opened by path (on hugetlbfs, tmpfs or any file system).
+pub(crate) fn seal_against_shrinking(file: &File) -> std::io::Result<()> {
+    // SAFETY: fcntl F_GET_SEALS on a valid fd; no memory effects.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return Ok(());
+    }
+    seal(file, libc::F_SEAL_SHRINK)
 }
 
 /// Add `seals` to a memfd.
