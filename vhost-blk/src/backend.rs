@@ -77,6 +77,13 @@ pub(crate) struct DevShared {
     pub pin_memory: bool,
     /// The logical block size advertised (`Volume::logical_block_size`).
     pub blk_size: u32,
+    /// The cache mode the driver last chose through the configuration space (`CONFIG_WCE`;
+    /// true, write-back, until one does). It outlives connections and device resets: QEMU's
+    /// vhost-user-blk reads the configuration space once and from then on shows the guest its
+    /// own copy, with the last value written, also after it reconnects to a restarted daemon
+    /// process's device or the guest reboots. A device that went back to write-back there
+    /// would lose writes a guest that still sees write-through never flushes.
+    pub guest_writeback: AtomicBool,
 }
 
 impl DevShared {
@@ -490,13 +497,14 @@ impl BlkBackend {
                 }));
             }
         }
+        let writeback = AtomicBool::new(dev.guest_writeback.load(Ordering::Relaxed));
         Ok(BlkBackend {
             dev,
             mem,
             queues,
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
-            writeback: AtomicBool::new(true),
+            writeback,
             exit_fds: Mutex::new(Vec::new()),
             inflight: Mutex::new(None),
         })
@@ -557,6 +565,7 @@ impl BlkBackend {
 
     fn limits(&self, q: &QueueWorker) -> RequestLimits {
         RequestLimits::new(q.engine.0.size_bytes(), self.dev.read_only, self.dev.queue_size)
+            .negotiated(self.acked_features.load(Ordering::Relaxed))
     }
 
     /// Take available chains (kick), until the ring is empty, `limit` chains are in flight, or
@@ -572,7 +581,9 @@ impl BlkBackend {
         let qos = Some(&*self.dev.qos).filter(|q| q.is_active());
         let mut qos_wait = None;
         let mut vr = vring.get_mut();
-        if !vr.get_queue().ready() {
+        // A ring the frontend disabled (SET_VRING_ENABLE 0) takes no new requests: a completion
+        // or the QoS timer of a throttled queue comes here too, not only kicks (which stop).
+        if !vr.get_queue().ready() || !vr.is_enabled() {
             return;
         }
         // Loaded with the vring held, after the ring setup it may depend on.
@@ -1199,8 +1210,10 @@ impl VhostUserBackend for BlkBackend {
             tracing::debug!(volume = %self.dev.name, log_all = features & log_all != 0, "dirty-page logging switched");
             return;
         }
-        // Without CONFIG_WCE the cache mode follows FLUSH (virtio 1.2 §5.2.5.2).
-        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        // Without FLUSH the device is write-through (virtio 1.2 §5.2.5.2); with CONFIG_WCE too
+        // it is in the mode the driver last chose (see `DevShared::guest_writeback`).
+        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0
+            && (features & (1 << VIRTIO_BLK_F_CONFIG_WCE) == 0 || self.dev.guest_writeback.load(Ordering::Relaxed));
         self.writeback.store(writeback, Ordering::Relaxed);
         tracing::debug!(volume = %self.dev.name, features = format_args!("{features:#x}"), writeback, "features acked");
     }
@@ -1262,7 +1275,8 @@ impl VhostUserBackend for BlkBackend {
             }
             q.stop_tracking();
         }
-        self.writeback.store(true, Ordering::Relaxed);
+        // The guest's cache mode stays (see `DevShared::guest_writeback`).
+        self.writeback.store(self.dev.guest_writeback.load(Ordering::Relaxed), Ordering::Relaxed);
         self.acked_features.store(0, Ordering::Relaxed);
     }
 
@@ -1276,11 +1290,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        let features = self.acked_features.load(Ordering::Relaxed);
+        let wce = features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
         match config::parse_config_write(offset, buf, wce) {
             Ok(v) => {
                 tracing::debug!(volume = %self.dev.name, writeback = v, "cache mode set");
-                self.writeback.store(v == 1, Ordering::Relaxed);
+                self.dev.guest_writeback.store(v == 1, Ordering::Relaxed);
+                self.writeback.store(v == 1 && features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
                 Ok(())
             }
             // Ignored, not refused: an error here makes the vhost crate drop the connection.

@@ -105,6 +105,7 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         threads: if cfg.threads == 0 { cfg.num_queues } else { cfg.threads },
         pin_memory: cfg.pin_memory,
         blk_size: volume.logical_block_size(),
+        guest_writeback: std::sync::atomic::AtomicBool::new(true),
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {

@@ -17,7 +17,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, Vhos
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,6 +108,19 @@ impl Driver {
         inflight: Option<Option<File>>,
         prepare: impl FnOnce(&File),
     ) -> Driver {
+        Driver::connect_acking(f, qsize, mem, base, inflight, prepare, u64::MAX)
+    }
+
+    /// [`connect_full`](Self::connect_full), acknowledging only the offered features in `ack`.
+    fn connect_acking(
+        f: &Fixture,
+        qsize: u16,
+        mem: Mem,
+        base: u16,
+        inflight: Option<Option<File>>,
+        prepare: impl FnOnce(&File),
+        ack: u64,
+    ) -> Driver {
         let mut fe = Frontend::connect(&f.socket, 1).unwrap();
         fe.set_owner().unwrap();
         let features = fe.get_features().unwrap();
@@ -115,7 +128,7 @@ impl Driver {
         assert_ne!(features & (1 << VIRTIO_BLK_F_CONFIG_WCE), 0);
         assert_ne!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
         assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
-        fe.set_features(features).unwrap();
+        fe.set_features(features & ack).unwrap();
         let proto = fe.get_protocol_features().unwrap();
         assert!(proto.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
         fe.set_protocol_features(proto).unwrap();
@@ -279,6 +292,104 @@ fn config_space() {
     let buf = [0u8; 16];
     assert!(d.fe.get_config(0x1000 - 8, 16, VhostUserConfigFlags::WRITABLE, &buf).is_err());
     assert_eq!(d.config()[32], 0);
+}
+
+/// The cache mode the guest chose stays when the frontend reconnects, renegotiates or resets
+/// the device: QEMU shows the guest the configuration space it read once, so a device that went
+/// back to write-back would lose writes a guest that still sees write-through never flushes.
+#[test]
+fn cache_mode_outlives_reconnects_renegotiation_and_resets() {
+    let f = fixture();
+    let wait_disconnected = |f: &Fixture| {
+        let t0 = Instant::now();
+        while f.dev.as_ref().unwrap().connected() {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    {
+        let mut d = Driver::connect(&f);
+        assert_eq!(d.config()[32], 1, "write-back by default");
+        d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+        assert_eq!(d.config()[32], 0);
+    }
+    wait_disconnected(&f);
+    // A new connection, read before and after the features are set (QEMU reads it at realize,
+    // before any SET_FEATURES).
+    let mut fe = Frontend::connect(&f.socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    let proto = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(proto).unwrap();
+    let buf = [0u8; 96];
+    assert_eq!(fe.get_config(0, 96, VhostUserConfigFlags::WRITABLE, &buf).unwrap().1[32], 0, "fresh connection");
+    drop(fe);
+    wait_disconnected(&f);
+    let mut d = Driver::connect(&f);
+    assert_eq!(d.config()[32], 0, "after a reconnect");
+    // Renegotiation with another feature set (firmware, then the OS driver).
+    let features = d.fe.get_features().unwrap();
+    d.fe.set_features(features & !(1 << VIRTIO_RING_F_EVENT_IDX)).unwrap();
+    assert_eq!(d.config()[32], 0, "after renegotiation");
+    // Without FLUSH the device is write-through whatever was chosen; the choice comes back
+    // with FLUSH.
+    d.fe.set_features(features & !(1 << VIRTIO_BLK_F_FLUSH) & !(1 << VIRTIO_BLK_F_CONFIG_WCE)).unwrap();
+    assert_eq!(d.config()[32], 0);
+    d.fe.set_features(features).unwrap();
+    assert_eq!(d.config()[32], 0);
+    // A device reset (guest reboot).
+    d.fe.reset_device().unwrap();
+    assert_eq!(d.config()[32], 0, "after a device reset");
+    d.fe.set_features(features).unwrap();
+    assert_eq!(d.config()[32], 0);
+    // The guest switches back to write-back: that stays too.
+    d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
+    drop(d);
+    wait_disconnected(&f);
+    let mut d = Driver::connect(&f);
+    assert_eq!(d.config()[32], 1, "write-back chosen again");
+}
+
+/// `size_max` and `seg_max` bind only a driver that negotiated them (virtio 1.2 §5.2.3). OVMF
+/// acknowledges neither and reads a kernel or an initrd as one descriptor of many MiB.
+#[test]
+fn size_max_and_seg_max_bind_only_a_driver_that_negotiated_them() {
+    let f = fixture();
+    let ack = !((1u64 << VIRTIO_BLK_F_SIZE_MAX) | (1u64 << VIRTIO_BLK_F_SEG_MAX));
+    let seg = 4u32 << 20; // 4 MiB: over size_max (1 MiB)
+    let (src, dst) = (0x40_0000u64, 0x80_0000u64);
+    {
+        let mut d = Driver::connect_acking(&f, QSIZE, guest_memory(), 0, None, |_| {}, ack);
+        let pattern: Vec<u8> = (0..seg).map(|i| (i / 512 % 251) as u8 ^ (i % 7) as u8).collect();
+        d.mem.write_slice(&pattern, GuestAddress(src)).unwrap();
+        // One 4 MiB write, then one 4 MiB read of it.
+        d.header(HDR, VIRTIO_BLK_T_OUT, 2048);
+        d.add(&[(HDR, 16, false), (src, seg, false), (STATUS, 1, true)]);
+        d.kick();
+        assert_eq!(d.wait_used(1)[0].1, 1);
+        assert_eq!(d.status(STATUS), VIRTIO_BLK_S_OK as u8);
+        d.header(HDR, VIRTIO_BLK_T_IN, 2048);
+        d.add(&[(HDR, 16, false), (dst, seg, true), (STATUS, 1, true)]);
+        d.kick();
+        assert_eq!(d.wait_used(1)[0].1, seg + 1);
+        assert_eq!(d.status(STATUS), VIRTIO_BLK_S_OK as u8);
+        let mut back = vec![0u8; seg as usize];
+        d.mem.read_slice(&mut back, GuestAddress(dst)).unwrap();
+        assert!(back == pattern, "read back what was written");
+    }
+    let t0 = Instant::now();
+    while f.dev.as_ref().unwrap().connected() {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A driver that negotiated SIZE_MAX is held to it.
+    let mut d = Driver::connect(&f);
+    d.header(HDR, VIRTIO_BLK_T_IN, 2048);
+    d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    d.add(&[(HDR, 16, false), (dst, seg, true), (STATUS, 1, true)]);
+    d.kick();
+    d.wait_used(1);
+    assert_eq!(d.status(STATUS), VIRTIO_BLK_S_IOERR as u8);
 }
 
 #[test]

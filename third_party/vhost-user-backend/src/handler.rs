@@ -439,9 +439,11 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
-        if num == 0 || num as usize > self.max_queue_size {
+        // A split ring's size is a power of two (virtio 1.2 §2.7); virtio-queue would only log
+        // another and keep the old size, reading the ring with the wrong one.
+        if num == 0 || num as usize > self.max_queue_size || !num.is_power_of_two() {
             log::error!(
-                "vring {index} requested queue size {num} out of range (1-{})",
+                "vring {index} requested queue size {num} out of range (a power of two, 1-{})",
                 self.max_queue_size
             );
             return Err(VhostUserError::InvalidParam);
