@@ -4,13 +4,14 @@
 #   build:  librocksdb-dev (RocksDB 7.8, linked instead of compiling 15 min of C++),
 #           libclang-dev (bindgen for librocksdb-sys), protobuf-compiler (protoc for the gRPC API),
 #           pkg-config, g++
-#   guests: qemu-system-x86, busybox-static, cpio, e2fsprogs, xz-utils, zstd, fdisk
+#   guests: qemu-system-x86, busybox-static, cpio, e2fsprogs, xz-utils, zstd, fdisk,
+#           ovmf, dosfstools, mtools (a UEFI guest booting from a volume)
 #           (the kernel package is fetched with `apt-get download` by tests/guest/build.sh,
 #           never installed on the host)
 #   benches: fio, qemu-system-common (qemu-storage-daemon), qemu-utils (qemu-img; also used by
 #            `vblk import` for qcow2)
 set -euo pipefail
-PKGS=(librocksdb-dev libclang-dev protobuf-compiler pkg-config g++ qemu-system-x86 qemu-system-common qemu-utils
+PKGS=(librocksdb-dev libclang-dev protobuf-compiler pkg-config g++ qemu-system-x86 qemu-system-common qemu-utils ovmf dosfstools mtools
       busybox-static cpio e2fsprogs xz-utils zstd fdisk fio)
 missing=()
 for p in "${PKGS[@]}"; do

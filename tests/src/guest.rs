@@ -84,6 +84,10 @@ pub struct GuestRun {
     pub mem_mib: u32,
     /// More kernel command line parameters (space-separated).
     pub kernel_args: String,
+    /// Boot through UEFI firmware (OVMF) from the first disk instead of QEMU's `-kernel`: the
+    /// disk must hold the image [`uefi_boot_image`] builds (the firmware's shell runs its
+    /// `startup.nsh`, which starts the kernel and initramfs from that disk).
+    pub uefi: bool,
 }
 
 impl GuestRun {
@@ -97,6 +101,7 @@ impl GuestRun {
             timeout: Duration::from_secs(300),
             mem_mib: 512,
             kernel_args: String::new(),
+            uefi: false,
         }
     }
 
@@ -421,18 +426,28 @@ pub fn qemu_args(run: &GuestRun, art: &GuestArtifacts) -> Vec<String> {
         format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
         "-numa".to_string(),
         "node,memdev=mem".to_string(),
-        "-kernel".to_string(),
-        art.kernel.display().to_string(),
-        "-initrd".to_string(),
-        // Scenarios that run fio boot the initramfs that also carries it (see build.sh).
-        if needs_fio(&run.scenario) {
-            art.dir.join("initramfs-fio.cpio.gz").display().to_string()
-        } else {
-            art.initrd.display().to_string()
-        },
-        "-append".to_string(),
-        kernel_cmdline(run),
     ]);
+    if run.uefi {
+        // The variables store is written by the firmware: `snapshot=on` keeps the writes in a
+        // temporary overlay, so the system's copy stays pristine.
+        v.extend([
+            "-machine".to_string(),
+            "q35".to_string(),
+            "-drive".to_string(),
+            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+            "-drive".to_string(),
+            format!("if=pflash,format=raw,snapshot=on,file={OVMF_VARS}"),
+        ]);
+    } else {
+        v.extend([
+            "-kernel".to_string(),
+            art.kernel.display().to_string(),
+            "-initrd".to_string(),
+            initrd_of(run, art).display().to_string(),
+            "-append".to_string(),
+            kernel_cmdline(run),
+        ]);
+    }
     for (i, d) in run.disks.iter().enumerate() {
         let reconnect = if d.reconnect { ",reconnect=1" } else { "" };
         v.push("-chardev".to_string());
@@ -442,6 +457,50 @@ pub fn qemu_args(run: &GuestRun, art: &GuestArtifacts) -> Vec<String> {
         v.push(format!("vhost-user-blk-pci,chardev=vblk{i},num-queues={}", d.num_queues.max(1)));
     }
     v
+}
+
+/// The initramfs a run boots: scenarios that run fio boot the one that also carries it (see
+/// build.sh).
+fn initrd_of(run: &GuestRun, art: &GuestArtifacts) -> PathBuf {
+    if needs_fio(&run.scenario) {
+        art.dir.join("initramfs-fio.cpio.gz")
+    } else {
+        art.initrd.clone()
+    }
+}
+
+/// OVMF, Debian's `ovmf` package: the firmware code and the variables store template.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// Build at `out` a disk image of `mib` MiB that UEFI firmware boots the test guest from: a
+/// FAT32 file system (no partition table, as on a USB stick) with the kernel as
+/// `vmlinuz.efi` (its EFI stub), the initramfs as `initrd.gz`, and a `startup.nsh` that starts
+/// the kernel with the run's command line. OVMF finds no boot loader on the disk, starts its
+/// built-in shell, and the shell runs `startup.nsh` after a 5 s countdown. OVMF loads both
+/// files through the firmware's own virtio-blk driver, which negotiates neither `SIZE_MAX` nor
+/// `SEG_MAX` and reads each file in transfers of many MiB. Needs `mkfs.vfat` (dosfstools) and
+/// `mcopy` (mtools).
+pub fn uefi_boot_image(run: &GuestRun, out: &Path, mib: u32) -> Result<()> {
+    let art = guest_artifacts()?;
+    let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    f.set_len(u64::from(mib) << 20)?;
+    drop(f);
+    let sh = |cmd: &mut Command, what: &str| -> Result<()> {
+        let o = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {what} (apt-get install dosfstools mtools)"))?;
+        if !o.status.success() {
+            bail!("{what} failed ({}): {}{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(())
+    };
+    sh(Command::new("mkfs.vfat").args(["-F", "32", "-n", "VBLKESP"]).arg(out), "mkfs.vfat")?;
+    let nsh = out.with_extension("nsh");
+    std::fs::write(&nsh, format!("fs0:\\vmlinuz.efi initrd=\\initrd.gz {}\r\n", kernel_cmdline(run)))?;
+    for (src, name) in [(art.kernel.clone(), "vmlinuz.efi"), (initrd_of(run, &art), "initrd.gz"), (nsh.clone(), "startup.nsh")] {
+        sh(Command::new("mcopy").arg("-i").arg(out).arg(&src).arg(format!("::/{name}")), "mcopy")?;
+    }
+    let _ = std::fs::remove_file(&nsh);
+    Ok(())
 }
 
 /// `argv` as one line for a POSIX shell (for READMEs, demos and logs).
@@ -476,6 +535,9 @@ fn validate(run: &GuestRun) -> Result<()> {
     }
     if run.mib == Some(0) {
         bail!("mib must be at least 1 (a 0 MiB pattern region would verify nothing)");
+    }
+    if run.uefi && !Path::new(OVMF_CODE).is_file() {
+        bail!("{OVMF_CODE} is missing: apt-get install ovmf");
     }
     if run.mem_mib < 128 {
         bail!("mem_mib {} is too small (>= 128, 512 recommended)", run.mem_mib);
