@@ -104,8 +104,8 @@ pub enum Command {
     #[command(
         long_about = "Expose a volume to a VM as a vhost-user-blk socket.\n\n\
                       The daemon creates the socket and waits for a vhost-user front end such as QEMU \
-                      to connect. A volume has at most one read-write attachment; a read-only \
-                      attachment shows the guest a read-only disk.",
+                      to connect. A volume has at most one attachment (read-write, or read-only \
+                      with --read-only, which shows the guest a read-only disk).",
         after_help = "Examples:\n  \
                       vblk attach vm1 --socket /run/vblk/vm1.sock --queues 4\n\n\
                       Then, in QEMU (guest RAM must be shared):\n  \
@@ -116,7 +116,14 @@ pub enum Command {
     Attach(AttachArgs),
 
     /// Stop a vhost-user-blk device (by volume or socket) and remove its socket.
-    #[command(after_help = "Examples:\n  vblk detach vm1\n  vblk detach --socket /run/vblk/vm1.sock")]
+    #[command(
+        long_about = "Stop a vhost-user-blk device (by volume or socket) and remove its socket.\n\n\
+                      Refused while a VM is connected to the device (as SPDK refuses to delete a \
+                      controller with a live connection): stop the VM or unplug the disk first \
+                      (QEMU: device_del), or use --force. A VM that just exited may still count \
+                      as connected for a moment; detach waits up to 2 s for it to go.",
+        after_help = "Examples:\n  vblk detach vm1\n  vblk detach --socket /run/vblk/vm1.sock\n  vblk detach vm1 --force"
+    )]
     Detach(DetachArgs),
 
     /// List the vhost-user-blk devices the daemon serves, with their request counters.
@@ -378,8 +385,10 @@ pub enum VolCmd {
     /// Change a volume's size (growing works while attached; the guest sees the new size).
     #[command(
         long_about = "Change a volume's size. Growing works while the volume is attached: the device \
-                      reports the new capacity (no config-change interrupt is sent yet, so the guest \
-                      sees it when it next reads the disk's configuration). Shrinking discards the data past the new end, needs \
+                      reports the new capacity and sends the front end a config-change message, so \
+                      QEMU interrupts the guest, which sees the new size at once (a front end without \
+                      the backend channel sees it when it next reads the configuration). Shrinking \
+                      discards the data past the new end, needs \
                       --shrink and a detached volume.",
         after_help = "SIZE is absolute (30G), or relative: +10G grows by, -10G shrinks by.\n\
                       Units: K, M, G, T, P (binary); a bare number is bytes; the result must be a multiple of 4096.\n\n\
@@ -652,6 +661,11 @@ pub struct DetachArgs {
     /// Or: the device's socket path.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Detach even while a VM is connected. Its disk stops answering: the guest's I/O to it
+    /// hangs or fails. Without --force, a device with a connected VM is refused (stop the VM, or
+    /// unplug the disk from it, first).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

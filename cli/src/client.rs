@@ -269,7 +269,7 @@ pub async fn detach(socket: &Path, a: DetachArgs, json: bool) -> anyhow::Result<
         None => String::new(),
     };
     let r = c
-        .detach(proto::DetachRequest { volume: a.volume.unwrap_or_default(), socket: sock })
+        .detach(proto::DetachRequest { volume: a.volume.unwrap_or_default(), socket: sock, force: a.force })
         .await
         .map_err(rpc_error)?
         .into_inner();
@@ -308,6 +308,9 @@ pub async fn check(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn import(socket: &Path, a: ImportArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if a.file == Path::new("-") {
+        anyhow::bail!("importing from standard input is not supported: the daemon reads the image from a file (give its path)");
+    }
     let file = absolute(&a.file)?;
     std::fs::metadata(&file).with_context(|| format!("{}", file.display()))?;
     let tmp_dir = match a.tmp_dir {
@@ -352,6 +355,9 @@ pub async fn import(socket: &Path, a: ImportArgs, json: bool) -> anyhow::Result<
 }
 
 pub async fn export(socket: &Path, a: ExportArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if a.file == Path::new("-") {
+        anyhow::bail!("exporting to standard output is not supported: the daemon writes a sparse file (give its path)");
+    }
     let file = absolute(&a.file)?;
     let req = proto::ExportRequest {
         volume: a.volume.clone(),

@@ -29,6 +29,7 @@ static ALLOC: vblk_engine::HugePageAlloc = vblk_engine::HugePageAlloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    quiet_stdout_errors();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -36,6 +37,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A closed or full standard output (`vblk vol list | head -1`, `> /dev/full`) is an error
+/// message and an exit status, not a panic with a backtrace: `println!` panics when it cannot
+/// write. A closed pipe exits with 141, the status of a command a SIGPIPE killed (as `rbd ls |
+/// head` does, without the daemon-side risk of a real SIGPIPE disposition); another write error
+/// exits 1 with `vblk: error:`.
+fn quiet_stdout_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied()).unwrap_or("");
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            if why.starts_with("Broken pipe") {
+                std::process::exit(141);
+            }
+            eprintln!("vblk: error: writing to standard output: {why}");
+            std::process::exit(1);
+        }
+        default(info);
+    }));
 }
 
 /// Allocator tunables for the daemon (`daemon_memory` bench, `pool status` memory figures):

@@ -173,9 +173,11 @@ impl DaemonState {
         Ok(msg)
     }
 
-    /// Detach by volume name or socket path (blocking).
-    pub fn detach(&self, volume: &str, socket: &str) -> Result<proto::Attachment, Status> {
-        let a = {
+    /// Detach by volume name or socket path (blocking). Refused while a frontend is connected,
+    /// unless `force`; a frontend that is going away gets [`DETACH_GRACE`] to finish.
+    pub fn detach(&self, volume: &str, socket: &str, force: bool) -> Result<proto::Attachment, Status> {
+        let t0 = std::time::Instant::now();
+        let a = loop {
             let mut devs = lock(&self.devices);
             let id = if !volume.is_empty() {
                 let info = self.pool.volume_info(volume).map_err(engine_status)?;
@@ -192,7 +194,20 @@ impl DaemonState {
             } else {
                 return Err(Status::invalid_argument("name a volume or a socket to detach"));
             };
-            devs.remove(&id).ok_or_else(|| Status::internal("device vanished"))?
+            let a = devs.get(&id).ok_or_else(|| Status::internal("device vanished"))?;
+            if !force && a.device.connected() {
+                if t0.elapsed() < DETACH_GRACE {
+                    drop(devs);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                }
+                return Err(Status::failed_precondition(format!(
+                    "volume {:?} is in use: a VM is connected to {}; stop the VM or unplug the disk first, or detach --force",
+                    self.name_of(id),
+                    a.socket.display()
+                )));
+            }
+            break devs.remove(&id).ok_or_else(|| Status::internal("device vanished"))?;
         };
         let name = self.name_of(a.volume_id);
         let mut msg = self.attachment_of(&a, &name);
@@ -444,7 +459,7 @@ impl Vblk for Service {
     async fn detach(&self, req: Request<proto::DetachRequest>) -> Result<Response<proto::Attachment>, Status> {
         let r = req.into_inner();
         let st = self.st.clone();
-        let a = blocking(move || st.detach(&r.volume, &r.socket)).await?;
+        let a = blocking(move || st.detach(&r.volume, &r.socket, r.force)).await?;
         Ok(Response::new(a))
     }
 
@@ -747,6 +762,9 @@ async fn attach_at_startup(st: &Arc<DaemonState>, spec: &AttachSpec) -> anyhow::
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// SIGHUP, ignored: a daemon started from a shell (`vblk daemon ... &`) must not die,
+    /// uncleanly, when that terminal goes away; there is no configuration to reload.
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -755,13 +773,17 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
     async fn wait(mut self) {
-        let which = tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = self.term.recv() => break "SIGTERM",
+                _ = self.int.recv() => break "SIGINT",
+                _ = self.hup.recv() => info!("SIGHUP ignored (nothing to reload); stop the daemon with SIGTERM"),
+            }
         };
         info!("{which}: shutting down");
     }
@@ -880,6 +902,10 @@ fn memory_msg(m: &vblk_engine::MemoryStats) -> proto::MemoryStats {
 
 /// Growth of the resident set since the last trim (or its lowest point since) that makes the
 /// daemon hand free heap memory back to the system.
+/// How long a detach waits for a frontend that is going away (a VM that just exited) before it
+/// refuses to pull the device from under a connected one.
+const DETACH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 const TRIM_AFTER_GROWTH: u64 = 8 << 20;
 
 /// Seconds the resident set must stay within a MiB, after it moved, for the settling trim.

@@ -160,8 +160,83 @@ impl Drop for TempFile {
     }
 }
 
+/// The error for qemu-img that could not be started.
+fn qemu_img_error(e: std::io::Error, src: &Path, format: &str) -> Status {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Status::failed_precondition(format!(
+            "{} is a {format} image; importing it needs qemu-img, which is not on the daemon's PATH \
+             (install qemu-utils, or convert it to raw first)",
+            src.display()
+        ))
+    } else {
+        Status::internal(format!("running qemu-img: {e}"))
+    }
+}
+
+/// Refuse an image that refers to other files: a backing file (qcow2, qed, vmdk), an external
+/// data file (qcow2 `data-file`), or extents in other files (a vmdk descriptor). qemu-img would
+/// read them with the daemon's privileges, so an image handed in by a tenant could copy any
+/// file of the host into a volume. Checked with `qemu-img info`, which opens no backing file.
+fn refuse_external_files(src: &Path, format: &str) -> Result<(), Status> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", format])
+        .arg(src)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| qemu_img_error(e, src, format))?;
+    if !out.status.success() {
+        return Err(Status::invalid_argument(format!(
+            "qemu-img info -f {format} of {} failed ({}): {}",
+            src.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Status::internal(format!("qemu-img info printed no JSON ({e})")))?;
+    let refs = external_files(&info, src);
+    if refs.is_empty() {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!(
+        "{} is a {format} image that refers to other files ({}); vblk imports self-contained images only \
+         (the daemon would read those files with its own privileges): make a standalone copy first, \
+         e.g. `qemu-img convert -O {format} IMAGE standalone.img`, and import that",
+        src.display(),
+        refs.join(", ")
+    )))
+}
+
+/// Other files `qemu-img info` JSON says an image uses: its backing file, a qcow2 data file,
+/// and any `filename` (vmdk extents) other than the image itself.
+fn external_files(info: &serde_json::Value, src: &Path) -> Vec<String> {
+    fn walk(v: &serde_json::Value, src: &str, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x.as_str()) {
+                        ("backing-filename" | "full-backing-filename" | "data-file", Some(s)) => {
+                            out.push(format!("{k} {s}"));
+                        }
+                        ("filename", Some(s)) if s != src => out.push(format!("file {s}")),
+                        _ => walk(x, src, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, src, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(info, &src.display().to_string(), &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// `qemu-img convert -f FORMAT -O raw SRC TMP` (the output is sparse). Polls for cancellation.
 fn convert(src: &Path, format: &str, tmp_dir: &Path, p: &mut Progress) -> Result<TempFile, Status> {
+    refuse_external_files(src, format)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let tmp = TempFile(tmp_dir.join(format!(".vblk-import-{}-{nanos}.raw", std::process::id())));
     p.phase("converting", format!("converting {format} to raw with qemu-img (temporary file in {})", tmp_dir.display()))?;
@@ -173,17 +248,7 @@ fn convert(src: &Path, format: &str, tmp_dir: &Path, p: &mut Progress) -> Result
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Status::failed_precondition(format!(
-                    "{} is a {format} image; importing it needs qemu-img, which is not on the daemon's PATH \
-                     (install qemu-utils, or convert it to raw first)",
-                    src.display()
-                ))
-            } else {
-                Status::internal(format!("running qemu-img: {e}"))
-            }
-        })?;
+        .map_err(|e| qemu_img_error(e, src, format))?;
     let status = loop {
         if let Err(e) = p.poll() {
             let _ = child.kill();

@@ -541,6 +541,19 @@ fn import_qcow2_through_qemu_img() {
     // --format raw takes the file as it is (here: the qcow2 container itself).
     let r = json(&api, &["import", qcow.to_str().unwrap(), "as-raw", "--format", "raw"]);
     assert_eq!(u(&r["volume"], "size_bytes"), std::fs::metadata(&qcow).unwrap().len().div_ceil(4096) * 4096);
+    // An image that refers to other files is refused, so an image from a tenant cannot copy a
+    // file of the host into a volume: a backing file, a qcow2 external data file.
+    let secret = d.join("secret.txt");
+    std::fs::write(&secret, b"SECRET-HOST-DATA").unwrap();
+    let backed = d.join("backed.qcow2");
+    let datafile = d.join("datafile.qcow2");
+    for (img, opts) in [(&backed, format!("backing_file={},backing_fmt=raw", secret.display())), (&datafile, format!("data_file={},data_file_raw=on", secret.display()))] {
+        let o = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-o", &opts]).arg(img).arg("1M").output().unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let err = fails(&api, &["import", img.to_str().unwrap(), "leak"]);
+        assert!(err.contains("refers to other files") && err.contains("secret.txt"), "{err}");
+        fails(&api, &["vol", "info", "leak"]);
+    }
     assert_eq!(daemon.terminate(), Some(0));
 }
 
@@ -764,4 +777,36 @@ fn encrypted_volumes_keys_and_rekey() {
     ok(&api, &["attach", "sec", "--socket", sock.to_str().unwrap()]);
     ok(&api, &["detach", "sec"]);
     assert_eq!(dm.terminate(), Some(0));
+}
+
+/// Output that cannot be written is an error message and an exit status, never a panic: a full
+/// stdout exits 1 with `vblk: error:`, a closed pipe exits 141 (as a command SIGPIPE killed).
+/// `-` is not taken for a file named "-".
+#[test]
+fn unwritable_output_and_dash_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = create_pool(d, "64M");
+    let api = d.join("api.sock");
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    for i in 0..200 {
+        ok(&api, &["vol", "create", &format!("volume-with-a-long-name-{i:04}"), "1M"]);
+    }
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = Command::new(BIN).arg("--api-socket").arg(&api).args(["vol", "list"]).stdout(full).stderr(Stdio::piped()).output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("vblk: error: writing to standard output") && !err.contains("panicked"), "{err}");
+    // A pipe whose reader has gone (`vblk vol list | head` after head exits).
+    let (r, w) = std::io::pipe().unwrap();
+    drop(r);
+    let o = Command::new(BIN).arg("--api-socket").arg(&api).args(["vol", "list"]).stdout(w).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stderr), "");
+    let err = fails(&api, &["import", "-", "x"]);
+    assert!(err.contains("standard input"), "{err}");
+    let err = fails(&api, &["export", "volume-with-a-long-name-0000", "-"]);
+    assert!(err.contains("standard output"), "{err}");
+    assert!(!Path::new("-").exists() && !d.join("-").exists());
+    assert_eq!(daemon.terminate(), Some(0));
 }

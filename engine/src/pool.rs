@@ -291,6 +291,11 @@ pub fn create_pool(path: &Path, opts: &CreateOptions) -> Result<Superblock> {
             return Err(Error::InvalidSize("a pool on a block device needs --meta-dir (a directory on another file system)".into()))
         }
     };
+    // Refused before the pool file is created or sized: a failed create must not leave a file
+    // behind that the next attempt then refuses too.
+    if !opts.force && meta_dir.exists() {
+        return Err(Error::AlreadyExists { path: meta_dir });
+    }
     // Take the pool lock before touching anything, so that `--force` cannot destroy a pool that
     // a daemon has open.
     let lockf = OpenOptions::new().create(!blockdev).truncate(false).read(true).write(true).open(path).map_err(Error::io("open", path))?;

@@ -255,3 +255,31 @@ fn encrypted_volume_over_vhost_user() {
     let check = daemon2.json(&["check"]).unwrap();
     assert_eq!(check["clean"], serde_json::Value::Bool(true), "{check}");
 }
+
+/// `vblk detach` refuses to pull a device from under a connected VM (its I/O would hang), as
+/// SPDK refuses to delete a controller with a live connection; `--force` does it anyway. Once
+/// the client has gone, a plain detach works (it waits out a disconnect in progress).
+#[test]
+fn detach_is_refused_while_a_frontend_is_connected() {
+    let (_d, daemon, sock) = setup("16M");
+    let mut c = BlkClient::connect(&sock, 4096).unwrap();
+    c.write_data(0, &[7u8; 4096]).unwrap();
+    let err = daemon.cli(&["detach", "v"]).expect_err("detach with a connected client must be refused").to_string();
+    assert!(err.contains("in use") && err.contains("--force"), "{err}");
+    let err = daemon.cli(&["detach", "--socket", sock.to_str().unwrap()]).expect_err("also by socket").to_string();
+    assert!(err.contains("in use"), "{err}");
+    // Still attached and serving.
+    assert_eq!(daemon.json(&["devices"]).unwrap()[0]["connected"], true);
+    assert_eq!(c.read_data(0, 4096).unwrap(), vec![7u8; 4096]);
+    drop(c);
+    // Right after the client went away: detach waits for the disconnect instead of refusing.
+    daemon.cli(&["detach", "v"]).unwrap();
+    assert!(!sock.exists(), "the socket is removed");
+    // --force detaches a device with a client connected.
+    daemon.cli(&["attach", "v", "--socket", sock.to_str().unwrap()]).unwrap();
+    wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    let mut c = BlkClient::connect(&sock, 4096).unwrap();
+    assert_eq!(c.read_data(0, 4096).unwrap(), vec![7u8; 4096]);
+    daemon.cli(&["detach", "v", "--force"]).unwrap();
+    assert_eq!(daemon.json(&["devices"]).unwrap().as_array().map(|a| a.len()), Some(0));
+}
