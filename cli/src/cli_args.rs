@@ -105,7 +105,11 @@ pub enum Command {
         long_about = "Expose a volume to a VM as a vhost-user-blk socket.\n\n\
                       The daemon creates the socket and waits for a vhost-user front end such as QEMU \
                       to connect. A volume has at most one attachment (read-write, or read-only \
-                      with --read-only, which shows the guest a read-only disk).",
+                      with --read-only, which shows the guest a read-only disk). The attachment is \
+                      recorded in the pool's metadata directory: a daemon that starts again attaches \
+                      it again by itself (QEMU with reconnect=1 reconnects); `vblk detach` forgets it. \
+                      Attaching the same volume at the same socket with the same settings again is a \
+                      no-op.",
         after_help = "Examples:\n  \
                       vblk attach vm1 --socket /run/vblk/vm1.sock --queues 4\n\n\
                       Then, in QEMU (guest RAM must be shared):\n  \

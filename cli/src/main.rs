@@ -1,6 +1,7 @@
 //! `vblk`: the daemon (`vblk daemon`) and the operator CLI that talks to it.
 
 mod attach;
+mod attachments;
 mod cli_args;
 mod client;
 mod keys;

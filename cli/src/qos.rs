@@ -191,7 +191,7 @@ struct QosFile {
 }
 
 /// Write `data` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("json.tmp");
     {

@@ -19,6 +19,7 @@ use crate::attach;
 use crate::cli_args::{AttachSpec, DaemonArgs};
 use crate::proto;
 use crate::proto::vblk_server::{Vblk, VblkServer};
+use crate::attachments::{AttachmentRegistry, Entry as AttachEntry};
 use crate::qos::{GroupChange, QosRegistry};
 use crate::transfer;
 
@@ -74,6 +75,8 @@ struct Attached {
     num_queues: u16,
     queue_size: u16,
     read_only: bool,
+    /// As recorded in `attachments.json` (the arguments it was attached with).
+    entry: AttachEntry,
     device: attach::Device,
 }
 
@@ -86,6 +89,8 @@ pub struct DaemonState {
     shutting_down: AtomicBool,
     /// Volumes' and groups' QoS (persisted in the metadata directory).
     qos: QosRegistry,
+    /// The attachments a restarted daemon makes again (persisted in the metadata directory).
+    attachments: AttachmentRegistry,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,8 +98,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DaemonState {
-    pub fn new(pool: Pool, qos: QosRegistry) -> DaemonState {
-        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false), qos }
+    pub fn new(pool: Pool, qos: QosRegistry, attachments: AttachmentRegistry) -> DaemonState {
+        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false), qos, attachments }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -158,7 +163,13 @@ impl DaemonState {
         }
         let mut devs = lock(&self.devices);
         let info = self.pool.volume_info(volume).map_err(engine_status)?;
+        let entry = AttachEntry { name: info.name.clone(), socket: socket.into(), num_queues, queue_size, threads, pin_memory, read_only };
         if let Some(a) = devs.get(&info.id) {
+            // The same attachment again (a script that re-attaches after a daemon restart, which
+            // already attached it from attachments.json): nothing to do.
+            if (AttachEntry { name: info.name.clone(), ..a.entry.clone() }) == entry {
+                return Ok(self.attachment_of(a, &info.name));
+            }
             return Err(Status::already_exists(format!("volume {volume:?} is already attached at {}", a.socket.display())));
         }
         if devs.values().any(|a| a.socket == socket) {
@@ -166,8 +177,13 @@ impl DaemonState {
         }
         let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
         let device = attach::start(vol, socket, num_queues, queue_size, threads, pin_memory, self.qos.volume(info.id, &info.name))?;
+        if let Err(e) = self.attachments.put(info.id, entry.clone()) {
+            let _ = device.stop();
+            remove_socket_if_present(socket);
+            return Err(e);
+        }
         info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
-        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, device };
+        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, entry, device };
         let msg = self.attachment_of(&a, &info.name);
         devs.insert(info.id, a);
         Ok(msg)
@@ -207,6 +223,9 @@ impl DaemonState {
                     a.socket.display()
                 )));
             }
+            // Forgotten first: a daemon restarting after a failed write attaches it again
+            // rather than dropping a device that may still be in use.
+            self.attachments.remove(id)?;
             break devs.remove(&id).ok_or_else(|| Status::internal("device vanished"))?;
         };
         let name = self.name_of(a.volume_id);
@@ -262,6 +281,10 @@ impl DaemonState {
         let names: BTreeMap<u64, String> = self.pool.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
         let devs = lock(&self.devices);
         devs.values().map(|a| self.attachment_of(a, names.get(&a.volume_id).map(String::as_str).unwrap_or(""))).collect()
+    }
+
+    fn is_attached(&self, volume: &str) -> bool {
+        self.pool.volume_info(volume).is_ok_and(|info| lock(&self.devices).contains_key(&info.id))
     }
 
     /// Stop every device (shutdown).
@@ -698,7 +721,14 @@ pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
             return Err(e.context("loading the QoS settings"));
         }
     };
-    let st = Arc::new(DaemonState::new(pool, qos));
+    let attachments = match AttachmentRegistry::load(&meta_dir, &uuid) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || drop(pool)).await;
+            return Err(e.context("loading the attachments"));
+        }
+    };
+    let st = Arc::new(DaemonState::new(pool, qos, attachments));
 
     let listener = match prepare_api_socket(&api_socket) {
         Ok(l) => l,
@@ -707,6 +737,7 @@ pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    restore_attachments(&st).await;
     for spec in &args.attach {
         if let Err(e) = attach_at_startup(&st, spec).await {
             st.detach_all();
@@ -748,12 +779,54 @@ fn prepare_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
     bind_private(path)
 }
 
+/// Attach again what `attachments.json` recorded (see [`crate::attachments`]). Entries of
+/// volumes that no longer exist are dropped; one that fails now is kept for the next start and
+/// logged, and the daemon serves the others.
+async fn restore_attachments(st: &Arc<DaemonState>) {
+    let entries = st.attachments.entries();
+    if entries.is_empty() {
+        return;
+    }
+    let names: BTreeMap<u64, String> = st.pool.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
+    let mut restored = 0;
+    for (id, e) in entries {
+        let Some(name) = names.get(&id).cloned() else {
+            warn!(volume = %e.name, id, socket = %e.socket.display(), "recorded attachment of a volume that no longer exists dropped");
+            if let Err(s) = st.attachments.remove(id) {
+                warn!("{}", s.message());
+            }
+            continue;
+        };
+        let st2 = st.clone();
+        let e2 = e.clone();
+        let r = blocking(move || {
+            st2.attach(&name, &e2.socket, e2.num_queues, e2.queue_size, e2.threads, e2.pin_memory, e2.read_only)
+        })
+        .await;
+        match r {
+            Ok(_) => restored += 1,
+            Err(s) => warn!(volume = %e.name, id, socket = %e.socket.display(), "cannot attach the recorded attachment again (kept for the next start): {}", s.message()),
+        }
+    }
+    info!(restored, "attachments of the previous run attached again");
+}
+
 async fn attach_at_startup(st: &Arc<DaemonState>, spec: &AttachSpec) -> anyhow::Result<()> {
     let socket = std::path::absolute(&spec.socket).with_context(|| format!("resolving {}", spec.socket.display()))?;
     let st2 = st.clone();
     let vol = spec.volume.clone();
     let q = spec.queues;
-    blocking(move || st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false))
+    blocking(move || {
+        // `--attach` decides over what attachments.json restored for the same volume (no front
+        // end can have connected yet: the API does not serve).
+        match st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false) {
+            Err(s) if s.code() == tonic::Code::AlreadyExists && st2.is_attached(&vol) => {
+                st2.detach(&vol, "", true)?;
+                st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false)
+            }
+            r => r,
+        }
+    })
         .await
         .map_err(|s| anyhow::anyhow!("--attach {}: {}", spec.volume, s.message()))?;
     Ok(())

@@ -810,3 +810,67 @@ fn unwritable_output_and_dash_paths() {
     assert!(!Path::new("-").exists() && !d.join("-").exists());
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// Attachments outlive the daemon process: a restarted daemon (after SIGTERM or kill -9)
+/// attaches every volume that was attached again, at the same socket with the same settings, so
+/// QEMU with `reconnect=1` reconnects by itself. `detach` forgets one; attaching the same again
+/// is a no-op; `--attach` decides over the recorded settings.
+#[test]
+fn attachments_survive_a_daemon_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = create_pool(d, "64M");
+    let api = d.join("api.sock");
+    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    ok(&api, &["vol", "create", "a", "4M"]);
+    ok(&api, &["vol", "create", "b", "4M"]);
+    ok(&api, &["attach", "a", "--socket", sa.to_str().unwrap(), "--queues", "2"]);
+    ok(&api, &["attach", "b", "--socket", sb.to_str().unwrap(), "--read-only"]);
+    assert_eq!(daemon.terminate(), Some(0));
+    assert!(!sa.exists(), "a stopped daemon removes its sockets");
+
+    let summary = |api: &Path| -> Vec<(String, String, u64, bool)> {
+        let v = json(api, &["devices"]);
+        let mut out: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a["volume"].as_str().unwrap().to_string(), a["socket"].as_str().unwrap().to_string(), u(a, "num_queues"), a["read_only"] == true))
+            .collect();
+        out.sort();
+        out
+    };
+    let want = vec![
+        ("a".to_string(), sa.display().to_string(), 2, false),
+        ("b".to_string(), sb.display().to_string(), 1, true),
+    ];
+    let mut daemon = Daemon::start(d, &pool, &api, &[]);
+    assert_eq!(summary(&api), want, "after SIGTERM and a restart");
+    assert!(std::fs::symlink_metadata(&sa).unwrap().file_type().is_socket());
+    // The same attach again (a script written for daemons that forget) succeeds; another fails.
+    ok(&api, &["attach", "a", "--socket", sa.to_str().unwrap(), "--queues", "2"]);
+    let err = fails(&api, &["attach", "a", "--socket", d.join("other.sock").to_str().unwrap()]);
+    assert!(err.contains("already attached"), "{err}");
+    // detach forgets b; a rename keeps a's attachment (by volume id).
+    ok(&api, &["detach", "b"]);
+    ok(&api, &["vol", "rename", "a", "a2"]);
+    // kill -9: nothing is cleaned up, the record stays.
+    daemon.child.as_mut().unwrap().kill().unwrap();
+    daemon.child.as_mut().unwrap().wait().unwrap();
+    drop(daemon);
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    assert_eq!(summary(&api), vec![("a2".to_string(), sa.display().to_string(), 2, false)], "after kill -9");
+    assert_eq!(daemon.terminate(), Some(0));
+    // --attach wins over the record.
+    let sc = d.join("c.sock");
+    let spec = format!("a2:{}:3", sc.display());
+    let daemon = Daemon::start(d, &pool, &api, &["--attach", &spec]);
+    assert_eq!(summary(&api), vec![("a2".to_string(), sc.display().to_string(), 3, false)]);
+    assert!(!sa.exists());
+    ok(&api, &["detach", "a2"]);
+    assert_eq!(daemon.terminate(), Some(0));
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    assert_eq!(summary(&api), vec![]);
+    assert_eq!(daemon.terminate(), Some(0));
+}
