@@ -128,11 +128,15 @@ pub async fn vol(socket: &Path, cmd: VolCmd, json: bool) -> anyhow::Result<ExitC
             show(&v, format!("renamed volume {old} to {}", v.name))?;
         }
         VolCmd::Delete { name, recursive } => {
-            c.delete_volume(proto::DeleteVolumeRequest { name: name.clone(), recursive }).await.map_err(rpc_error)?;
+            let r = c.delete_volume(proto::DeleteVolumeRequest { name: name.clone(), recursive }).await.map_err(rpc_error)?.into_inner();
+            let clones: Vec<&String> = r.deleted.iter().filter(|n| **n != name).collect();
             if json {
-                output::json(&serde_json::json!({ "deleted": name }))?;
-            } else {
+                output::json(&serde_json::json!({ "deleted": name, "deleted_clones": clones }))?;
+            } else if clones.is_empty() {
                 println!("deleted volume {name}");
+            } else {
+                let list: Vec<&str> = clones.iter().map(|s| s.as_str()).collect();
+                println!("deleted volume {name} and its clone(s) {}", list.join(", "));
             }
         }
     }

@@ -419,8 +419,9 @@ impl Vblk for Service {
     async fn delete_volume(&self, req: Request<proto::DeleteVolumeRequest>) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
         let st = self.st.clone();
-        blocking(move || {
+        let deleted = blocking(move || {
             // A recursive delete removes clones too: forget the QoS of every volume that went.
+            let mut deleted = Vec::new();
             let before = st.pool.list_volumes();
             let res = st.pool.delete_volume(&r.name, r.recursive);
             // Even on failure: a recursive delete may have removed some clones before stopping.
@@ -431,11 +432,15 @@ impl Vblk for Service {
                     // The volume is gone; its stale entry is dropped at the next daemon start.
                     warn!(volume = %v.name, "forgetting its QoS settings: {}", e.message());
                 }
+                deleted.push(v.name);
             }
-            res.map_err(engine_status)
+            res.map_err(engine_status)?;
+            // The named volume first, then its clones.
+            deleted.sort_by_key(|n| *n != r.name);
+            Ok(deleted)
         })
         .await?;
-        Ok(Response::new(proto::DeleteVolumeResponse {}))
+        Ok(Response::new(proto::DeleteVolumeResponse { deleted }))
     }
 
     async fn pool_status(&self, _req: Request<proto::PoolStatusRequest>) -> Result<Response<proto::PoolStatusResponse>, Status> {

@@ -693,7 +693,8 @@ fn snapshots_clones_rollback_diff() {
     let err = fails(&api, &["vol", "delete", "vm1"]);
     assert!(err.contains("--recursive") && err.contains("c1"), "{err}");
     assert_eq!(names(&json(&api, &["vol", "list"]), "name"), ["c1", "c2", "data", "vm1"]);
-    assert!(ok(&api, &["vol", "delete", "vm1", "--recursive"]).contains("deleted volume vm1"));
+    let out = ok(&api, &["vol", "delete", "vm1", "--recursive"]);
+    assert_eq!(out.trim(), "deleted volume vm1 and its clone(s) c1", "says every volume it deleted");
     assert_eq!(names(&json(&api, &["vol", "list"]), "name"), ["c2", "data"]);
     assert_eq!(names(&json(&api, &["snap", "list"]), "volume"), ["data"]);
     let c = json(&api, &["check"]);
