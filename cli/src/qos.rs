@@ -118,7 +118,7 @@ pub fn stats_msg(q: &VolumeQos) -> proto::QosStats {
 
 /// Group names follow the volume name rules.
 fn validate_group_name(name: &str) -> Result<(), Status> {
-    vblk_engine::format::validate_name(name).map_err(|e| Status::invalid_argument(format!("group {e}")))
+    vblk_engine::format::validate_name(name).map_err(|e| Status::invalid_argument(format!("QoS group: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -48,13 +48,13 @@ pub enum Error {
     Corrupt { location: Location, what: String },
     #[error("{path}: pool is in use by another process (is a vblk daemon running on it?)")]
     Locked { path: PathBuf },
-    #[error("{path}: already exists (refusing to overwrite; remove it first)")]
+    #[error("{path}: already exists (refusing to overwrite; remove it first, or pass --force)")]
     AlreadyExists { path: PathBuf },
     #[error("volume {0:?} not found")]
     NoSuchVolume(String),
     #[error("volume {0:?} already exists")]
     VolumeExists(String),
-    #[error("invalid volume name {name:?}: {why}")]
+    #[error("invalid name {name:?}: {why}")]
     InvalidName { name: String, why: &'static str },
     #[error("invalid size: {0}")]
     InvalidSize(String),
