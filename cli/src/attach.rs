@@ -37,9 +37,10 @@ pub fn start(
     threads: u16,
     pin_memory: bool,
     qos: Arc<vblk_vhost::qos::VolumeQos>,
+    cache: vblk_vhost::CacheMode,
 ) -> Result<Device, Status> {
     let cfg = vblk_vhost::DeviceConfig { socket: socket.to_path_buf(), num_queues, queue_size, threads, pin_memory };
-    vblk_vhost::start_with_qos(volume, cfg, qos).map(Device).map_err(|e| Status::new(code(&e), error_chain(&e)))
+    vblk_vhost::start_with(volume, cfg, qos, cache).map(Device).map_err(|e| Status::new(code(&e), error_chain(&e)))
 }
 
 impl Device {

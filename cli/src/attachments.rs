@@ -34,6 +34,15 @@ pub struct Entry {
     pub threads: u16,
     pub pin_memory: bool,
     pub read_only: bool,
+    /// The cache mode the guest chose (virtio `CONFIG_WCE`): write-back until it writes one.
+    /// QEMU keeps showing the guest the mode it last set, also across a daemon restart, so the
+    /// device must come back in it.
+    #[serde(default = "write_back")]
+    pub writeback: bool,
+}
+
+fn write_back() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,12 +80,13 @@ impl AttachmentRegistry {
             return Ok(reg);
         }
         let mut entries = BTreeMap::new();
-        for (id, e) in f.attachments {
-            let id: u64 = id.parse().map_err(|_| anyhow::anyhow!("{}: {id:?} is not a volume id", path.display()))?;
-            if !e.socket.is_absolute() || e.num_queues == 0 {
-                anyhow::bail!("{}: volume {id} ({}): bad entry {e:?}", path.display(), e.name);
+        for (key, e) in f.attachments {
+            match key.parse::<u64>() {
+                Ok(id) if e.socket.is_absolute() && e.num_queues > 0 => {
+                    entries.insert(id, e);
+                }
+                _ => warn!(file = %path.display(), key, entry = ?e, "bad attachment entry skipped"),
             }
-            entries.insert(id, e);
         }
         *reg.entries.lock().unwrap_or_else(|p| p.into_inner()) = entries;
         Ok(reg)
@@ -87,9 +97,31 @@ impl AttachmentRegistry {
         self.entries.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Record (or replace) volume `id`'s attachment.
+    /// Volume `id`'s recorded attachment.
+    pub fn get(&self, id: u64) -> Option<Entry> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    /// Record (or replace) volume `id`'s attachment. It takes the socket from any other record:
+    /// one that could not be attached again at a start must not take it back from this one at
+    /// the next.
     pub fn put(&self, id: u64, e: Entry) -> Result<(), Status> {
-        self.change(|m| m.insert(id, e.clone()).as_ref() != Some(&e))
+        self.change(|m| {
+            let before = m.len();
+            m.retain(|k, x| *k == id || x.socket != e.socket);
+            m.insert(id, e.clone()).as_ref() != Some(&e) || m.len() != before
+        })
+    }
+
+    /// Record the cache mode the guest of volume `id`'s attachment chose.
+    pub fn set_writeback(&self, id: u64, writeback: bool) -> Result<(), Status> {
+        self.change(|m| match m.get_mut(&id) {
+            Some(e) if e.writeback != writeback => {
+                e.writeback = writeback;
+                true
+            }
+            _ => false,
+        })
     }
 
     /// Forget volume `id`'s attachment.
@@ -124,7 +156,7 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, sock: &str) -> Entry {
-        Entry { name: name.into(), socket: sock.into(), num_queues: 2, queue_size: 256, threads: 0, pin_memory: false, read_only: false }
+        Entry { name: name.into(), socket: sock.into(), num_queues: 2, queue_size: 256, threads: 0, pin_memory: false, read_only: false, writeback: true }
     }
 
     #[test]
@@ -135,8 +167,12 @@ mod tests {
         r.put(3, entry("a", "/run/a.sock")).unwrap();
         r.put(7, entry("b", "/run/b.sock")).unwrap();
         r.remove(3).unwrap();
+        r.set_writeback(7, false).unwrap();
         let again = AttachmentRegistry::load(dir.path(), "u1").unwrap();
-        assert_eq!(again.entries(), BTreeMap::from([(7, entry("b", "/run/b.sock"))]));
+        assert_eq!(again.entries(), BTreeMap::from([(7, Entry { writeback: false, ..entry("b", "/run/b.sock") })]));
+        // A new record of a socket takes it from another volume's.
+        again.put(9, entry("c", "/run/b.sock")).unwrap();
+        assert_eq!(again.entries(), BTreeMap::from([(9, entry("c", "/run/b.sock"))]));
         assert!(!dir.path().join("attachments.json.tmp").exists());
         // Another pool's file is ignored; a damaged one is an error naming the file.
         assert!(AttachmentRegistry::load(dir.path(), "u2").unwrap().entries().is_empty());

@@ -30,7 +30,11 @@ static ALLOC: vblk_engine::HugePageAlloc = vblk_engine::HugePageAlloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    quiet_stdout_errors();
+    // Client commands only: the daemon writes nothing to stdout, and a panic in one of its
+    // threads must not end the process without stopping devices and committing the pool.
+    if !matches!(cli.command, Command::Daemon(_)) {
+        quiet_stdout_errors();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

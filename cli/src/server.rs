@@ -77,6 +77,10 @@ struct Attached {
     read_only: bool,
     /// As recorded in `attachments.json` (the arguments it was attached with).
     entry: AttachEntry,
+    /// Made again from `attachments.json` at this start: until a frontend connects to it, an
+    /// explicit attach of its volume or its socket replaces it (scripts written for daemons
+    /// that forget their attachments keep working).
+    restored: bool,
     device: attach::Device,
 }
 
@@ -90,7 +94,7 @@ pub struct DaemonState {
     /// Volumes' and groups' QoS (persisted in the metadata directory).
     qos: QosRegistry,
     /// The attachments a restarted daemon makes again (persisted in the metadata directory).
-    attachments: AttachmentRegistry,
+    attachments: Arc<AttachmentRegistry>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,7 +103,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl DaemonState {
     pub fn new(pool: Pool, qos: QosRegistry, attachments: AttachmentRegistry) -> DaemonState {
-        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false), qos, attachments }
+        DaemonState { pool, devices: Mutex::new(BTreeMap::new()), shutting_down: AtomicBool::new(false), qos, attachments: Arc::new(attachments) }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -154,6 +158,7 @@ impl DaemonState {
         threads: u16,
         pin_memory: bool,
         read_only: bool,
+        restored: bool,
     ) -> Result<proto::Attachment, Status> {
         if !socket.is_absolute() {
             return Err(Status::invalid_argument(format!("socket path {} must be absolute", socket.display())));
@@ -163,27 +168,62 @@ impl DaemonState {
         }
         let mut devs = lock(&self.devices);
         let info = self.pool.volume_info(volume).map_err(engine_status)?;
-        let entry = AttachEntry { name: info.name.clone(), socket: socket.into(), num_queues, queue_size, threads, pin_memory, read_only };
-        if let Some(a) = devs.get(&info.id) {
+        // The guest's cache mode as recorded (a restart, `--attach`), else write-back.
+        let writeback = self.attachments.get(info.id).is_none_or(|e| e.writeback);
+        let entry = AttachEntry { name: info.name.clone(), socket: socket.into(), num_queues, queue_size, threads, pin_memory, read_only, writeback };
+        // A restored attachment no frontend has connected to gives way to this one.
+        let yields = |a: &Attached| a.restored && !a.device.connected();
+        let mut replace = Vec::new();
+        if let Some(a) = devs.get_mut(&info.id) {
             // The same attachment again (a script that re-attaches after a daemon restart, which
-            // already attached it from attachments.json): nothing to do.
-            if (AttachEntry { name: info.name.clone(), ..a.entry.clone() }) == entry {
+            // already attached it from attachments.json): nothing to do, but it is now the
+            // operator's, not a restored one that gives way.
+            if (AttachEntry { name: info.name.clone(), writeback, ..a.entry.clone() }) == entry {
+                a.restored &= restored;
                 return Ok(self.attachment_of(a, &info.name));
             }
-            return Err(Status::already_exists(format!("volume {volume:?} is already attached at {}", a.socket.display())));
+            if !yields(a) {
+                return Err(Status::already_exists(format!("volume {volume:?} is already attached at {}", a.socket.display())));
+            }
+            replace.push(info.id);
         }
-        if devs.values().any(|a| a.socket == socket) {
-            return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
+        if let Some((&other, a)) = devs.iter().find(|(id, a)| a.socket == socket && **id != info.id) {
+            if !yields(a) {
+                return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
+            }
+            replace.push(other);
+        }
+        for id in replace {
+            if let Some(a) = devs.remove(&id) {
+                info!(volume_id = id, socket = %a.socket.display(), "restored attachment replaced by a new attach");
+                if let Err(e) = a.device.stop() {
+                    warn!(socket = %a.socket.display(), "stopping the replaced device: {e}");
+                }
+                remove_socket_if_present(&a.socket);
+                if id != info.id {
+                    self.attachments.remove(id)?;
+                }
+            }
         }
         let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
-        let device = attach::start(vol, socket, num_queues, queue_size, threads, pin_memory, self.qos.volume(info.id, &info.name))?;
+        let reg = self.attachments.clone();
+        let (id, name) = (info.id, info.name.clone());
+        let cache = vblk_vhost::CacheMode {
+            writeback,
+            on_change: Some(Box::new(move |wb| {
+                if let Err(e) = reg.set_writeback(id, wb) {
+                    warn!(volume = %name, writeback = wb, "recording the guest's cache mode: {}", e.message());
+                }
+            })),
+        };
+        let device = attach::start(vol, socket, num_queues, queue_size, threads, pin_memory, self.qos.volume(info.id, &info.name), cache)?;
         if let Err(e) = self.attachments.put(info.id, entry.clone()) {
             let _ = device.stop();
             remove_socket_if_present(socket);
             return Err(e);
         }
         info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
-        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, entry, device };
+        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, entry, restored, device };
         let msg = self.attachment_of(&a, &info.name);
         devs.insert(info.id, a);
         Ok(msg)
@@ -198,6 +238,21 @@ impl DaemonState {
             let id = if !volume.is_empty() {
                 let info = self.pool.volume_info(volume).map_err(engine_status)?;
                 if !devs.contains_key(&info.id) {
+                    // Recorded but not attached (it failed at this start, e.g. an encrypted
+                    // volume without the master key): forget the record.
+                    if let Some(e) = self.attachments.get(info.id) {
+                        self.attachments.remove(info.id)?;
+                        info!(volume, socket = %e.socket.display(), "recorded attachment forgotten (it was not attached)");
+                        return Ok(proto::Attachment {
+                            volume: info.name,
+                            volume_id: info.id,
+                            socket: e.socket.display().to_string(),
+                            num_queues: u32::from(e.num_queues),
+                            queue_size: u32::from(e.queue_size),
+                            read_only: e.read_only,
+                            ..Default::default()
+                        });
+                    }
                     return Err(Status::failed_precondition(format!("volume {volume:?} is not attached")));
                 }
                 info.id
@@ -281,10 +336,6 @@ impl DaemonState {
         let names: BTreeMap<u64, String> = self.pool.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
         let devs = lock(&self.devices);
         devs.values().map(|a| self.attachment_of(a, names.get(&a.volume_id).map(String::as_str).unwrap_or(""))).collect()
-    }
-
-    fn is_attached(&self, volume: &str) -> bool {
-        self.pool.volume_info(volume).is_ok_and(|info| lock(&self.devices).contains_key(&info.id))
     }
 
     /// Stop every device (shutdown).
@@ -480,7 +531,7 @@ impl Vblk for Service {
         let qsize = u16::try_from(r.queue_size).map_err(|_| Status::invalid_argument("queue size too large"))?;
         let threads = u16::try_from(r.threads).map_err(|_| Status::invalid_argument("too many threads"))?;
         let st = self.st.clone();
-        let a = blocking(move || st.attach(&r.volume, Path::new(&r.socket), queues.max(1), if qsize == 0 { attach::DEFAULT_QUEUE_SIZE } else { qsize }, threads, r.pin_memory, r.read_only)).await?;
+        let a = blocking(move || st.attach(&r.volume, Path::new(&r.socket), queues.max(1), if qsize == 0 { attach::DEFAULT_QUEUE_SIZE } else { qsize }, threads, r.pin_memory, r.read_only, false)).await?;
         Ok(Response::new(a))
     }
 
@@ -742,7 +793,7 @@ pub async fn run(args: DaemonArgs, api_socket: PathBuf) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    restore_attachments(&st).await;
+    restore_attachments(&st, &args.attach).await;
     for spec in &args.attach {
         if let Err(e) = attach_at_startup(&st, spec).await {
             st.detach_all();
@@ -787,7 +838,7 @@ fn prepare_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
 /// Attach again what `attachments.json` recorded (see [`crate::attachments`]). Entries of
 /// volumes that no longer exist are dropped; one that fails now is kept for the next start and
 /// logged, and the daemon serves the others.
-async fn restore_attachments(st: &Arc<DaemonState>) {
+async fn restore_attachments(st: &Arc<DaemonState>, attach: &[AttachSpec]) {
     let entries = st.attachments.entries();
     if entries.is_empty() {
         return;
@@ -802,10 +853,14 @@ async fn restore_attachments(st: &Arc<DaemonState>) {
             }
             continue;
         };
+        // `daemon --attach` of this volume decides instead (attached right after).
+        if attach.iter().any(|s| s.volume == name) {
+            continue;
+        }
         let st2 = st.clone();
         let e2 = e.clone();
         let r = blocking(move || {
-            st2.attach(&name, &e2.socket, e2.num_queues, e2.queue_size, e2.threads, e2.pin_memory, e2.read_only)
+            st2.attach(&name, &e2.socket, e2.num_queues, e2.queue_size, e2.threads, e2.pin_memory, e2.read_only, true)
         })
         .await;
         match r {
@@ -821,17 +876,9 @@ async fn attach_at_startup(st: &Arc<DaemonState>, spec: &AttachSpec) -> anyhow::
     let st2 = st.clone();
     let vol = spec.volume.clone();
     let q = spec.queues;
-    blocking(move || {
-        // `--attach` decides over what attachments.json restored for the same volume (no front
-        // end can have connected yet: the API does not serve).
-        match st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false) {
-            Err(s) if s.code() == tonic::Code::AlreadyExists && st2.is_attached(&vol) => {
-                st2.detach(&vol, "", true)?;
-                st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false)
-            }
-            r => r,
-        }
-    })
+    // A recorded attachment of this volume was not restored (`restore_attachments`): this one
+    // replaces it, in the guest's recorded cache mode.
+    blocking(move || st2.attach(&vol, &socket, q, attach::DEFAULT_QUEUE_SIZE, 0, false, false, false))
         .await
         .map_err(|s| anyhow::anyhow!("--attach {}: {}", spec.volume, s.message()))?;
     Ok(())

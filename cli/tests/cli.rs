@@ -873,5 +873,20 @@ fn attachments_survive_a_daemon_restart() {
     assert_eq!(daemon.terminate(), Some(0));
     let daemon = Daemon::start(d, &pool, &api, &[]);
     assert_eq!(summary(&api), vec![]);
+    // A restored attachment no VM has connected to gives way to an explicit attach of its
+    // socket (scripts written for daemons that forget their attachments keep working).
+    ok(&api, &["attach", "a2", "--socket", sa.to_str().unwrap()]);
+    assert_eq!(daemon.terminate(), Some(0));
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    assert_eq!(summary(&api), vec![("a2".to_string(), sa.display().to_string(), 1, false)]);
+    ok(&api, &["attach", "b", "--socket", sa.to_str().unwrap()]);
+    assert_eq!(summary(&api), vec![("b".to_string(), sa.display().to_string(), 1, false)]);
+    assert_eq!(daemon.terminate(), Some(0));
+    let daemon = Daemon::start(d, &pool, &api, &[]);
+    assert_eq!(summary(&api), vec![("b".to_string(), sa.display().to_string(), 1, false)], "a2's record went with its socket");
+    // An attachment the operator made is not replaced.
+    ok(&api, &["attach", "b", "--socket", sa.to_str().unwrap()]);
+    let err = fails(&api, &["attach", "a2", "--socket", sa.to_str().unwrap()]);
+    assert!(err.contains("already used"), "{err}");
     assert_eq!(daemon.terminate(), Some(0));
 }

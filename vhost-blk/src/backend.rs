@@ -84,6 +84,8 @@ pub(crate) struct DevShared {
     /// process's device or the guest reboots. A device that went back to write-back there
     /// would lose writes a guest that still sees write-through never flushes.
     pub guest_writeback: AtomicBool,
+    /// Told of every change of `guest_writeback` (the daemon records it with the attachment).
+    pub on_cache_mode: Option<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
 impl DevShared {
@@ -581,9 +583,7 @@ impl BlkBackend {
         let qos = Some(&*self.dev.qos).filter(|q| q.is_active());
         let mut qos_wait = None;
         let mut vr = vring.get_mut();
-        // A ring the frontend disabled (SET_VRING_ENABLE 0) takes no new requests: a completion
-        // or the QoS timer of a throttled queue comes here too, not only kicks (which stop).
-        if !vr.get_queue().ready() || !vr.is_enabled() {
+        if !vr.get_queue().ready() {
             return;
         }
         // Loaded with the vring held, after the ring setup it may depend on.
@@ -1295,7 +1295,11 @@ impl VhostUserBackend for BlkBackend {
         match config::parse_config_write(offset, buf, wce) {
             Ok(v) => {
                 tracing::debug!(volume = %self.dev.name, writeback = v, "cache mode set");
-                self.dev.guest_writeback.store(v == 1, Ordering::Relaxed);
+                if self.dev.guest_writeback.swap(v == 1, Ordering::Relaxed) != (v == 1) {
+                    if let Some(f) = &self.dev.on_cache_mode {
+                        f(v == 1);
+                    }
+                }
                 self.writeback.store(v == 1 && features & (1 << VIRTIO_BLK_F_FLUSH) != 0, Ordering::Relaxed);
                 Ok(())
             }

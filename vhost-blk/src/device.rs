@@ -87,7 +87,7 @@ fn bind(path: &Path) -> Result<UnixListener, Error> {
 }
 
 /// Start serving `volume` on `cfg.socket`, its requests admitted by `qos`.
-pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>) -> Result<crate::Device, Error> {
+pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>, cache: crate::CacheMode) -> Result<crate::Device, Error> {
     validate(&cfg)?;
     let name = volume.name();
     let dev = Arc::new(DevShared {
@@ -105,7 +105,8 @@ pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: Arc<VolumeQos>
         threads: if cfg.threads == 0 { cfg.num_queues } else { cfg.threads },
         pin_memory: cfg.pin_memory,
         blk_size: volume.logical_block_size(),
-        guest_writeback: std::sync::atomic::AtomicBool::new(true),
+        guest_writeback: std::sync::atomic::AtomicBool::new(cache.writeback),
+        on_cache_mode: cache.on_change,
     });
     let weak = Arc::downgrade(&dev);
     volume.on_resize(Box::new(move |size| {

@@ -114,11 +114,37 @@ pub enum Error {
 /// is bound (a stale socket file is replaced, mode 0600) before this returns, so a frontend
 /// may connect at once.
 pub fn start(volume: vblk_engine::Volume, cfg: DeviceConfig) -> Result<Device, Error> {
-    device::start(volume, cfg, qos::VolumeQos::unlimited())
+    device::start(volume, cfg, qos::VolumeQos::unlimited(), CacheMode::default())
 }
 
 /// [`start`], with requests admitted by `qos` (the volume's limits and group, changeable live
 /// while the device runs; see [`qos`]).
 pub fn start_with_qos(volume: vblk_engine::Volume, cfg: DeviceConfig, qos: std::sync::Arc<qos::VolumeQos>) -> Result<Device, Error> {
-    device::start(volume, cfg, qos)
+    device::start(volume, cfg, qos, CacheMode::default())
+}
+
+/// The cache mode a guest chose (virtio `CONFIG_WCE`), kept by whoever records attachments: the
+/// frontend (QEMU) shows the guest the configuration it read once, also across a restart of the
+/// daemon, so a device started again for the same VM must start in the guest's mode.
+pub struct CacheMode {
+    /// The mode to start in: write-back (true, a new device's) or write-through.
+    pub writeback: bool,
+    /// Called (on a vhost-user thread) when the driver changes the mode, with the new one.
+    pub on_change: Option<Box<dyn Fn(bool) + Send + Sync>>,
+}
+
+impl Default for CacheMode {
+    fn default() -> CacheMode {
+        CacheMode { writeback: true, on_change: None }
+    }
+}
+
+/// [`start_with_qos`], starting in the cache mode `cache` says and telling it of changes.
+pub fn start_with(
+    volume: vblk_engine::Volume,
+    cfg: DeviceConfig,
+    qos: std::sync::Arc<qos::VolumeQos>,
+    cache: CacheMode,
+) -> Result<Device, Error> {
+    device::start(volume, cfg, qos, cache)
 }

@@ -37,10 +37,9 @@ pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// Most host iovecs one request may resolve to (a segment that spans two guest memory regions
 /// becomes two iovecs): the kernel's IOV_MAX.
 pub const MAX_IOVECS: usize = 1024;
-/// Largest read or write the device takes in one request, whatever the driver negotiated.
-/// With `SIZE_MAX` and `SEG_MAX` negotiated, `seg_max × size_max` stays below it (at most
-/// 1022 MiB); a driver that negotiated neither is held to it. It bounds the engine's
-/// bookkeeping for one request, which always starts however many operations it needs.
+/// Largest read or write the device takes in one request, whatever the queue size: it bounds
+/// the engine's bookkeeping for one request (which always starts however many operations it
+/// needs) and a bounce buffer. [`RequestLimits::max_bytes`] is `seg_max × size_max` below it.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 30;
 
 /// Descriptors beyond `seg_max` a chain may have (header, status, and a split header or payload).
@@ -60,6 +59,9 @@ pub struct RequestLimits {
     pub max_discard_sectors: u32,
     pub max_write_zeroes_seg: u32,
     pub max_write_zeroes_sectors: u32,
+    /// Largest read or write in bytes: `seg_max × size_max` of the negotiated limits, also for a
+    /// driver that negotiated neither (at most [`MAX_REQUEST_BYTES`]).
+    pub max_bytes: u64,
 }
 
 impl RequestLimits {
@@ -76,15 +78,16 @@ impl RequestLimits {
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_write_zeroes_seg: MAX_WRITE_ZEROES_SEG,
             max_write_zeroes_sectors: MAX_WRITE_ZEROES_SECTORS,
+            max_bytes: (u64::from(seg_max_for(queue_size)) * u64::from(SIZE_MAX)).min(MAX_REQUEST_BYTES),
         }
     }
 
     /// The limits a driver that acknowledged `features` agreed to. `size_max` and `seg_max`
     /// bind only a driver that negotiated `VIRTIO_BLK_F_SIZE_MAX` / `VIRTIO_BLK_F_SEG_MAX`
     /// (virtio 1.2 §5.2.3), and some do not: OVMF acknowledges neither and sends a whole
-    /// transfer, up to 1 GiB, as one descriptor. Without them a segment may be as large as a
-    /// request ([`MAX_REQUEST_BYTES`]) and a request may have as many segments as the engine
-    /// takes iovecs ([`MAX_IOVECS`]).
+    /// transfer as one descriptor. Without them a segment may be as large as a request
+    /// ([`max_bytes`](Self::max_bytes), the same bound a negotiating driver has) and a request
+    /// may have as many segments as the engine takes iovecs ([`MAX_IOVECS`]).
     pub fn negotiated(mut self, features: u64) -> RequestLimits {
         use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
         if features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
@@ -169,7 +172,7 @@ pub enum RequestError {
     SegmentTooLarge(u32),
     #[error("{0} data segments exceed seg_max")]
     TooManySegments(usize),
-    #[error("a read or write of {0} bytes exceeds the device's limit of 1 GiB per request")]
+    #[error("a read or write of {0} bytes exceeds the device's limit per request (seg_max × size_max)")]
     TooLong(u64),
     #[error("the device is read-only")]
     ReadOnly,
@@ -414,7 +417,7 @@ fn data_buf<M: GuestMemoryBackend + ?Sized>(
     if let Some(s) = segs.iter().find(|s| s.len > limits.size_max) {
         return Err(RequestError::SegmentTooLarge(s.len));
     }
-    if len > MAX_REQUEST_BYTES {
+    if len > limits.max_bytes.min(MAX_REQUEST_BYTES) {
         return Err(RequestError::TooLong(len));
     }
     let sectors = len >> SECTOR_SHIFT;
@@ -910,6 +913,7 @@ mod tests {
         l.size_max = 4096;
         l.seg_max = 2;
         let n = l.negotiated(0);
+        assert_eq!(n.max_bytes, 254 << 20, "seg_max × size_max of a 256-entry queue");
         let p = parse_with(&m, &[rd(HDR, 16), wr(DATA, 8192), wr(STATUS, 1)], &n);
         assert!(p.op.is_ok(), "{:?}", p.op);
         let p = parse_with(&m, &d, &n);
@@ -918,15 +922,18 @@ mod tests {
         use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
         assert_eq!(l.negotiated((1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX)), l);
         assert_eq!(n, RequestLimits { size_max: 1 << 30, seg_max: MAX_IOVECS as u32, ..l });
-        // A request over 1 GiB is refused whatever was negotiated (checked before its buffers
-        // are: these two segments are not guest memory).
+        // A request over seg_max × size_max is refused whatever was negotiated (checked before
+        // its buffers are: these segments are not guest memory).
         let mut big = limits().negotiated(0);
         big.capacity_sectors = 4 << 21;
-        let p = parse_with(&m, &[rd(HDR, 16), wr(DATA, 1 << 30), wr(DATA, 4096), wr(STATUS, 1)], &big);
-        assert_eq!(p.op.as_ref().unwrap_err(), &RequestError::TooLong((1 << 30) + 4096));
+        let p = parse_with(&m, &[rd(HDR, 16), wr(DATA, 254 << 20), wr(DATA, 4096), wr(STATUS, 1)], &big);
+        assert_eq!(p.op.as_ref().unwrap_err(), &RequestError::TooLong((254 << 20) + 4096));
         assert_eq!(status(&p), STATUS_IOERR);
-        let p = parse_with(&m, &[rd(HDR, 16), wr(DATA, 1 << 30), wr(STATUS, 1)], &big);
+        let p = parse_with(&m, &[rd(HDR, 16), wr(DATA, 254 << 20), wr(STATUS, 1)], &big);
         assert!(matches!(p.op, Err(RequestError::BadAddress { .. })), "{:?}", p.op);
+        big.max_bytes = u64::MAX;
+        let p = parse_with(&m, &[rd(HDR, 16), wr(DATA, 1 << 30), wr(DATA, 4096), wr(STATUS, 1)], &big);
+        assert_eq!(p.op.as_ref().unwrap_err(), &RequestError::TooLong((1 << 30) + 4096), "1 GiB at most, always");
         // Far more descriptors than seg_max: refused, but the status is still found.
         let d: Vec<RawDescriptor> = std::iter::once(rd(HDR, 16))
             .chain((0..20).map(|i| wr(DATA + i * 512, 512)))

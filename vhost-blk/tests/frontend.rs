@@ -350,6 +350,32 @@ fn cache_mode_outlives_reconnects_renegotiation_and_resets() {
     assert_eq!(d.config()[32], 1, "write-back chosen again");
 }
 
+/// A device started again for a VM whose guest chose write-through (the daemon recorded it)
+/// starts in write-through, and tells its owner when the guest changes the mode.
+#[test]
+fn cache_mode_given_at_start_and_reported_on_change() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    create_pool(&path, &CreateOptions { size_bytes: Some(64 << 20), ..Default::default() }).unwrap();
+    let pool = Pool::open(&path, &PoolOptions::default()).unwrap();
+    pool.create_volume("vol-frontend", VOL_SIZE).unwrap();
+    let socket = dir.path().join("s.sock");
+    let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let s2 = seen.clone();
+    let cache = vblk_vhost::CacheMode { writeback: false, on_change: Some(Box::new(move |wb| s2.lock().unwrap().push(wb))) };
+    let cfg = DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size: QSIZE, threads: 0, pin_memory: false };
+    let dev = vblk_vhost::start_with(pool.open_volume("vol-frontend", false).unwrap(), cfg, vblk_vhost::qos::VolumeQos::unlimited(), cache).unwrap();
+    let f = Fixture { _dir: dir, _pool: pool, dev: Some(dev), socket };
+    let mut d = Driver::connect(&f);
+    assert_eq!(d.config()[32], 0, "starts in the recorded write-through");
+    d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+    assert!(seen.lock().unwrap().is_empty(), "no change, no report");
+    d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
+    d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![true, false]);
+}
+
 /// `size_max` and `seg_max` bind only a driver that negotiated them (virtio 1.2 §5.2.3). OVMF
 /// acknowledges neither and reads a kernel or an initrd as one descriptor of many MiB.
 #[test]

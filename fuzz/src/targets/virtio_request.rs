@@ -211,6 +211,7 @@ impl Input {
                 max_discard_sectors,
                 max_write_zeroes_seg: u32::from(max_wz_seg),
                 max_write_zeroes_sectors: max_wz_sectors,
+                max_bytes: request::MAX_REQUEST_BYTES,
             },
         }
     }
@@ -441,7 +442,7 @@ fn check(mem: &Mem, head: u16, descs: &[Descriptor], limits: &RequestLimits, p: 
             assert!(u128::from(*offset) + u128::from(buf.len) <= cap_bytes, "beyond capacity");
             assert!(buf.segs.len() <= limits.seg_max as usize, "seg_max");
             assert!(buf.segs.iter().all(|s| s.len <= limits.size_max), "size_max");
-            assert!(buf.len <= request::MAX_REQUEST_BYTES, "request over the device's limit");
+            assert!(buf.len <= request::MAX_REQUEST_BYTES && buf.len <= limits.max_bytes, "request over the device's limit");
             for s in &buf.segs {
                 assert!(s.len > 0, "empty data segment");
                 assert!(
