@@ -260,6 +260,8 @@ struct Bounce {
     buf: AlignedBuf,
     len: usize,
     segs: Segs,
+    /// The request's bytes, counted in the queue's `bounce_bytes` while it is in flight.
+    bytes: usize,
 }
 
 /// A descriptor chain being served.
@@ -370,7 +372,15 @@ struct QueueWorker {
     pin_failed: bool,
     /// A large bounce buffer kept for the next request that needs one (see `bounce_buf`).
     spare: Option<AlignedBuf>,
+    /// Bytes of the bounce buffers of the chains in flight (see [`BOUNCE_BUDGET`]).
+    bounce_bytes: usize,
 }
+
+/// Bounce buffers a queue has in flight before it holds further requests that need one back
+/// (in the avail ring, until completions free some). One request alone always goes, so a queue
+/// holds at most this plus one request (`seg_max × size_max`). Without it a guest sending
+/// unaligned buffers could make the daemon allocate queue size × `seg_max × size_max` bytes.
+const BOUNCE_BUDGET: usize = 64 << 20;
 
 /// Bounce buffers from this size up are kept for reuse, one per queue: the heap hands out
 /// blocks of 256 KiB and more as fresh mappings (`M_MMAP_THRESHOLD` in the daemon), so every
@@ -411,6 +421,9 @@ impl QueueWorker {
 
     fn alloc(&mut self, c: Chain) -> usize {
         self.inflight += 1;
+        if let Some(b) = &c.bounce {
+            self.bounce_bytes += b.bytes;
+        }
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(c);
@@ -427,6 +440,9 @@ impl QueueWorker {
         let c = self.slots.get_mut(slot)?.take()?;
         self.free.push(slot);
         self.inflight -= 1;
+        if let Some(b) = &c.bounce {
+            self.bounce_bytes -= b.bytes;
+        }
         Some(c)
     }
 }
@@ -496,6 +512,7 @@ impl BlkBackend {
                     pinned: None,
                     pin_failed: false,
                     spare: None,
+                    bounce_bytes: 0,
                 }));
             }
         }
@@ -649,6 +666,17 @@ impl BlkBackend {
                     continue;
                 }
                 let parsed = request::parse_request(chain, &limits);
+                // A request that needs a bounce buffer beyond the queue's budget waits in the
+                // ring like one QoS holds back (before QoS counts it); completions resume.
+                if let Ok(BlkOp::Read { buf, .. } | BlkOp::Write { buf, .. }) = &parsed.op {
+                    let n = buf.len as usize;
+                    if q.bounce_bytes > 0 && q.bounce_bytes + n > BOUNCE_BUDGET && needs_bounce(&buf.iov) {
+                        let queue = vr.get_queue_mut();
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        q.throttled = true;
+                        break;
+                    }
+                }
                 if let Some(io) = qos_io(&parsed) {
                     if let Some(Admission::Wait(d)) = qos.map(|qos| qos.admit(q.qos_id, io)) {
                         // Leave the chain in the ring: step back over it (it was the last one
@@ -861,7 +889,7 @@ impl BlkBackend {
                             return true;
                         };
                         let iov = smallvec::smallvec![IoVec { ptr: b.as_mut_ptr(), len: buf.len as usize }];
-                        chain.bounce = Some(Box::new(Bounce { buf: b, len: buf.len as usize, segs: buf.segs }));
+                        chain.bounce = Some(Box::new(Bounce { buf: b, len: buf.len as usize, segs: buf.segs, bytes: buf.len as usize }));
                         iov
                     } else {
                         chain.dma = buf.segs;
@@ -887,7 +915,7 @@ impl BlkBackend {
                         }
                         let iov = smallvec::smallvec![IoVec { ptr: b.as_mut_ptr(), len: n }];
                         // Kept alive until completion (the engine reads from it).
-                        chain.bounce = Some(Box::new(Bounce { buf: b, len: 0, segs: Segs::new() }));
+                        chain.bounce = Some(Box::new(Bounce { buf: b, len: 0, segs: Segs::new(), bytes: n }));
                         iov
                     } else {
                         buf.iov
