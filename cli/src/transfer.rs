@@ -234,15 +234,19 @@ fn external_files(info: &serde_json::Value, src: &Path) -> Vec<String> {
     out
 }
 
-/// `qemu-img convert -f FORMAT -O raw SRC TMP` (the output is sparse). Polls for cancellation.
+/// `qemu-img convert -O raw json:{"driver":FORMAT,"backing":null,...SRC} TMP` (the output is
+/// sparse). Polls for cancellation.
 fn convert(src: &Path, format: &str, tmp_dir: &Path, p: &mut Progress) -> Result<TempFile, Status> {
     refuse_external_files(src, format)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let tmp = TempFile(tmp_dir.join(format!(".vblk-import-{}-{nanos}.raw", std::process::id())));
     p.phase("converting", format!("converting {format} to raw with qemu-img (temporary file in {})", tmp_dir.display()))?;
+    // The source as QEMU's `json:` options with `"backing": null`: even an image rewritten to
+    // name a backing file after `refuse_external_files` looked at it converts without it.
+    let spec = serde_json::json!({ "driver": format, "backing": null, "file": { "driver": "file", "filename": src } });
     let mut child = Command::new("qemu-img")
-        .args(["convert", "-f", format, "-O", "raw"])
-        .arg(src)
+        .args(["convert", "-O", "raw"])
+        .arg(format!("json:{spec}"))
         .arg(&tmp.0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
