@@ -160,6 +160,9 @@ impl Drop for TempFile {
     }
 }
 
+/// How long `qemu-img info` may take before an import gives up.
+const INFO_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The error for qemu-img that could not be started.
 fn qemu_img_error(e: std::io::Error, src: &Path, format: &str) -> Status {
     if e.kind() == std::io::ErrorKind::NotFound {
@@ -177,13 +180,47 @@ fn qemu_img_error(e: std::io::Error, src: &Path, format: &str) -> Status {
 /// data file (qcow2 `data-file`), or extents in other files (a vmdk descriptor). qemu-img would
 /// read them with the daemon's privileges, so an image handed in by a tenant could copy any
 /// file of the host into a volume. Checked with `qemu-img info`, which opens no backing file.
-fn refuse_external_files(src: &Path, format: &str) -> Result<(), Status> {
-    let out = Command::new("qemu-img")
+fn refuse_external_files(src: &Path, format: &str, p: &mut Progress) -> Result<(), Status> {
+    let mut child = Command::new("qemu-img")
         .args(["info", "--output=json", "-f", format])
         .arg(src)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| qemu_img_error(e, src, format))?;
+    // Read on threads (a big vmdk's extent list may not fit a pipe); wait with a deadline and
+    // for cancellation: an extent that is a FIFO or a hung mount would hold `info` for ever.
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out_t = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let err_t = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let deadline = std::time::Instant::now() + INFO_TIMEOUT;
+    let status = loop {
+        let stop = p.poll().err().or_else(|| {
+            (std::time::Instant::now() > deadline).then(|| {
+                Status::deadline_exceeded(format!("qemu-img info of {} took over {} s", src.display(), INFO_TIMEOUT.as_secs()))
+            })
+        });
+        if let Some(e) = stop {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(Status::internal(format!("waiting for qemu-img info: {e}"))),
+        }
+    };
+    let out = std::process::Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() };
     if !out.status.success() {
         return Err(Status::invalid_argument(format!(
             "qemu-img info -f {format} of {} failed ({}): {}",
@@ -237,7 +274,7 @@ fn external_files(info: &serde_json::Value, src: &Path) -> Vec<String> {
 /// `qemu-img convert -O raw json:{"driver":FORMAT,"backing":null,...SRC} TMP` (the output is
 /// sparse). Polls for cancellation.
 fn convert(src: &Path, format: &str, tmp_dir: &Path, p: &mut Progress) -> Result<TempFile, Status> {
-    refuse_external_files(src, format)?;
+    refuse_external_files(src, format, p)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let tmp = TempFile(tmp_dir.join(format!(".vblk-import-{}-{nanos}.raw", std::process::id())));
     p.phase("converting", format!("converting {format} to raw with qemu-img (temporary file in {})", tmp_dir.display()))?;
