@@ -1,11 +1,11 @@
 //! The only module that touches the device crate: start and stop a vhost-user-blk device.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tonic::{Code, Status};
 use vblk_engine::Volume;
 
+use crate::attachments::Entry as AttachEntry;
 use crate::server::{code_of, error_chain};
 
 /// Largest virtqueue size offered when the caller does not say.
@@ -27,19 +27,23 @@ fn code(e: &vblk_vhost::Error) -> Code {
     }
 }
 
-/// Serve `volume` (opened read-only or read-write by the caller) on `socket`, its requests
-/// admitted by `qos`.
+/// Serve `volume` (opened read-only or read-write by the caller) as the attachment `a` says
+/// (socket, queues, threads, pinning, the guest's cache mode), its requests admitted by `qos`;
+/// `on_cache_mode` is told when the guest changes its cache mode.
 pub fn start(
     volume: Volume,
-    socket: &Path,
-    num_queues: u16,
-    queue_size: u16,
-    threads: u16,
-    pin_memory: bool,
+    a: &AttachEntry,
     qos: Arc<vblk_vhost::qos::VolumeQos>,
-    cache: vblk_vhost::CacheMode,
+    on_cache_mode: Box<dyn Fn(bool) + Send + Sync>,
 ) -> Result<Device, Status> {
-    let cfg = vblk_vhost::DeviceConfig { socket: socket.to_path_buf(), num_queues, queue_size, threads, pin_memory };
+    let cfg = vblk_vhost::DeviceConfig {
+        socket: a.socket.clone(),
+        num_queues: a.num_queues,
+        queue_size: a.queue_size,
+        threads: a.threads,
+        pin_memory: a.pin_memory,
+    };
+    let cache = vblk_vhost::CacheMode { writeback: a.writeback, on_change: Some(on_cache_mode) };
     vblk_vhost::start_with(volume, cfg, qos, cache).map(Device).map_err(|e| Status::new(code(&e), error_chain(&e)))
 }
 

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use tonic::Status;
 use tracing::warn;
 
+use crate::pool_file::{self, PoolFile};
+
 /// File name inside the metadata directory.
 pub const FILE_NAME: &str = "attachments.json";
 const FORMAT_VERSION: u32 = 1;
@@ -53,6 +55,18 @@ struct AttachmentsFile {
     attachments: BTreeMap<String, Entry>,
 }
 
+impl PoolFile for AttachmentsFile {
+    const VERSION: u32 = FORMAT_VERSION;
+    const WHAT: &'static str = "attachments";
+    const HINT: &'static str = "fix or remove the file; it lists the volumes to attach at start";
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn pool_uuid(&self) -> &str {
+        &self.pool_uuid
+    }
+}
+
 pub struct AttachmentRegistry {
     path: PathBuf,
     pool_uuid: String,
@@ -65,20 +79,7 @@ impl AttachmentRegistry {
     pub fn load(meta_dir: &Path, pool_uuid: &str) -> anyhow::Result<AttachmentRegistry> {
         let path = meta_dir.join(FILE_NAME);
         let reg = AttachmentRegistry { path: path.clone(), pool_uuid: pool_uuid.to_string(), entries: Mutex::new(BTreeMap::new()) };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(reg),
-            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-        };
-        let f: AttachmentsFile = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e} (fix or remove the file; it lists the volumes to attach at start)", path.display()))?;
-        if f.version != FORMAT_VERSION {
-            anyhow::bail!("{}: version {} is not supported (this daemon reads version {FORMAT_VERSION})", path.display(), f.version);
-        }
-        if f.pool_uuid != pool_uuid {
-            warn!(file = %path.display(), file_pool = %f.pool_uuid, pool = %pool_uuid, "attachments of another pool ignored");
-            return Ok(reg);
-        }
+        let Some(f) = pool_file::read::<AttachmentsFile>(&path, pool_uuid)? else { return Ok(reg) };
         let mut entries = BTreeMap::new();
         for (key, e) in f.attachments {
             match key.parse::<u64>() {
@@ -142,10 +143,7 @@ impl AttachmentRegistry {
             pool_uuid: self.pool_uuid.clone(),
             attachments: next.iter().map(|(id, e)| (id.to_string(), e.clone())).collect(),
         };
-        let mut text = serde_json::to_string_pretty(&file).map_err(|e| Status::internal(format!("encoding the attachments: {e}")))?;
-        text.push('\n');
-        crate::qos::write_atomic(&self.path, text.as_bytes())
-            .map_err(|e| Status::internal(format!("writing {}: {e}", self.path.display())))?;
+        pool_file::write(&self.path, &file)?;
         *entries = next;
         Ok(())
     }

@@ -6,6 +6,7 @@ mod cli_args;
 mod client;
 mod keys;
 mod output;
+mod pool_file;
 mod qos;
 mod server;
 mod transfer;

@@ -10,7 +10,6 @@
 //! that does not parse stops the daemon (guests must not silently lose their limits).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,6 +18,7 @@ use tonic::Status;
 use tracing::{info, warn};
 use vblk_vhost::qos::{Limit, LimitKind, Limits, QosGroup, VolumeQos};
 
+use crate::pool_file::{self, PoolFile};
 use crate::proto;
 
 /// File name inside the metadata directory.
@@ -190,17 +190,16 @@ struct QosFile {
     volumes: BTreeMap<String, VolumeFile>,
 }
 
-/// Write `data` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
+impl PoolFile for QosFile {
+    const VERSION: u32 = FORMAT_VERSION;
+    const WHAT: &'static str = "QoS settings";
+    const HINT: &'static str = "fix or remove the file; it holds the volumes' QoS limits";
+    fn version(&self) -> u32 {
+        self.version
     }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    fn pool_uuid(&self) -> &str {
+        &self.pool_uuid
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -242,30 +241,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn internal(what: &str, path: &Path, e: std::io::Error) -> Status {
-    Status::internal(format!("{what} {}: {e}", path.display()))
-}
-
 impl QosRegistry {
     /// Load `META_DIR/qos.json` (if any) for the pool `pool_uuid` whose volumes (id, name) are
     /// `volumes`; settings of volumes that no longer exist are dropped.
     pub fn load(meta_dir: &Path, pool_uuid: &str, volumes: &[(u64, String)]) -> anyhow::Result<QosRegistry> {
         let path = meta_dir.join(FILE_NAME);
         let reg = QosRegistry { path: path.clone(), pool_uuid: pool_uuid.to_string(), inner: Mutex::new(Inner::default()) };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(reg),
-            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-        };
-        let f: QosFile = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e} (fix or remove the file; it holds the volumes' QoS limits)", path.display()))?;
-        if f.version != FORMAT_VERSION {
-            anyhow::bail!("{}: version {} is not supported (this daemon reads version {FORMAT_VERSION})", path.display(), f.version);
-        }
-        if f.pool_uuid != pool_uuid {
-            warn!(file = %path.display(), file_pool = %f.pool_uuid, pool = %pool_uuid, "QoS settings of another pool ignored");
-            return Ok(reg);
-        }
+        let Some(f) = pool_file::read::<QosFile>(&path, pool_uuid)? else { return Ok(reg) };
         let mut inner = Inner::default();
         for (name, l) in &f.groups {
             validate_group_name(name).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
@@ -310,9 +292,7 @@ impl QosRegistry {
     }
 
     fn save(&self, f: &QosFile) -> Result<(), Status> {
-        let mut text = serde_json::to_string_pretty(f).map_err(|e| Status::internal(format!("encoding QoS settings: {e}")))?;
-        text.push('\n');
-        write_atomic(&self.path, text.as_bytes()).map_err(|e| internal("writing", &self.path, e))
+        pool_file::write(&self.path, f)
     }
 
     /// The QoS of volume `id` (created unlimited on first use).

@@ -71,11 +71,7 @@ where
 /// One vhost-user-blk device served by this daemon.
 struct Attached {
     volume_id: u64,
-    socket: PathBuf,
-    num_queues: u16,
-    queue_size: u16,
-    read_only: bool,
-    /// As recorded in `attachments.json` (the arguments it was attached with).
+    /// As recorded in `attachments.json` (socket, queues, settings it was attached with).
     entry: AttachEntry,
     /// Made again from `attachments.json` at this start: until a frontend connects to it, an
     /// explicit attach of its volume or its socket replaces it (scripts written for daemons
@@ -116,17 +112,12 @@ impl DaemonState {
 
     fn attachment_of(&self, a: &Attached, name: &str) -> proto::Attachment {
         proto::Attachment {
-            volume: name.to_string(),
-            volume_id: a.volume_id,
-            socket: a.socket.display().to_string(),
-            num_queues: a.num_queues.into(),
-            queue_size: a.queue_size.into(),
-            read_only: a.read_only,
             threads: a.device.threads().into(),
             pin_memory: a.device.pin_memory(),
             connected: a.device.connected(),
             stats: Some(a.device.stats()),
             qos: Some(self.qos.info(a.volume_id, name)),
+            ..recorded_attachment(&a.entry, a.volume_id, name)
         }
     }
 
@@ -183,11 +174,11 @@ impl DaemonState {
                 return Ok(self.attachment_of(a, &info.name));
             }
             if !yields(a) {
-                return Err(Status::already_exists(format!("volume {volume:?} is already attached at {}", a.socket.display())));
+                return Err(Status::already_exists(format!("volume {volume:?} is already attached at {}", a.entry.socket.display())));
             }
             replace.push(info.id);
         }
-        if let Some((&other, a)) = devs.iter().find(|(id, a)| a.socket == socket && **id != info.id) {
+        if let Some((&other, a)) = devs.iter().find(|(id, a)| a.entry.socket == socket && **id != info.id) {
             if !yields(a) {
                 return Err(Status::already_exists(format!("socket {} is already used by another attached volume", socket.display())));
             }
@@ -195,11 +186,11 @@ impl DaemonState {
         }
         for id in replace {
             if let Some(a) = devs.remove(&id) {
-                info!(volume_id = id, socket = %a.socket.display(), "restored attachment replaced by a new attach");
+                info!(volume_id = id, socket = %a.entry.socket.display(), "restored attachment replaced by a new attach");
                 if let Err(e) = a.device.stop() {
-                    warn!(socket = %a.socket.display(), "stopping the replaced device: {e}");
+                    warn!(socket = %a.entry.socket.display(), "stopping the replaced device: {e}");
                 }
-                remove_socket_if_present(&a.socket);
+                remove_socket_if_present(&a.entry.socket);
                 if id != info.id {
                     self.attachments.remove(id)?;
                 }
@@ -208,22 +199,19 @@ impl DaemonState {
         let vol = self.pool.open_volume(volume, read_only).map_err(engine_status)?;
         let reg = self.attachments.clone();
         let (id, name) = (info.id, info.name.clone());
-        let cache = vblk_vhost::CacheMode {
-            writeback,
-            on_change: Some(Box::new(move |wb| {
-                if let Err(e) = reg.set_writeback(id, wb) {
-                    warn!(volume = %name, writeback = wb, "recording the guest's cache mode: {}", e.message());
-                }
-            })),
-        };
-        let device = attach::start(vol, socket, num_queues, queue_size, threads, pin_memory, self.qos.volume(info.id, &info.name), cache)?;
+        let record_cache_mode = Box::new(move |wb| {
+            if let Err(e) = reg.set_writeback(id, wb) {
+                warn!(volume = %name, writeback = wb, "recording the guest's cache mode: {}", e.message());
+            }
+        });
+        let device = attach::start(vol, &entry, self.qos.volume(info.id, &info.name), record_cache_mode)?;
         if let Err(e) = self.attachments.put(info.id, entry.clone()) {
             let _ = device.stop();
             remove_socket_if_present(socket);
             return Err(e);
         }
         info!(volume, socket = %socket.display(), num_queues, read_only, "attached");
-        let a = Attached { volume_id: info.id, socket: socket.into(), num_queues, queue_size, read_only, entry, restored, device };
+        let a = Attached { volume_id: info.id, entry, restored, device };
         let msg = self.attachment_of(&a, &info.name);
         devs.insert(info.id, a);
         Ok(msg)
@@ -243,15 +231,7 @@ impl DaemonState {
                     if let Some(e) = self.attachments.get(info.id) {
                         self.attachments.remove(info.id)?;
                         info!(volume, socket = %e.socket.display(), "recorded attachment forgotten (it was not attached)");
-                        return Ok(proto::Attachment {
-                            volume: info.name,
-                            volume_id: info.id,
-                            socket: e.socket.display().to_string(),
-                            num_queues: u32::from(e.num_queues),
-                            queue_size: u32::from(e.queue_size),
-                            read_only: e.read_only,
-                            ..Default::default()
-                        });
+                        return Ok(recorded_attachment(&e, info.id, &info.name));
                     }
                     return Err(Status::failed_precondition(format!("volume {volume:?} is not attached")));
                 }
@@ -259,7 +239,7 @@ impl DaemonState {
             } else if !socket.is_empty() {
                 let p = Path::new(socket);
                 devs.iter()
-                    .find(|(_, a)| a.socket == p)
+                    .find(|(_, a)| a.entry.socket == p)
                     .map(|(id, _)| *id)
                     .ok_or_else(|| Status::not_found(format!("no device is attached at {socket}")))?
             } else {
@@ -275,7 +255,7 @@ impl DaemonState {
                 return Err(Status::failed_precondition(format!(
                     "volume {:?} is in use: a VM is connected to {}; stop the VM or unplug the disk first, or detach --force",
                     self.name_of(id),
-                    a.socket.display()
+                    a.entry.socket.display()
                 )));
             }
             // Forgotten first: a daemon restarting after a failed write attaches it again
@@ -286,7 +266,7 @@ impl DaemonState {
         let name = self.name_of(a.volume_id);
         let mut msg = self.attachment_of(&a, &name);
         msg.connected = false;
-        let socket = a.socket.clone();
+        let socket = a.entry.socket.clone();
         a.device.stop().map_err(|e| Status::internal(format!("stopping the device at {}: {e}", socket.display())))?;
         remove_socket_if_present(&socket);
         info!(volume = %name, socket = %socket.display(), "detached");
@@ -342,13 +322,26 @@ impl DaemonState {
     fn detach_all(&self) {
         let devs = std::mem::take(&mut *lock(&self.devices));
         for (_, a) in devs {
-            let socket = a.socket.clone();
+            let socket = a.entry.socket.clone();
             match a.device.stop() {
                 Ok(()) => info!(socket = %socket.display(), "device stopped"),
                 Err(e) => error!(socket = %socket.display(), "stopping device: {e}"),
             }
             remove_socket_if_present(&socket);
         }
+    }
+}
+
+/// The API view of a recorded attachment (no device: not connected, no counters).
+fn recorded_attachment(e: &AttachEntry, volume_id: u64, name: &str) -> proto::Attachment {
+    proto::Attachment {
+        volume: name.to_string(),
+        volume_id,
+        socket: e.socket.display().to_string(),
+        num_queues: e.num_queues.into(),
+        queue_size: e.queue_size.into(),
+        read_only: e.read_only,
+        ..Default::default()
     }
 }
 

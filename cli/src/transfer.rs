@@ -163,6 +163,40 @@ impl Drop for TempFile {
 /// How long `qemu-img info` may take before an import gives up.
 const INFO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Wait for a qemu-img `child` to exit, polling `p` for cancellation and, with `limit`, for a
+/// deadline; either kills it. `what` names the run in errors.
+fn wait_qemu_img(child: &mut std::process::Child, p: &mut Progress, limit: Option<Duration>, what: &str) -> Result<std::process::ExitStatus, Status> {
+    let deadline = limit.map(|l| (Instant::now() + l, l));
+    loop {
+        let stop = p.poll().err().or_else(|| {
+            deadline
+                .filter(|(at, _)| Instant::now() > *at)
+                .map(|(_, l)| Status::deadline_exceeded(format!("{what} took over {} s", l.as_secs())))
+        });
+        if let Some(e) = stop {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        match child.try_wait() {
+            Ok(Some(s)) => return Ok(s),
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(Status::internal(format!("waiting for {what}: {e}"))),
+        }
+    }
+}
+
+/// Read all of `r` (a child's pipe) on a thread of its own.
+fn read_on_thread<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut v);
+        }
+        v
+    })
+}
+
 /// The error for qemu-img that could not be started.
 fn qemu_img_error(e: std::io::Error, src: &Path, format: &str) -> Status {
     if e.kind() == std::io::ErrorKind::NotFound {
@@ -191,35 +225,9 @@ fn refuse_external_files(src: &Path, format: &str, p: &mut Progress) -> Result<(
         .map_err(|e| qemu_img_error(e, src, format))?;
     // Read on threads (a big vmdk's extent list may not fit a pipe); wait with a deadline and
     // for cancellation: an extent that is a FIFO or a hung mount would hold `info` for ever.
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut v);
-            }
-            v
-        })
-    };
-    let out_t = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-    let err_t = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-    let deadline = std::time::Instant::now() + INFO_TIMEOUT;
-    let status = loop {
-        let stop = p.poll().err().or_else(|| {
-            (std::time::Instant::now() > deadline).then(|| {
-                Status::deadline_exceeded(format!("qemu-img info of {} took over {} s", src.display(), INFO_TIMEOUT.as_secs()))
-            })
-        });
-        if let Some(e) = stop {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(Status::internal(format!("waiting for qemu-img info: {e}"))),
-        }
-    };
+    let out_t = read_on_thread(child.stdout.take());
+    let err_t = read_on_thread(child.stderr.take());
+    let status = wait_qemu_img(&mut child, p, Some(INFO_TIMEOUT), &format!("qemu-img info of {}", src.display()))?;
     let out = std::process::Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() };
     if !out.status.success() {
         return Err(Status::invalid_argument(format!(
@@ -290,25 +298,14 @@ fn convert(src: &Path, format: &str, tmp_dir: &Path, p: &mut Progress) -> Result
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| qemu_img_error(e, src, format))?;
-    let status = loop {
-        if let Err(e) = p.poll() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => return Err(Status::internal(format!("waiting for qemu-img: {e}"))),
-        }
-    };
+    let status = wait_qemu_img(&mut child, p, None, &format!("qemu-img convert of {}", src.display()))?;
     if !status.success() {
         let mut msg = String::new();
         if let Some(mut err) = child.stderr.take() {
             let _ = err.read_to_string(&mut msg);
         }
         return Err(Status::invalid_argument(format!(
-            "qemu-img convert -f {format} of {} failed ({status}): {}",
+            "qemu-img convert of {} ({format}) failed ({status}): {}",
             src.display(),
             msg.trim()
         )));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::threads_named;
 use vblk_engine::{create_pool, CreateOptions, Pool, PoolOptions};
-use vblk_vhost::{start, Device, DeviceConfig};
+use vblk_vhost::{Device, DeviceConfig};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -47,6 +47,11 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with(queue_size: u16) -> Fixture {
+    fixture_cached(queue_size, vblk_vhost::CacheMode::default())
+}
+
+/// A fixture whose device starts in the cache mode `cache` gives (and reports changes to it).
+fn fixture_cached(queue_size: u16, cache: vblk_vhost::CacheMode) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
     create_pool(&path, &CreateOptions { size_bytes: Some(256 << 20), ..Default::default() }).unwrap();
@@ -54,8 +59,20 @@ fn fixture_with(queue_size: u16) -> Fixture {
     pool.create_volume("vol-frontend", VOL_SIZE).unwrap();
     let socket = dir.path().join("s.sock");
     let vol = pool.open_volume("vol-frontend", false).unwrap();
-    let dev = start(vol, DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size, threads: 0, pin_memory: false }).unwrap();
+    let cfg = DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size, threads: 0, pin_memory: false };
+    let dev = vblk_vhost::start_with(vol, cfg, vblk_vhost::qos::VolumeQos::unlimited(), cache).unwrap();
     Fixture { _dir: dir, _pool: pool, dev: Some(dev), socket }
+}
+
+impl Fixture {
+    /// Wait (up to 10 s) until the device sees its frontend gone.
+    fn wait_disconnected(&self) {
+        let t0 = Instant::now();
+        while self.dev.as_ref().unwrap().connected() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the frontend is still connected after 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 /// A memfd of `len` bytes (shared memory to hand to the backend).
@@ -300,20 +317,13 @@ fn config_space() {
 #[test]
 fn cache_mode_outlives_reconnects_renegotiation_and_resets() {
     let f = fixture();
-    let wait_disconnected = |f: &Fixture| {
-        let t0 = Instant::now();
-        while f.dev.as_ref().unwrap().connected() {
-            assert!(t0.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
     {
         let mut d = Driver::connect(&f);
         assert_eq!(d.config()[32], 1, "write-back by default");
         d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
         assert_eq!(d.config()[32], 0);
     }
-    wait_disconnected(&f);
+    f.wait_disconnected();
     // A new connection, read before and after the features are set (QEMU reads it at realize,
     // before any SET_FEATURES).
     let mut fe = Frontend::connect(&f.socket, 1).unwrap();
@@ -324,7 +334,7 @@ fn cache_mode_outlives_reconnects_renegotiation_and_resets() {
     let buf = [0u8; 96];
     assert_eq!(fe.get_config(0, 96, VhostUserConfigFlags::WRITABLE, &buf).unwrap().1[32], 0, "fresh connection");
     drop(fe);
-    wait_disconnected(&f);
+    f.wait_disconnected();
     let mut d = Driver::connect(&f);
     assert_eq!(d.config()[32], 0, "after a reconnect");
     // Renegotiation with another feature set (firmware, then the OS driver).
@@ -345,7 +355,7 @@ fn cache_mode_outlives_reconnects_renegotiation_and_resets() {
     // The guest switches back to write-back: that stays too.
     d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[1]).unwrap();
     drop(d);
-    wait_disconnected(&f);
+    f.wait_disconnected();
     let mut d = Driver::connect(&f);
     assert_eq!(d.config()[32], 1, "write-back chosen again");
 }
@@ -355,18 +365,10 @@ fn cache_mode_outlives_reconnects_renegotiation_and_resets() {
 #[test]
 fn cache_mode_given_at_start_and_reported_on_change() {
     use std::sync::{Arc, Mutex};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pool");
-    create_pool(&path, &CreateOptions { size_bytes: Some(64 << 20), ..Default::default() }).unwrap();
-    let pool = Pool::open(&path, &PoolOptions::default()).unwrap();
-    pool.create_volume("vol-frontend", VOL_SIZE).unwrap();
-    let socket = dir.path().join("s.sock");
     let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
     let s2 = seen.clone();
     let cache = vblk_vhost::CacheMode { writeback: false, on_change: Some(Box::new(move |wb| s2.lock().unwrap().push(wb))) };
-    let cfg = DeviceConfig { socket: socket.clone(), num_queues: 1, queue_size: QSIZE, threads: 0, pin_memory: false };
-    let dev = vblk_vhost::start_with(pool.open_volume("vol-frontend", false).unwrap(), cfg, vblk_vhost::qos::VolumeQos::unlimited(), cache).unwrap();
-    let f = Fixture { _dir: dir, _pool: pool, dev: Some(dev), socket };
+    let f = fixture_cached(QSIZE, cache);
     let mut d = Driver::connect(&f);
     assert_eq!(d.config()[32], 0, "starts in the recorded write-through");
     d.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0]).unwrap();
@@ -403,11 +405,7 @@ fn size_max_and_seg_max_bind_only_a_driver_that_negotiated_them() {
         d.mem.read_slice(&mut back, GuestAddress(dst)).unwrap();
         assert!(back == pattern, "read back what was written");
     }
-    let t0 = Instant::now();
-    while f.dev.as_ref().unwrap().connected() {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    f.wait_disconnected();
     // A driver that negotiated SIZE_MAX is held to it.
     let mut d = Driver::connect(&f);
     d.header(HDR, VIRTIO_BLK_T_IN, 2048);
@@ -563,11 +561,7 @@ fn disconnect_completes_in_flight_and_reconnect_works() {
         let mem = d.mem.clone();
         drop(d.fe);
         // The device drains what it took and completes it on the (still mapped) used ring.
-        let t0 = Instant::now();
-        while f.dev.as_ref().unwrap().connected() {
-            assert!(t0.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        f.wait_disconnected();
         std::thread::sleep(Duration::from_millis(100));
         // With EVENT_IDX the device publishes how far it took the avail ring in avail_event
         // (after the used ring's entries): everything it took must have been completed.
@@ -754,11 +748,7 @@ fn inflight_area_resubmits_what_an_earlier_backend_left_in_flight() {
     assert_eq!(d.wait_used(1), vec![(0, 1)]);
     let mem = d.mem.clone();
     drop(d);
-    let t0 = Instant::now();
-    while f.dev.as_ref().unwrap().connected() {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    f.wait_disconnected();
 
     // The ring as the backend of a second connection left it when it died: three more writes
     // taken (avail index 4); the middle one completed and is on the used ring (used index 2),
